@@ -1,0 +1,333 @@
+package policy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Parse reads one policy document strictly (unknown fields, duplicate keys,
+// wrong types, several documents are errors), validates it and returns it
+// normalised. The error is an ErrorList holding every problem found.
+func Parse(data []byte) (*Policy, error) {
+	p, errs := decodePolicy(data)
+	if p == nil {
+		return nil, errs.err()
+	}
+	errs = append(errs, p.validate(errs)...)
+	if err := errs.err(); err != nil {
+		return nil, err
+	}
+	p.normalize()
+	return p, nil
+}
+
+// LoadFile reads and parses the policy in the file at path.
+func LoadFile(path string) (*Policy, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading policy: %w", err)
+	}
+	p, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("policy %s: %w", path, err)
+	}
+	return p, nil
+}
+
+// maxNodeVisits bounds the work of decoding one document. Aliases can make
+// a small document expand exponentially (or loop: an anchor may be aliased
+// inside itself), and a policy with a million destinations is far larger
+// than anything the datapath holds.
+const maxNodeVisits = 1 << 23
+
+var errTooLarge = errors.New("document too large (or too many alias expansions)")
+
+// decodePolicy turns YAML into a Policy and the decoding problems. It
+// returns a nil Policy when the input is not one YAML mapping at all.
+func decodePolicy(data []byte) (p *Policy, errs ErrorList) {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := safeDecode(dec, &doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, ErrorList{{Msg: "empty document"}}
+		}
+		return nil, ErrorList{syntaxError(err)}
+	}
+	var extra yaml.Node
+	switch err := safeDecode(dec, &extra); {
+	case errors.Is(err, io.EOF):
+	case err != nil:
+		return nil, ErrorList{syntaxError(err)}
+	default:
+		return nil, ErrorList{{Msg: "more than one YAML document (one policy per file)", Line: extra.Line}}
+	}
+	root := &doc
+	if root.Kind == yaml.DocumentNode && len(root.Content) == 1 {
+		root = root.Content[0]
+	}
+	if root.Kind == yaml.ScalarNode && root.ShortTag() == "!!null" {
+		return nil, ErrorList{{Msg: "empty document", Line: root.Line}}
+	}
+	d := &decoder{lines: map[string]int{}, budget: maxNodeVisits}
+	p = &Policy{}
+	d.lines[""] = root.Line
+	d.decode(root, reflect.ValueOf(p).Elem(), "")
+	if d.tooLarge {
+		return nil, ErrorList{{Msg: errTooLarge.Error()}}
+	}
+	p.lines = d.lines
+	return p, d.errs
+}
+
+// safeDecode turns a panic of the YAML library into an error: a policy is
+// untrusted input to a long-running daemon, which must not crash on it.
+func safeDecode(dec *yaml.Decoder, n *yaml.Node) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("yaml: %v", r)
+		}
+	}()
+	return dec.Decode(n)
+}
+
+var yamlLineRE = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
+
+// syntaxError locates a YAML syntax error ("yaml: line 3: did not find
+// expected key").
+func syntaxError(err error) *FieldError {
+	msg := err.Error()
+	if m := yamlLineRE.FindStringSubmatch(msg); m != nil {
+		line, _ := strconv.Atoi(m[1])
+		return &FieldError{Msg: "invalid YAML: " + m[2], Line: line}
+	}
+	return &FieldError{Msg: "invalid YAML: " + strings.TrimPrefix(msg, "yaml: ")}
+}
+
+// decoder fills Go values from YAML nodes by the fields' yaml tags,
+// reporting every mismatch with its field path.
+type decoder struct {
+	errs     ErrorList
+	lines    map[string]int
+	budget   int
+	tooLarge bool
+}
+
+func (d *decoder) fail(path string, line int, format string, args ...any) {
+	d.errs = append(d.errs, &FieldError{Path: path, Msg: fmt.Sprintf(format, args...), Line: line})
+}
+
+func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
+	if d.budget--; d.budget < 0 {
+		d.tooLarge = true
+		return
+	}
+	if n.Kind == yaml.AliasNode {
+		if n.Alias == nil {
+			d.fail(path, n.Line, "alias to an unknown anchor")
+			return
+		}
+		n = n.Alias
+	}
+	if isNull(n) {
+		return // null is the same as absent
+	}
+	switch v.Kind() {
+	case reflect.Pointer:
+		elem := reflect.New(v.Type().Elem())
+		d.decode(n, elem.Elem(), path)
+		v.Set(elem)
+	case reflect.Struct:
+		d.decodeStruct(n, v, path)
+	case reflect.Slice:
+		if n.Kind != yaml.SequenceNode {
+			d.fail(path, n.Line, "expected a list, got %s", describe(n))
+			return
+		}
+		s := reflect.MakeSlice(v.Type(), len(n.Content), len(n.Content))
+		for i, item := range n.Content {
+			ip := path + "[" + strconv.Itoa(i) + "]"
+			d.lines[ip] = item.Line
+			d.decode(item, s.Index(i), ip)
+			if d.tooLarge {
+				return
+			}
+		}
+		v.Set(s)
+	case reflect.String:
+		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!str" {
+			d.fail(path, n.Line, "expected a string, got %s", describe(n))
+			return
+		}
+		v.SetString(n.Value)
+	case reflect.Int, reflect.Int64:
+		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!int" {
+			d.fail(path, n.Line, "expected an integer, got %s", describe(n))
+			return
+		}
+		var i int64
+		if err := n.Decode(&i); err != nil || v.OverflowInt(i) {
+			d.fail(path, n.Line, "%s is out of range", n.Value)
+			return
+		}
+		v.SetInt(i)
+	default:
+		panic("policy: no YAML decoding for " + v.Type().String())
+	}
+}
+
+func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
+	if n.Kind != yaml.MappingNode {
+		d.fail(path, n.Line, "expected a mapping, got %s", describe(n))
+		return
+	}
+	fields := fieldsOf(v.Type())
+	seen := make(map[string]int, len(n.Content)/2)
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, val := n.Content[i], n.Content[i+1]
+		if k.Kind == yaml.AliasNode && k.Alias != nil {
+			k = k.Alias
+		}
+		if k.Kind != yaml.ScalarNode {
+			d.fail(path, k.Line, "expected a field name, got %s", describe(k))
+			continue
+		}
+		fp := k.Value
+		if path != "" {
+			fp = path + "." + k.Value
+		}
+		if k.ShortTag() == "!!merge" {
+			d.fail(fp, k.Line, "merge keys are not supported")
+			continue
+		}
+		if first, dup := seen[k.Value]; dup {
+			d.fail(fp, k.Line, "duplicate key (first at line %d)", first)
+			continue
+		}
+		seen[k.Value] = k.Line
+		idx, ok := fields.byName[k.Value]
+		if !ok {
+			msg := "unknown field"
+			if s := suggest(k.Value, fields.names); s != "" {
+				msg += " (did you mean " + s + "?)"
+			}
+			d.fail(fp, k.Line, "%s", msg)
+			continue
+		}
+		d.lines[fp] = k.Line
+		d.decode(val, v.Field(idx), fp)
+		if d.tooLarge {
+			return
+		}
+	}
+}
+
+func isNull(n *yaml.Node) bool {
+	return n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null"
+}
+
+// describe names what a node is, for "expected X, got Y" messages.
+func describe(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.AliasNode:
+		return "an alias"
+	case yaml.DocumentNode:
+		return "a document"
+	}
+	switch t := n.ShortTag(); t {
+	case "!!str":
+		return strconv.Quote(n.Value)
+	case "!!int":
+		return "the integer " + n.Value
+	case "!!float":
+		return "the number " + n.Value
+	case "!!bool":
+		return "the boolean " + n.Value
+	case "!!timestamp":
+		return "the timestamp " + n.Value
+	case "!!binary":
+		return "binary data"
+	default:
+		return "a value tagged " + t
+	}
+}
+
+type structFields struct {
+	byName map[string]int
+	names  []string
+}
+
+var fieldCache sync.Map // reflect.Type -> *structFields
+
+// fieldsOf maps the yaml names of t's exported fields to their indexes.
+func fieldsOf(t reflect.Type) *structFields {
+	if f, ok := fieldCache.Load(t); ok {
+		return f.(*structFields)
+	}
+	f := &structFields{byName: map[string]int{}}
+	for i := range t.NumField() {
+		sf := t.Field(i)
+		if !sf.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(sf.Tag.Get("yaml"), ",")
+		if name == "" || name == "-" {
+			continue
+		}
+		f.byName[name] = i
+		f.names = append(f.names, name)
+	}
+	fieldCache.Store(t, f)
+	return f
+}
+
+// suggest returns the known field name closest to an unknown one, if it is
+// close enough to be a likely typo.
+func suggest(unknown string, names []string) string {
+	best, bestDist := "", 3
+	for _, n := range names {
+		if strings.EqualFold(n, unknown) {
+			return n
+		}
+		if dist := editDistance(strings.ToLower(unknown), strings.ToLower(n)); dist < bestDist {
+			best, bestDist = n, dist
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	if len(a) > 64 || len(b) > 64 {
+		return len(a) + len(b) // not worth comparing
+	}
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}

@@ -1,0 +1,155 @@
+package policy
+
+// The types below mirror POLICY.md field for field. Parse fills them from
+// YAML (the yaml tags are the field names of the language) and returns them
+// normalised: defaults filled in, names lowercased, prefixes canonical (see
+// the package documentation). The json tags define the canonical encoding
+// that Hash digests; omitempty keeps hashes stable when optional fields are
+// added to the language.
+
+// APIVersion and Kind are the only values the v1 language accepts.
+const (
+	APIVersion = "cleanwall.dev/v1"
+	Kind       = "EgressPolicy"
+)
+
+// Policy is one egress policy document.
+type Policy struct {
+	APIVersion string   `yaml:"apiVersion,omitempty" json:"apiVersion,omitempty"`
+	Kind       string   `yaml:"kind,omitempty" json:"kind,omitempty"`
+	Metadata   Metadata `yaml:"metadata,omitempty" json:"metadata"`
+	Spec       Spec     `yaml:"spec,omitempty" json:"spec"`
+
+	// lines maps field paths to the YAML line they were read from; nil for
+	// a policy built in Go. Validation uses it to place errors.
+	lines map[string]int
+}
+
+// Metadata names the policy.
+type Metadata struct {
+	Name string `yaml:"name,omitempty" json:"name,omitempty"`
+}
+
+// Spec holds the DNS and egress rules.
+type Spec struct {
+	// DNS nil means every DNS query from the sandbox is refused.
+	DNS *DNSSpec `yaml:"dns,omitempty" json:"dns,omitempty"`
+	// Egress empty means every flow is dropped.
+	Egress []EgressRule `yaml:"egress,omitempty" json:"egress,omitempty"`
+}
+
+// DNSSpec governs the DNS proxy.
+type DNSSpec struct {
+	// Upstream is ip:port; a bare IP means port 53 (normalised to ip:port).
+	Upstream string `yaml:"upstream,omitempty" json:"upstream,omitempty"`
+	// Allow lists exact names or "*." + suffix (one or more labels before
+	// the suffix); normalised lowercase without a trailing dot.
+	Allow []string `yaml:"allow,omitempty" json:"allow,omitempty"`
+	// QueryTypes are RR type names; absent means A, AAAA, CNAME (filled in).
+	QueryTypes []string `yaml:"queryTypes,omitempty" json:"queryTypes,omitempty"`
+}
+
+// EgressRule opens destinations and ports to one proxy mode.
+type EgressRule struct {
+	Name    string        `yaml:"name,omitempty" json:"name,omitempty"`
+	To      []Destination `yaml:"to,omitempty" json:"to,omitempty"`
+	Ports   []PortSpec    `yaml:"ports,omitempty" json:"ports,omitempty"`
+	Mode    string        `yaml:"mode,omitempty" json:"mode,omitempty"` // open | trusted | secure
+	Open    *OpenSpec     `yaml:"open,omitempty" json:"open,omitempty"`
+	Trusted *TrustedSpec  `yaml:"trusted,omitempty" json:"trusted,omitempty"`
+	Secure  *SecureSpec   `yaml:"secure,omitempty" json:"secure,omitempty"`
+}
+
+// Destination is exactly one of CIDR or FQDN.
+type Destination struct {
+	CIDR string `yaml:"cidr,omitempty" json:"cidr,omitempty"`
+	FQDN string `yaml:"fqdn,omitempty" json:"fqdn,omitempty"`
+}
+
+// PortSpec is one destination port.
+type PortSpec struct {
+	Port     int    `yaml:"port,omitempty" json:"port,omitempty"`
+	Protocol string `yaml:"protocol,omitempty" json:"protocol,omitempty"` // TCP (default, filled in) | UDP
+}
+
+// OpenSpec configures mode open. A rule with mode open and no open block
+// gets an OpenSpec with protocol tcp.
+type OpenSpec struct {
+	Protocol string    `yaml:"protocol,omitempty" json:"protocol,omitempty"` // http | tcp (default, filled in)
+	HTTP     *HTTPSpec `yaml:"http,omitempty" json:"http,omitempty"`         // only with protocol http
+	TCP      *TCPSpec  `yaml:"tcp,omitempty" json:"tcp,omitempty"`           // with either protocol: a per-connection budget
+}
+
+// DefaultMaxBodyBytes is the request body limit of open HTTP rules that do
+// not set maxBodyBytes.
+const DefaultMaxBodyBytes = 1 << 20
+
+// HTTPSpec is the request filter of an open HTTP rule.
+type HTTPSpec struct {
+	// Rules: a request must match at least one.
+	Rules []HTTPRule `yaml:"rules,omitempty" json:"rules,omitempty"`
+	// MaxBodyBytes bounds a request body; 0 allows no body at all.
+	// Absent means DefaultMaxBodyBytes (filled in).
+	MaxBodyBytes *int64 `yaml:"maxBodyBytes,omitempty" json:"maxBodyBytes,omitempty"`
+	// DenyBodyPatterns are RE2 expressions; a body that matches one is refused.
+	DenyBodyPatterns []string `yaml:"denyBodyPatterns,omitempty" json:"denyBodyPatterns,omitempty"`
+}
+
+// HTTPRule matches a request when its method, path and (for a request with
+// a body) content type each match one of the listed values.
+type HTTPRule struct {
+	Methods []string `yaml:"methods,omitempty" json:"methods,omitempty"`
+	// Paths: "*" matches one segment, "**" (last segment only) any rest.
+	Paths []string `yaml:"paths,omitempty" json:"paths,omitempty"`
+	// ContentTypes are type/subtype, lowercase, without parameters. Absent
+	// means any content type.
+	ContentTypes []string `yaml:"contentTypes,omitempty" json:"contentTypes,omitempty"`
+}
+
+// TCPSpec bounds a connection of an open rule.
+type TCPSpec struct {
+	// MaxBytesOut is the budget of bytes the sandbox may send per
+	// connection; nil means no budget.
+	MaxBytesOut *int64 `yaml:"maxBytesOut,omitempty" json:"maxBytesOut,omitempty"`
+}
+
+// TrustedSpec configures mode trusted: TLS originated by the proxy and/or
+// HTTP request bodies sealed with HPKE.
+type TrustedSpec struct {
+	// UpstreamPort nil means the port the sandbox connected to.
+	UpstreamPort *int     `yaml:"upstreamPort,omitempty" json:"upstreamPort,omitempty"`
+	TLS          *TLSSpec `yaml:"tls,omitempty" json:"tls,omitempty"`
+	// HPKE makes the flow HTTP: the proxy parses the sandbox's requests
+	// and seals their bodies to the key.
+	HPKE *HPKESpec `yaml:"hpke,omitempty" json:"hpke,omitempty"`
+}
+
+// TLSSpec is TLS originated by a proxy towards the upstream.
+type TLSSpec struct {
+	// ServerName is the SNI and the name verified in the certificate.
+	// Required in trusted.tls; in secure.upstreamTLS it defaults to the fqdn
+	// the flow matched (for a cidr destination: the IP address).
+	ServerName string `yaml:"serverName,omitempty" json:"serverName,omitempty"`
+	// CAFile and SPKISHA256 pin the upstream. In secure.upstreamTLS with
+	// neither, the proxy's system roots verify the upstream.
+	CAFile     string   `yaml:"caFile,omitempty" json:"caFile,omitempty"`
+	SPKISHA256 []string `yaml:"spkiSHA256,omitempty" json:"spkiSHA256,omitempty"`
+	// ClientCertFile and ClientKeyFile (both or neither) enable mTLS.
+	ClientCertFile string `yaml:"clientCertFile,omitempty" json:"clientCertFile,omitempty"`
+	ClientKeyFile  string `yaml:"clientKeyFile,omitempty" json:"clientKeyFile,omitempty"`
+}
+
+// HPKESpec names the customer's HPKE public key.
+type HPKESpec struct {
+	PublicKeyFile string `yaml:"publicKeyFile,omitempty" json:"publicKeyFile,omitempty"`
+}
+
+// SecureSpec configures mode secure.
+type SecureSpec struct {
+	// KeyID names the key the key broker releases after attestation.
+	KeyID string `yaml:"keyID,omitempty" json:"keyID,omitempty"`
+	// Protocol is required: http seals bodies per object, tcp seals the
+	// stream.
+	Protocol    string   `yaml:"protocol,omitempty" json:"protocol,omitempty"`
+	UpstreamTLS *TLSSpec `yaml:"upstreamTLS,omitempty" json:"upstreamTLS,omitempty"`
+}
