@@ -1,0 +1,119 @@
+package attest
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"testing"
+)
+
+// The vectors were computed outside Go (Python hashlib) from the byte layout
+// in KEYBROKER.md §2, so they pin the wire format, not this implementation.
+func TestReportDataKnownAnswer(t *testing.T) {
+	nonce := make([]byte, 32)
+	for i := range nonce {
+		nonce[i] = byte(i)
+	}
+	pub := bytes.Repeat([]byte{0xab}, 32)
+	for _, tc := range []struct {
+		name  string
+		nonce []byte
+		kem   uint16
+		pub   []byte
+		keyID string
+		want  string
+	}{
+		{"x25519", nonce, KEMX25519, pub, "egress-dek",
+			"81c5df67df6eb5af882242007336ce80b6a92551c42e2a384584f2535568fcb55887b803f4923f996bef320d5b3157b726866290be8e69ef906a3ab7786e804c"},
+		{"empty fields", nil, KEMMLKEM768X25519, nil, "",
+			"5951561d2fbcd8831c51c155e85a569c9551a244bb046c099d607263e77b36632e4bb741679ed99e796835c0b331e2d65b8e832ce4dc8010af36df9a1249a6c3"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := ReportData(tc.nonce, tc.kem, tc.pub, tc.keyID)
+			if hex.EncodeToString(got[:]) != tc.want {
+				t.Fatalf("ReportData = %x, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestReportDataBindsEveryInput(t *testing.T) {
+	nonce := bytes.Repeat([]byte{1}, 32)
+	pub := bytes.Repeat([]byte{2}, 32)
+	base := ReportData(nonce, KEMX25519, pub, "k")
+	variants := map[string][64]byte{
+		"nonce": ReportData(bytes.Repeat([]byte{3}, 32), KEMX25519, pub, "k"),
+		"kem":   ReportData(nonce, KEMMLKEM768X25519, pub, "k"),
+		"pub":   ReportData(nonce, KEMX25519, bytes.Repeat([]byte{4}, 32), "k"),
+		"keyID": ReportData(nonce, KEMX25519, pub, "k2"),
+		// Length prefixes keep a byte moving from one field to the next from colliding.
+		"shift": ReportData(nonce[:31], KEMX25519, append([]byte{1}, pub...), "k"),
+	}
+	for name, v := range variants {
+		if v == base {
+			t.Errorf("changing %s did not change REPORT_DATA", name)
+		}
+	}
+}
+
+func TestSealOpenRoundTrip(t *testing.T) {
+	for _, id := range []uint16{KEMX25519, KEMMLKEM768X25519} {
+		kem, err := KEM(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		priv, err := kem.GenerateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub := priv.PublicKey().Bytes()
+		rd := ReportData(bytes.Repeat([]byte{9}, 32), id, pub, "egress-dek")
+		key := bytes.Repeat([]byte{0x5a}, KeySize)
+		sealed, err := SealKey(id, pub, rd, key)
+		if err != nil {
+			t.Fatalf("kem 0x%04x: %v", id, err)
+		}
+		got, err := OpenKey(priv, rd, sealed)
+		if err != nil || !bytes.Equal(got, key) {
+			t.Fatalf("kem 0x%04x: OpenKey = %x, %v", id, got, err)
+		}
+		// Other report data (another nonce, key or public key) means another info: no key.
+		other := rd
+		other[0] ^= 1
+		if _, err := OpenKey(priv, other, sealed); err == nil {
+			t.Fatalf("kem 0x%04x: opened with different report data", id)
+		}
+		// Another private key cannot open it.
+		stranger, _ := kem.GenerateKey()
+		if _, err := OpenKey(stranger, rd, sealed); err == nil {
+			t.Fatalf("kem 0x%04x: opened with a different private key", id)
+		}
+	}
+	if _, err := KEM(0x0010); !errors.Is(err, ErrUnsupportedKEM) {
+		t.Fatalf("KEM(P-256) = %v, want ErrUnsupportedKEM", err)
+	}
+}
+
+func TestRefusalIsCode(t *testing.T) {
+	var err error = Refuse(CodeNonceExpired, "nonce expired %s ago", "3s")
+	if !errors.Is(err, CodeNonceExpired) || errors.Is(err, CodeNonceReplayed) {
+		t.Fatalf("errors.Is on %v does not match its code only", err)
+	}
+	var r *Refusal
+	if !errors.As(err, &r) || r.Code != CodeNonceExpired || r.Detail != "nonce expired 3s ago" {
+		t.Fatalf("errors.As = %+v", r)
+	}
+	seen := map[Code]bool{}
+	for _, c := range Codes {
+		if seen[c] {
+			t.Fatalf("duplicate code %s", c)
+		}
+		seen[c] = true
+		if s := c.HTTPStatus(); s < 400 || s > 499 {
+			t.Errorf("refusal %s has status %d, want 4xx", c, s)
+		}
+	}
+	if len(Codes) != 18 {
+		t.Fatalf("%d codes, KEYBROKER.md lists 18", len(Codes))
+	}
+}
