@@ -1,0 +1,145 @@
+//go:build ignore
+
+/* Types shared by the datapath programs and, through bpf2go's generated Go
+ * declarations, by the daemon. Every map key and value is a named struct so
+ * that `bpftool map dump pinned ...` prints field names. */
+#ifndef CLEANWALL_DATAPATH_H
+#define CLEANWALL_DATAPATH_H
+
+#include <linux/types.h>
+
+/* Verdicts, as counted in cw_counters. */
+enum verdict {
+	VERDICT_REDIRECT = 1, /* assigned to a cleanwall proxy socket */
+	VERDICT_DROP = 2,
+	VERDICT_PASS = 3, /* ARP / neighbour discovery with the gateway only */
+};
+
+/* Reasons. Keep in sync with the Go names in bpf/reasons.go (a test checks). */
+enum reason {
+	REASON_NONE = 0,
+	/* redirect */
+	REASON_RULE = 1,        /* new flow matched an egress rule */
+	REASON_ESTABLISHED = 2, /* packet of a flow a proxy already owns */
+	REASON_DNS = 3,         /* port 53: the DNS proxy, whatever the destination */
+	/* pass */
+	REASON_ARP = 10,
+	REASON_NDP = 11,
+	/* drop */
+	REASON_UNKNOWN_SANDBOX = 20,
+	REASON_SPOOFED_MAC = 21,
+	REASON_SPOOFED_IP = 22,
+	REASON_ARP_NOT_GATEWAY = 23,
+	REASON_NDP_NOT_GATEWAY = 24,
+	REASON_NO_RULE = 25,
+	REASON_NO_PROXY = 26,
+	REASON_NO_SOCKET = 27,
+	REASON_ICMP = 28,
+	REASON_FRAGMENT = 29,
+	REASON_IP_OPTIONS = 30,
+	REASON_IPV6_EXT = 31,
+	REASON_PROTOCOL = 32,
+	REASON_ETHERTYPE = 33,
+	REASON_MALFORMED = 34,
+	REASON_EXPIRED = 35,
+	REASON_ASSIGN_FAILED = 36,
+	REASON_L2_NOT_GATEWAY = 37,
+	REASON_UNCLASSIFIED = 38, /* bridge device: a marked packet it cannot assign */
+};
+
+/* Which proxy socket a redirected flow is assigned to (index into the ports
+ * of struct config). */
+enum listener {
+	LISTENER_TCP = 0,
+	LISTENER_UDP = 1,
+	LISTENER_DNS_UDP = 2,
+	LISTENER_DNS_TCP = 3,
+};
+
+enum sandbox_flags {
+	SANDBOX_HAS_IPV4 = 1 << 0,
+	SANDBOX_HAS_IPV6 = 1 << 1,
+	/* The host-side veth is a bridge port: classify and mark here, the
+	 * program on the bridge device does the socket assignment. */
+	SANDBOX_BRIDGE_PORT = 1 << 2,
+};
+
+struct sandbox_key {
+	__u32 ifindex; /* host-side interface of the sandbox */
+};
+
+struct sandbox {
+	__u32 sandbox_id; /* daemon-assigned, never 0 */
+	__u32 generation; /* active rule generation (0 or 1) */
+	__u32 flags;
+	__u8 mac[6];          /* the sandbox's own MAC */
+	__u8 gateway_mac[6];  /* host-side veth or bridge MAC */
+	__u8 ipv4[4];
+	__u8 gateway_ipv4[4];
+	__u8 ipv6[16];
+	__u8 ipv6_link_local[16];
+	__u8 gateway_ipv6[16];
+	__u8 gateway_ipv6_link_local[16];
+	char name[64]; /* CNI container ID (truncated) / interface, for bpftool readers */
+};
+
+/* LPM trie key: prefixlen covers sandbox_id..port exactly (64 bits) plus the
+ * address prefix, so lookups match sandbox, generation, family, protocol and
+ * port exactly and the address by longest prefix. */
+struct rule_key {
+	__u32 prefixlen;
+	__u32 sandbox_id;
+	__u8 generation;
+	__u8 family; /* 4 or 6 */
+	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;
+	__u16 port; /* destination port, host byte order */
+	__u8 addr[16];
+};
+#define RULE_KEY_FIXED_BITS 80
+
+struct rule {
+	__u32 rule_id; /* 1-based index of the egress rule in the policy */
+	__u8 mode;     /* 1 open, 2 trusted, 3 secure */
+	__u8 listener; /* enum listener */
+	__u16 flags;
+	__u64 expires_ns; /* 0: static (cidr); else CLOCK_MONOTONIC ns (fqdn entries) */
+};
+
+struct config {
+	__u32 redirect_mark; /* skb->mark for redirected packets (fwmark rule) */
+	__u32 socket_mark;   /* SO_MARK on every proxy socket: "this socket is ours" */
+	__u16 ports[4];      /* proxy listener ports by enum listener; 0 = none */
+};
+
+struct counter_key {
+	__u32 sandbox_id; /* 0: traffic on an interface no sandbox owns */
+	__u32 rule_id;    /* 0 when no rule decided */
+	__u8 verdict;
+	__u8 reason;
+	__u16 pad;
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+	__u64 flows; /* new-flow packets (TCP SYN, every UDP/ICMP/other packet) */
+};
+
+struct deny_event {
+	__u64 timestamp_ns;
+	__u32 sandbox_id;
+	__u32 ifindex;
+	__u8 reason;
+	__u8 family;
+	__u8 proto;
+	__u8 pad;
+	__u16 src_port;
+	__u16 dst_port;
+	__u8 src_addr[16];
+	__u8 dst_addr[16];
+	__u8 src_mac[6];
+	__u16 ethertype;
+};
+
+#endif

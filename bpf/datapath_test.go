@@ -1,0 +1,478 @@
+package bpf
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/cleanwall/cleanwall/internal/netns"
+	"github.com/cleanwall/cleanwall/internal/testutil"
+)
+
+// skbCtx is the prefix of struct __sk_buff that BPF_PROG_TEST_RUN accepts.
+type skbCtx struct {
+	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto uint32
+	Priority, IngressIfindex, Ifindex, TCIndex                                 uint32
+	CB                                                                          [5]uint32
+}
+
+const (
+	testSandboxID  = 7
+	testRedirect   = 0x0c1e0000
+	testSocketMark = 0x5a5a
+)
+
+var (
+	sbxMAC  = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x02}
+	gwMAC   = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01}
+	sbxIP   = netip.MustParseAddr("10.99.0.2")
+	gwIP    = netip.MustParseAddr("10.99.0.1")
+	sbxIP6  = netip.MustParseAddr("fd99::2")
+	gwIP6   = netip.MustParseAddr("fd99::1")
+	sbxLL   = netip.MustParseAddr("fe80::2")
+	gwLL    = netip.MustParseAddr("fe80::1")
+	remote  = netip.MustParseAddr("198.51.100.10")
+	remote6 = netip.MustParseAddr("2001:db8::10")
+)
+
+type testEnv struct {
+	dp      *Datapath
+	nsPath  string
+	ifindex int
+	ports   [4]uint16
+}
+
+func newTestEnv(t *testing.T) *testEnv {
+	testutil.RequireRoot(t)
+	name := fmt.Sprintf("cwbpf-%d", os.Getpid())
+	_ = netns.Delete(name)
+	path, err := netns.Create(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = netns.Delete(name) })
+
+	root := t.TempDir()
+	if err := EnsureBPFFS(root); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(root, unix.MNT_DETACH) })
+	dp, err := Load(Options{PinRoot: filepath.Join(root, "cw")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+
+	env := &testEnv{dp: dp, nsPath: path}
+	err = netns.Do(path, func() error {
+		// This kernel has no dummy driver; a veth pair serves.
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "cw0"}, PeerName: "cw1"}); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName("cw0")
+		if err != nil {
+			return err
+		}
+		env.ifindex = l.Attrs().Index
+		return netlink.LinkSetUp(l)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.PutSandbox(env.ifindex, Sandbox{
+		ID: testSandboxID, MAC: sbxMAC, GatewayMAC: gwMAC,
+		IPv4: sbxIP, GatewayIPv4: gwIP, IPv6: sbxIP6, GatewayIPv6: gwIP6,
+		IPv6LinkLocal: sbxLL, GatewayIPv6LinkLocal: gwLL, Name: "test-sandbox",
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.PutRules(testSandboxID, 0, []RuleEntry{
+		{Prefix: netip.MustParsePrefix("198.51.100.0/24"), Proto: 6, Port: 8080, RuleID: 1, Mode: 1, Listener: ListenerTCP},
+		{Prefix: netip.MustParsePrefix("198.51.100.10/32"), Proto: 6, Port: 8080, RuleID: 2, Mode: 1, Listener: ListenerTCP},
+		{Prefix: netip.MustParsePrefix("2001:db8::/32"), Proto: 6, Port: 443, RuleID: 3, Mode: 1, Listener: ListenerTCP},
+		{Prefix: netip.MustParsePrefix("198.51.100.10/32"), Proto: 17, Port: 9000, RuleID: 4, Mode: 1, Listener: ListenerUDP},
+		{Prefix: netip.MustParsePrefix("198.51.100.20/32"), Proto: 6, Port: 8080, RuleID: 5, Mode: 1, Listener: ListenerTCP, Expires: 1},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return env
+}
+
+// listen opens marked proxy sockets (TCP v4+v6, UDP, DNS UDP) inside the
+// namespace and writes their ports into the config.
+func (e *testEnv) listen(t *testing.T, mark uint32) {
+	t.Helper()
+	lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	err := netns.Do(e.nsPath, func() error {
+		ctx := context.Background()
+		tl, err := lc.Listen(ctx, "tcp4", "0.0.0.0:0")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { tl.Close() })
+		port := tl.Addr().(*net.TCPAddr).Port
+		tl6, err := lc.Listen(ctx, "tcp6", fmt.Sprintf("[::]:%d", port))
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { tl6.Close() })
+		ul, err := lc.ListenPacket(ctx, "udp4", "0.0.0.0:0")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { ul.Close() })
+		dl, err := lc.ListenPacket(ctx, "udp4", "0.0.0.0:0")
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { dl.Close() })
+		e.ports = [4]uint16{uint16(port), uint16(ul.LocalAddr().(*net.UDPAddr).Port), uint16(dl.LocalAddr().(*net.UDPAddr).Port), 0}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.dp.SetConfig(Config{RedirectMark: testRedirect, SocketMark: testSocketMark, Ports: e.ports}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// run feeds one frame to the sandbox program as if the sandbox sent it.
+func (e *testEnv) run(t *testing.T, frame []byte) (verdict uint32, mark uint32) {
+	t.Helper()
+	err := netns.Do(e.nsPath, func() error {
+		in := skbCtx{Ifindex: uint32(e.ifindex)}
+		// The kernel copies out its whole __sk_buff: leave room for it.
+		var out struct {
+			skbCtx
+			Rest [64]uint32
+		}
+		ret, err := e.dp.SandboxProgram().Run(&ebpf.RunOptions{Data: frame, Context: in, ContextOut: &out})
+		verdict, mark = ret, out.Mark
+		return err
+	})
+	if err != nil {
+		t.Fatalf("test run: %v", err)
+	}
+	return verdict, mark
+}
+
+func (e *testEnv) counter(t *testing.T, rule uint32, v Verdict, r Reason) CounterValue {
+	t.Helper()
+	c, err := e.dp.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c[CounterKey{SandboxID: testSandboxID, RuleID: rule, Verdict: v, Reason: r}]
+}
+
+// frame builders
+
+type frameOpts struct {
+	srcMAC, dstMAC net.HardwareAddr
+	src, dst       netip.Addr
+	proto          layers.IPProtocol
+	sport, dport   uint16
+	syn, ack       bool
+	payload        []byte
+	fragOffset     uint16
+	moreFrags      bool
+	options        bool
+	ipv6Next       layers.IPProtocol // extension header before L4
+	hopLimit       uint8
+}
+
+func build(t *testing.T, o frameOpts) []byte {
+	t.Helper()
+	if o.srcMAC == nil {
+		o.srcMAC = sbxMAC
+	}
+	if o.dstMAC == nil {
+		o.dstMAC = gwMAC
+	}
+	if o.sport == 0 {
+		o.sport = 40000
+	}
+	eth := &layers.Ethernet{SrcMAC: o.srcMAC, DstMAC: o.dstMAC}
+	var ls []gopacket.SerializableLayer
+	var netLayer gopacket.NetworkLayer
+	if o.src.Is4() {
+		eth.EthernetType = layers.EthernetTypeIPv4
+		ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: o.proto, SrcIP: o.src.AsSlice(), DstIP: o.dst.AsSlice(), FragOffset: o.fragOffset}
+		if o.moreFrags {
+			ip.Flags = layers.IPv4MoreFragments
+		}
+		if o.options {
+			ip.Options = []layers.IPv4Option{{OptionType: 1}, {OptionType: 1}, {OptionType: 1}, {OptionType: 0}}
+		}
+		ls = append(ls, eth, ip)
+		netLayer = ip
+	} else {
+		eth.EthernetType = layers.EthernetTypeIPv6
+		hl := o.hopLimit
+		if hl == 0 {
+			hl = 64
+		}
+		ip := &layers.IPv6{Version: 6, HopLimit: hl, NextHeader: o.proto, SrcIP: o.src.AsSlice(), DstIP: o.dst.AsSlice()}
+		ls = append(ls, eth, ip)
+		netLayer = ip
+		if o.ipv6Next != 0 {
+			ip.NextHeader = o.ipv6Next
+			// next header, length 0 (8 bytes), PadN option of 4 bytes
+			ls = append(ls, gopacket.Payload([]byte{byte(o.proto), 0, 1, 4, 0, 0, 0, 0}))
+		}
+	}
+	switch o.proto {
+	case layers.IPProtocolTCP:
+		tcp := &layers.TCP{SrcPort: layers.TCPPort(o.sport), DstPort: layers.TCPPort(o.dport), SYN: o.syn, ACK: o.ack, Window: 1000}
+		_ = tcp.SetNetworkLayerForChecksum(netLayer)
+		ls = append(ls, tcp)
+	case layers.IPProtocolUDP:
+		udp := &layers.UDP{SrcPort: layers.UDPPort(o.sport), DstPort: layers.UDPPort(o.dport)}
+		_ = udp.SetNetworkLayerForChecksum(netLayer)
+		ls = append(ls, udp)
+	case layers.IPProtocolICMPv4:
+		ls = append(ls, &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(8, 0)})
+	}
+	if o.payload != nil {
+		ls = append(ls, gopacket.Payload(o.payload))
+	}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func syn4(dst netip.Addr, port uint16) frameOpts {
+	return frameOpts{src: sbxIP, dst: dst, proto: layers.IPProtocolTCP, dport: port, syn: true}
+}
+
+func arpFrame(t *testing.T, srcMAC net.HardwareAddr, spa, tpa netip.Addr) []byte {
+	t.Helper()
+	eth := &layers.Ethernet{SrcMAC: srcMAC, DstMAC: layers.EthernetBroadcast, EthernetType: layers.EthernetTypeARP}
+	arp := &layers.ARP{AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
+		Operation: layers.ARPRequest, SourceHwAddress: srcMAC, SourceProtAddress: spa.AsSlice(),
+		DstHwAddress: make([]byte, 6), DstProtAddress: tpa.AsSlice()}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{}, eth, arp); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func ndpFrame(t *testing.T, typ uint8, src, dst, target netip.Addr, hop uint8) []byte {
+	t.Helper()
+	dstMAC := net.HardwareAddr{0x33, 0x33, 0xff, 0, 0, 1}
+	eth := &layers.Ethernet{SrcMAC: sbxMAC, DstMAC: dstMAC, EthernetType: layers.EthernetTypeIPv6}
+	ip := &layers.IPv6{Version: 6, HopLimit: hop, NextHeader: layers.IPProtocolICMPv6, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(typ, 0)}
+	_ = icmp.SetNetworkLayerForChecksum(ip)
+	body := make([]byte, 4+16)
+	copy(body[4:], target.AsSlice())
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, icmp, gopacket.Payload(body)); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+const (
+	actOK   = 0
+	actShot = 2
+)
+
+// TestClassifierMatrix runs every frame through the sandbox program with
+// BPF_PROG_TEST_RUN. TEST_RUN does not mark the skb as being at tc ingress,
+// so bpf_sk_assign refuses (EOPNOTSUPP): for a ptp sandbox a redirect shows
+// up as an assign-failed drop, which still proves that the rule matched and
+// our proxy socket was found. As a bridge port the program marks instead of
+// assigning, so the full redirect verdict and mark are checked there. Real
+// delivery is covered end to end in tests/.
+func TestClassifierMatrix(t *testing.T) {
+	for _, bridge := range []bool{false, true} {
+		t.Run(map[bool]string{false: "ptp", true: "bridge-port"}[bridge], func(t *testing.T) {
+			testClassifierMatrix(t, bridge)
+		})
+	}
+}
+
+func testClassifierMatrix(t *testing.T, bridge bool) {
+	env := newTestEnv(t)
+	env.listen(t, testSocketMark)
+	if bridge {
+		sb, err := env.dp.Sandbox(env.ifindex)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sb.Bridge = true
+		if err := env.dp.PutSandbox(env.ifindex, sb); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	solicited := func(a netip.Addr) netip.Addr {
+		b := a.As16()
+		return netip.AddrFrom16([16]byte{0xff, 0x02, 10: 0, 11: 1, 12: 0xff, 13: b[13], 14: b[14], 15: b[15]})
+	}
+	cases := []struct {
+		name    string
+		frame   []byte
+		verdict Verdict
+		reason  Reason
+		rule    uint32
+	}{
+		{"allowed SYN, most specific prefix wins", build(t, syn4(remote, 8080)), VerdictRedirect, ReasonRule, 2},
+		{"allowed SYN via /24", build(t, syn4(netip.MustParseAddr("198.51.100.99"), 8080)), VerdictRedirect, ReasonRule, 1},
+		{"allowed IPv6 SYN", build(t, frameOpts{src: sbxIP6, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictRedirect, ReasonRule, 3},
+		{"allowed UDP", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolUDP, dport: 9000, payload: []byte("x")}), VerdictRedirect, ReasonRule, 4},
+		{"DNS to any resolver", build(t, frameOpts{src: sbxIP, dst: netip.MustParseAddr("203.0.113.53"), proto: layers.IPProtocolUDP, dport: 53, payload: []byte("q")}), VerdictRedirect, ReasonDNS, 0},
+		{"disallowed port", build(t, syn4(remote, 8081)), VerdictDrop, ReasonNoRule, 0},
+		{"disallowed address", build(t, syn4(netip.MustParseAddr("192.0.2.1"), 8080)), VerdictDrop, ReasonNoRule, 0},
+		{"UDP to a TCP rule", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolUDP, dport: 8080}), VerdictDrop, ReasonNoRule, 0},
+		{"DNS over TCP without listener", build(t, syn4(remote, 53)), VerdictDrop, ReasonNoProxy, 0},
+		{"expired fqdn entry", build(t, syn4(netip.MustParseAddr("198.51.100.20"), 8080)), VerdictDrop, ReasonExpired, 0},
+		{"non-SYN without socket", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolTCP, dport: 8080, ack: true}), VerdictDrop, ReasonNoSocket, 0},
+		{"ICMP echo", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolICMPv4}), VerdictDrop, ReasonICMP, 0},
+		{"spoofed source IP", build(t, frameOpts{src: netip.MustParseAddr("10.99.0.3"), dst: remote, proto: layers.IPProtocolTCP, dport: 8080, syn: true}), VerdictDrop, ReasonSpoofedIP, 0},
+		{"spoofed source MAC", build(t, frameOpts{srcMAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}, src: sbxIP, dst: remote, proto: layers.IPProtocolTCP, dport: 8080, syn: true}), VerdictDrop, ReasonSpoofedMAC, 0},
+		{"spoofed IPv6 source", build(t, frameOpts{src: netip.MustParseAddr("fd99::3"), dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictDrop, ReasonSpoofedIP, 0},
+		{"not to the gateway MAC", build(t, frameOpts{dstMAC: net.HardwareAddr{2, 0, 0, 0, 0, 0x33}, src: sbxIP, dst: remote, proto: layers.IPProtocolTCP, dport: 8080, syn: true}), VerdictDrop, ReasonL2NotGateway, 0},
+		{"first fragment", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolUDP, dport: 9000, moreFrags: true}), VerdictDrop, ReasonFragment, 0},
+		{"non-first fragment", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolUDP, dport: 9000, fragOffset: 100}), VerdictDrop, ReasonFragment, 0},
+		{"IP options", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolTCP, dport: 8080, syn: true, options: true}), VerdictDrop, ReasonIPOptions, 0},
+		{"IPv6 destination options header", build(t, frameOpts{src: sbxIP6, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true, ipv6Next: layers.IPProtocolIPv6Destination}), VerdictDrop, ReasonIPv6Ext, 0},
+		{"other IP protocol (SCTP)", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolSCTP}), VerdictDrop, ReasonProtocol, 0},
+		{"ARP for the gateway", arpFrame(t, sbxMAC, sbxIP, gwIP), VerdictPass, ReasonARP, 0},
+		{"ARP for another host", arpFrame(t, sbxMAC, sbxIP, netip.MustParseAddr("10.99.0.3")), VerdictDrop, ReasonARPNotGateway, 0},
+		{"ARP with spoofed sender IP", arpFrame(t, sbxMAC, netip.MustParseAddr("10.99.0.3"), gwIP), VerdictDrop, ReasonSpoofedIP, 0},
+		{"NS for the gateway", ndpFrame(t, 135, sbxLL, solicited(gwLL), gwLL, 255), VerdictPass, ReasonNDP, 0},
+		{"NS for another host", ndpFrame(t, 135, sbxLL, solicited(netip.MustParseAddr("fe80::9")), netip.MustParseAddr("fe80::9"), 255), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"NS with hop limit 64", ndpFrame(t, 135, sbxLL, solicited(gwLL), gwLL, 64), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"ICMPv6 echo", ndpFrame(t, 128, sbxLL, gwLL, gwLL, 64), VerdictDrop, ReasonICMP, 0},
+		{"IPv4 IHL below 5", func() []byte {
+			f := build(t, syn4(remote, 8080))
+			f[14] = 0x44
+			return f
+		}(), VerdictDrop, ReasonMalformed, 0},
+		{"IPv4 total length beyond the frame", func() []byte {
+			f := build(t, syn4(remote, 8080))
+			binary.BigEndian.PutUint16(f[16:], 1400)
+			return f
+		}(), VerdictDrop, ReasonMalformed, 0},
+		{"truncated TCP header", build(t, syn4(remote, 8080))[:14+20+8], VerdictDrop, ReasonMalformed, 0},
+		{"unknown ethertype", func() []byte {
+			f := build(t, syn4(remote, 8080))
+			binary.BigEndian.PutUint16(f[12:], 0x88b5)
+			return f
+		}(), VerdictDrop, ReasonEthertype, 0},
+	}
+	for _, c := range cases {
+		if c.verdict == VerdictRedirect && !bridge {
+			c.verdict, c.reason, c.rule = VerdictDrop, ReasonAssignFailed, 0
+		}
+		t.Run(c.name, func(t *testing.T) {
+			before := env.counter(t, c.rule, c.verdict, c.reason)
+			ret, mark := env.run(t, c.frame)
+			want := uint32(actOK)
+			if c.verdict == VerdictDrop {
+				want = actShot
+			}
+			if ret != want {
+				all, _ := env.dp.Counters()
+				t.Fatalf("program returned %d, want %d; counters %v", ret, want, all)
+			}
+			after := env.counter(t, c.rule, c.verdict, c.reason)
+			if after.Packets != before.Packets+1 {
+				t.Fatalf("counter %v/%v rule %d: %d packets, want %d", c.verdict, c.reason, c.rule, after.Packets, before.Packets+1)
+			}
+			if c.verdict == VerdictRedirect && mark&^0xff != testRedirect {
+				t.Fatalf("redirected packet has mark %#x, want %#x|listener", mark, testRedirect)
+			}
+			if c.verdict != VerdictRedirect && mark != 0 {
+				t.Fatalf("non-redirected packet got mark %#x", mark)
+			}
+		})
+	}
+}
+
+// A socket that is not ours (wrong mark) must never receive sandbox traffic.
+func TestForeignListenerIsNotUsed(t *testing.T) {
+	env := newTestEnv(t)
+	env.listen(t, 0x1234) // sockets exist on the configured ports, but unmarked
+	ret, _ := env.run(t, build(t, syn4(remote, 8080)))
+	if ret != actShot {
+		t.Fatalf("SYN was not dropped (ret %d) although the listener is not ours", ret)
+	}
+	if c := env.counter(t, 0, VerdictDrop, ReasonNoProxy); c.Packets != 1 {
+		t.Fatalf("no-proxy drops = %d, want 1", c.Packets)
+	}
+}
+
+// With no proxy listening (daemon gone), allowed flows drop.
+func TestNoProxyDrops(t *testing.T) {
+	env := newTestEnv(t)
+	if err := env.dp.SetConfig(Config{RedirectMark: testRedirect, SocketMark: testSocketMark, Ports: [4]uint16{15001, 15002, 15003, 15004}}); err != nil {
+		t.Fatal(err)
+	}
+	ret, _ := env.run(t, build(t, syn4(remote, 8080)))
+	if ret != actShot {
+		t.Fatalf("ret %d, want drop", ret)
+	}
+	if c := env.counter(t, 0, VerdictDrop, ReasonNoProxy); c.Packets != 1 {
+		t.Fatalf("no-proxy drops = %d, want 1", c.Packets)
+	}
+}
+
+func TestUnknownInterfaceDrops(t *testing.T) {
+	env := newTestEnv(t)
+	if err := env.dp.DeleteSandbox(env.ifindex); err != nil {
+		t.Fatal(err)
+	}
+	ret, _ := env.run(t, build(t, syn4(remote, 8080)))
+	if ret != actShot {
+		t.Fatalf("ret %d, want drop", ret)
+	}
+	c, _ := env.dp.Counters()
+	if c[CounterKey{Verdict: VerdictDrop, Reason: ReasonUnknownSandbox}].Packets != 1 {
+		t.Fatalf("unknown-sandbox drops not counted: %v", c)
+	}
+}
+
+func TestDenyEventsAreReported(t *testing.T) {
+	env := newTestEnv(t)
+	rd, err := env.dp.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rd.Close()
+	env.run(t, build(t, syn4(remote, 8081)))
+	ev, err := rd.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev.Reason != ReasonNoRule || ev.SandboxID != testSandboxID || ev.Dst != netip.AddrPortFrom(remote, 8081) || ev.Src.Addr() != sbxIP {
+		t.Fatalf("unexpected event %+v", ev)
+	}
+}
