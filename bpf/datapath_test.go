@@ -24,7 +24,7 @@ import (
 // skbCtx is the prefix of struct __sk_buff that BPF_PROG_TEST_RUN accepts.
 type skbCtx struct {
 	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto uint32
-	Priority, IngressIfindex, Ifindex, TCIndex                                 uint32
+	Priority, IngressIfindex, Ifindex, TCIndex                                  uint32
 	CB                                                                          [5]uint32
 }
 
