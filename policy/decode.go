@@ -44,13 +44,43 @@ func LoadFile(path string) (*Policy, error) {
 	return p, nil
 }
 
-// maxNodeVisits bounds the work of decoding one document. Aliases can make
-// a small document expand exponentially (or loop: an anchor may be aliased
-// inside itself), and a policy with a million destinations is far larger
-// than anything the datapath holds.
-const maxNodeVisits = 1 << 23
+// Aliases let a small document stand for a huge one ("billion laughs"):
+// the nodes reached through aliases may add at most the document's own size
+// plus aliasAllowance, so decoding stays linear in the input.
+const aliasAllowance = 1 << 18
 
-var errTooLarge = errors.New("document too large (or too many alias expansions)")
+// expansion measures a YAML tree as decoding would walk it, aliases
+// expanded, without walking it that way: sizes are memoised per node.
+type expansion struct {
+	memo   map[*yaml.Node]int
+	active map[*yaml.Node]bool
+	nodes  int // nodes in the document itself
+	cyclic bool
+}
+
+const sizeCap = 1 << 40
+
+func (e *expansion) size(n *yaml.Node) int {
+	if s, ok := e.memo[n]; ok {
+		return s
+	}
+	if e.active[n] {
+		e.cyclic = true
+		return 0
+	}
+	e.active[n] = true
+	e.nodes++
+	s := 1
+	if n.Kind == yaml.AliasNode && n.Alias != nil {
+		s += e.size(n.Alias)
+	}
+	for _, c := range n.Content {
+		s = min(s+e.size(c), sizeCap)
+	}
+	delete(e.active, n)
+	e.memo[n] = s
+	return s
+}
 
 // decodePolicy turns YAML into a Policy and the decoding problems. It
 // returns a nil Policy when the input is not one YAML mapping at all.
@@ -78,13 +108,16 @@ func decodePolicy(data []byte) (p *Policy, errs ErrorList) {
 	if root.Kind == yaml.ScalarNode && root.ShortTag() == "!!null" {
 		return nil, ErrorList{{Msg: "empty document", Line: root.Line}}
 	}
-	d := &decoder{lines: map[string]int{}, budget: maxNodeVisits}
-	p = &Policy{}
-	d.lines[""] = root.Line
-	d.decode(root, reflect.ValueOf(p).Elem(), "")
-	if d.tooLarge {
-		return nil, ErrorList{{Msg: errTooLarge.Error()}}
+	e := &expansion{memo: map[*yaml.Node]int{}, active: map[*yaml.Node]bool{}}
+	switch expanded := e.size(root); {
+	case e.cyclic:
+		return nil, ErrorList{{Msg: "an alias refers to a node that contains it"}}
+	case expanded > 2*e.nodes+aliasAllowance:
+		return nil, ErrorList{{Msg: fmt.Sprintf("aliases expand the document to more than %d nodes", 2*e.nodes+aliasAllowance)}}
 	}
+	d := &decoder{lines: map[string]int{"": root.Line}}
+	p = &Policy{}
+	d.decode(root, reflect.ValueOf(p).Elem(), "")
 	p.lines = d.lines
 	return p, d.errs
 }
@@ -116,10 +149,8 @@ func syntaxError(err error) *FieldError {
 // decoder fills Go values from YAML nodes by the fields' yaml tags,
 // reporting every mismatch with its field path.
 type decoder struct {
-	errs     ErrorList
-	lines    map[string]int
-	budget   int
-	tooLarge bool
+	errs  ErrorList
+	lines map[string]int
 }
 
 func (d *decoder) fail(path string, line int, format string, args ...any) {
@@ -127,10 +158,6 @@ func (d *decoder) fail(path string, line int, format string, args ...any) {
 }
 
 func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
-	if d.budget--; d.budget < 0 {
-		d.tooLarge = true
-		return
-	}
 	if n.Kind == yaml.AliasNode {
 		if n.Alias == nil {
 			d.fail(path, n.Line, "alias to an unknown anchor")
@@ -158,9 +185,6 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 			ip := path + "[" + strconv.Itoa(i) + "]"
 			d.lines[ip] = item.Line
 			d.decode(item, s.Index(i), ip)
-			if d.tooLarge {
-				return
-			}
 		}
 		v.Set(s)
 	case reflect.String:
@@ -225,9 +249,6 @@ func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
 		}
 		d.lines[fp] = k.Line
 		d.decode(val, v.Field(idx), fp)
-		if d.tooLarge {
-			return
-		}
 	}
 }
 
