@@ -84,6 +84,11 @@ func Compile(p *Policy) (*Compiled, error) {
 		c.DNS = compileDNS(q.Spec.DNS)
 		l.dns(q.Spec.DNS)
 	}
+	entries := 0
+	for _, r := range q.Spec.Egress {
+		entries += len(r.To) * len(r.Ports)
+	}
+	c.Entries = make([]Entry, 0, entries)
 	fqdnOwners := map[fqdnKey]uint32{}
 	for i := range q.Spec.Egress {
 		spec := &q.Spec.Egress[i]
@@ -99,6 +104,11 @@ func Compile(p *Policy) (*Compiled, error) {
 		for _, ps := range spec.Ports {
 			proto, _ := parseProtocol(ps.Protocol)
 			r.Ports = append(r.Ports, PortProto{Port: uint16(ps.Port), Proto: proto})
+		}
+		r.CIDRs = make([]netip.Prefix, 0, len(spec.To))
+		groups := make([]*lpmGroup, len(r.Ports))
+		for k, pp := range r.Ports {
+			groups[k] = c.table.group(pp)
 		}
 		ov := overlaps{}
 		seenCIDR := make(map[netip.Prefix]int, len(spec.To))
@@ -130,8 +140,8 @@ func Compile(p *Policy) (*Compiled, error) {
 			}
 			seenCIDR[pfx] = j
 			r.CIDRs = append(r.CIDRs, pfx)
-			for _, pp := range r.Ports {
-				if owner, added := c.table.insert(pfx, pp, r.ID); !added {
+			for k, pp := range r.Ports {
+				if owner, added := groups[k].insert(pfx, r.ID); !added {
 					ov.add(owner, pfx.String()+" "+pp.String())
 					continue
 				}

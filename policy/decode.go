@@ -50,25 +50,29 @@ func LoadFile(path string) (*Policy, error) {
 const aliasAllowance = 1 << 18
 
 // expansion measures a YAML tree as decoding would walk it, aliases
-// expanded, without walking it that way: sizes are memoised per node.
+// expanded, without walking it that way: the sizes of anchored nodes (the
+// only ones aliases can share) are memoised.
 type expansion struct {
 	memo   map[*yaml.Node]int
-	active map[*yaml.Node]bool
-	nodes  int // nodes in the document itself
+	active map[*yaml.Node]bool // anchored nodes being measured
+	nodes  int                 // nodes in the document itself
 	cyclic bool
 }
 
 const sizeCap = 1 << 40
 
 func (e *expansion) size(n *yaml.Node) int {
-	if s, ok := e.memo[n]; ok {
-		return s
+	if n.Anchor != "" {
+		if s, ok := e.memo[n]; ok {
+			return s
+		}
+		if e.active[n] {
+			e.cyclic = true
+			return 0
+		}
+		e.active[n] = true
+		defer delete(e.active, n)
 	}
-	if e.active[n] {
-		e.cyclic = true
-		return 0
-	}
-	e.active[n] = true
 	e.nodes++
 	s := 1
 	if n.Kind == yaml.AliasNode && n.Alias != nil {
@@ -77,8 +81,9 @@ func (e *expansion) size(n *yaml.Node) int {
 	for _, c := range n.Content {
 		s = min(s+e.size(c), sizeCap)
 	}
-	delete(e.active, n)
-	e.memo[n] = s
+	if n.Anchor != "" {
+		e.memo[n] = s
+	}
 	return s
 }
 
@@ -230,7 +235,9 @@ func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
 			fp = path + "." + k.Value
 		}
 		if k.ShortTag() == "!!merge" {
-			d.fail(fp, k.Line, "merge keys are not supported")
+			// Reported on the mapping: what it would have merged is
+			// unknown, so nothing in it is checked further.
+			d.fail(path, k.Line, "merge keys (<<) are not supported")
 			continue
 		}
 		if first, dup := seen[k.Value]; dup {

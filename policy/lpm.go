@@ -26,15 +26,19 @@ func newLPMTable() *lpmTable {
 	return &lpmTable{groups: map[PortProto]*lpmGroup{}}
 }
 
-// insert adds pfx (masked, unzoned) for pp owned by rule id, unless the
-// table has it already: then it returns the id of the rule that owns it
-// and false.
-func (t *lpmTable) insert(pfx netip.Prefix, pp PortProto, id uint32) (owner uint32, added bool) {
+// group returns the group of pp, creating it.
+func (t *lpmTable) group(pp PortProto) *lpmGroup {
 	g := t.groups[pp]
 	if g == nil {
 		g = &lpmGroup{}
 		t.groups[pp] = g
 	}
+	return g
+}
+
+// insert adds pfx (masked, unzoned) owned by rule id, unless the group has
+// it already: then it returns the id of the rule that owns it and false.
+func (g *lpmGroup) insert(pfx netip.Prefix, id uint32) (owner uint32, added bool) {
 	bits := pfx.Bits()
 	if pfx.Addr().Is4() {
 		m := g.v4[bits]

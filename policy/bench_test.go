@@ -1,0 +1,139 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+// hostPrefix returns the i-th /32 in 10.0.0.0/8.
+func hostPrefix(i int) string {
+	return netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String() + "/32"
+}
+
+// oneRule100k is one rule with 100,000 cidr destinations.
+func oneRule100k() *Policy {
+	r := EgressRule{Name: "big", Mode: "open", Ports: []PortSpec{{Port: 443}}}
+	for i := range 100_000 {
+		r.To = append(r.To, Destination{CIDR: hostPrefix(i)})
+	}
+	return &Policy{APIVersion: APIVersion, Kind: Kind, Metadata: Metadata{Name: "big"}, Spec: Spec{Egress: []EgressRule{r}}}
+}
+
+// thousandRules is 1,000 rules of 100 cidrs each: /24s of their own, and
+// in every rule the same /12 (so that later rules overlap the first) and,
+// in the first rule, 10.0.0.0/8 (so that every later rule is more
+// specific than it).
+func thousandRules() *Policy {
+	p := &Policy{APIVersion: APIVersion, Kind: Kind, Metadata: Metadata{Name: "many"}}
+	for r := range 1000 {
+		rule := EgressRule{Name: fmt.Sprintf("r%d", r), Mode: "open", Ports: []PortSpec{{Port: 443}, {Port: 80}}}
+		rule.To = append(rule.To, Destination{CIDR: "172.16.0.0/12"})
+		if r == 0 {
+			rule.To = append(rule.To, Destination{CIDR: "10.0.0.0/8"})
+		}
+		for len(rule.To) < 100 {
+			i := r*100 + len(rule.To)
+			rule.To = append(rule.To, Destination{CIDR: netip.AddrFrom4([4]byte{byte(10 + i>>16), byte(i >> 8), byte(i), 0}).String() + "/24"})
+		}
+		p.Spec.Egress = append(p.Spec.Egress, rule)
+	}
+	return p
+}
+
+func yaml100k() []byte {
+	var b strings.Builder
+	b.WriteString(header + "spec:\n  egress:\n    - name: big\n      mode: open\n      ports: [{port: 443}]\n      to:\n")
+	for i := range 100_000 {
+		b.WriteString("        - cidr: " + hostPrefix(i) + "\n")
+	}
+	return []byte(b.String())
+}
+
+func BenchmarkCompile100k(b *testing.B) {
+	for _, bc := range []struct {
+		name string
+		p    *Policy
+	}{{"1rule", oneRule100k()}, {"1000rules", thousandRules()}} {
+		b.Run(bc.name, func(b *testing.B) {
+			for b.Loop() {
+				if _, err := Compile(bc.p); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkParse100k(b *testing.B) {
+	data := yaml100k()
+	b.SetBytes(int64(len(data)))
+	for b.Loop() {
+		if _, err := Parse(data); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkMatch(b *testing.B) {
+	for _, n := range []int{1, 1000, 100_000} {
+		p := oneRule100k()
+		p.Spec.Egress[0].To = p.Spec.Egress[0].To[:n]
+		c, err := Compile(p)
+		if err != nil {
+			b.Fatal(err)
+		}
+		dsts := make([]netip.Addr, 1024)
+		for i := range dsts {
+			// Half hit an entry, half miss.
+			dsts[i] = netip.MustParsePrefix(hostPrefix(i * 7919 % (2 * n))).Addr()
+		}
+		b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
+			i := 0
+			for b.Loop() {
+				c.Match(dsts[i&1023], ProtoTCP, 443)
+				i++
+			}
+		})
+	}
+	b.Run("entries=100k/1000rules", func(b *testing.B) {
+		c, err := Compile(thousandRules())
+		if err != nil {
+			b.Fatal(err)
+		}
+		dst := netip.MustParseAddr("10.1.2.3")
+		for b.Loop() {
+			c.Match(dst, ProtoTCP, 443)
+		}
+	})
+}
+
+// Compile must stay well under a second at the sizes the daemon promises.
+// The race detector slows everything several times: only the result is
+// checked then.
+func TestCompileLargePolicies(t *testing.T) {
+	if testing.Short() {
+		t.Skip("large policies: skipped with -short")
+	}
+	for _, tc := range []struct {
+		name    string
+		p       *Policy
+		entries int
+	}{{"1 rule x 100k", oneRule100k(), 100_000}, {"1000 rules x 100", thousandRules(), 2 * (100 + 999*99)}} {
+		start := time.Now()
+		c, err := Compile(tc.p)
+		took := time.Since(start)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(c.Entries) != tc.entries {
+			t.Errorf("%s: %d entries, want %d", tc.name, len(c.Entries), tc.entries)
+		}
+		t.Logf("%s: Compile took %v, %d entries, %d warnings", tc.name, took, len(c.Entries), len(c.Warnings))
+		if !raceEnabled && took > 500*time.Millisecond {
+			t.Errorf("%s: Compile took %v, want well under 1s", tc.name, took)
+		}
+	}
+}
