@@ -175,3 +175,19 @@ func (d *Datapath) LookupRule(sandboxID uint32, generation uint8, proto uint8, d
 	e.RuleID, e.Mode, e.Listener, e.Expires = v.RuleId, v.Mode, v.Listener, v.ExpiresNs
 	return e, true, nil
 }
+
+// RuleSandboxIDs lists the sandbox ids that have rule entries.
+func (d *Datapath) RuleSandboxIDs() []uint32 {
+	seen := map[uint32]bool{}
+	var out []uint32
+	var k datapathRuleKey
+	var v datapathRule
+	it := d.objs.CwRules.Iterate()
+	for it.Next(&k, &v) {
+		if !seen[k.SandboxId] {
+			seen[k.SandboxId] = true
+			out = append(out, k.SandboxId)
+		}
+	}
+	return out
+}

@@ -1,0 +1,87 @@
+// Command cleanwalld is cleanwall's node daemon: it loads and pins the
+// datapath, attaches it to sandboxes on request of the CNI plugin, runs the
+// transparent proxies and serves the unix-socket API.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/cleanwall/cleanwall/runtime/api"
+	"github.com/cleanwall/cleanwall/runtime/daemon"
+)
+
+var version = "dev"
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "cleanwalld:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("cleanwalld", flag.ContinueOnError)
+	var cfg daemon.Config
+	fs.StringVar(&cfg.Socket, "socket", api.DefaultSocket, "unix socket of the API")
+	fs.StringVar(&cfg.PinRoot, "bpf-root", daemon.DefaultPinRoot, "bpffs directory for pinned maps and links (mounted when missing)")
+	fs.StringVar(&cfg.StateDir, "state-dir", daemon.DefaultStateDir, "directory for persisted sandbox state")
+	fs.StringVar(&cfg.PolicyDir, "policy-dir", daemon.DefaultPolicyDir, "directory of named policies (CNI_ARGS CLEANWALL_POLICY=<name> selects <name>.yaml)")
+	fs.StringVar(&cfg.AttachMode, "attach", "auto", "auto (tcx, else legacy tc), tcx, or tc")
+	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464); empty: off")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	check := fs.Bool("check", false, "load and pin the datapath, install routing, open the listeners, report, and exit")
+	var tcpPort, udpPort uint
+	fs.UintVar(&tcpPort, "tcp-port", 0, "TCP proxy listener port (0: kernel-chosen)")
+	fs.UintVar(&udpPort, "udp-port", 0, "UDP proxy socket port (0: kernel-chosen)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	cfg.TCPPort, cfg.UDPPort = uint16(tcpPort), uint16(udpPort)
+	cfg.Version = version
+
+	d, err := daemon.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := d.Start(ctx); err != nil {
+		return err
+	}
+	if *check {
+		st := d.Config()
+		fmt.Printf("ok: datapath pinned at %s, sandboxes re-adopted, proxies listening\n", st.PinRoot)
+		return d.Close()
+	}
+	if *metricsAddr != "" {
+		srv := &http.Server{Addr: *metricsAddr, Handler: promhttp.HandlerFor(d.Registry(), promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				cfg.Logger.Error("metrics server", "error", err)
+			}
+		}()
+		defer srv.Close()
+	}
+	<-ctx.Done()
+	cfg.Logger.Info("shutting down: sandboxes stay enforced (pinned), new flows drop until restart")
+	return d.Close()
+}

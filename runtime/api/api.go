@@ -1,0 +1,156 @@
+// Package api is the contract between cleanwalld and its clients (the CNI
+// plugin and the CLI): JSON over HTTP on a unix socket. It holds the wire
+// types and the client; it must not import the daemon, bpf or proxies.
+package api
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// DefaultSocket is where cleanwalld listens unless told otherwise.
+const DefaultSocket = "/run/cleanwall/cleanwalld.sock"
+
+// Routes served by the daemon.
+const (
+	PathStatus    = "/v1/status"
+	PathSandboxes = "/v1/sandboxes" // GET list, POST add
+	PathSandbox   = "/v1/sandboxes/{id}"
+	PathCheck     = "/v1/sandboxes/{id}/check"
+	PathPolicy    = "/v1/sandboxes/{id}/policy" // GET (read back from the kernel), PUT (apply)
+	PathGC        = "/v1/gc"
+	PathCounters  = "/v1/counters"
+)
+
+// IPConfig is one address of the sandbox interface.
+type IPConfig struct {
+	Address netip.Prefix `json:"address"`
+	Gateway netip.Addr   `json:"gateway,omitzero"`
+}
+
+// AddRequest asks the daemon to attach and program a sandbox. The daemon
+// returns only once enforcement is in place, or fails leaving nothing.
+type AddRequest struct {
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName"`
+	Netns       string `json:"netns"`
+	// HostInterface is the host-side veth (ptp) or bridge port of the sandbox.
+	HostInterface string `json:"hostInterface"`
+	// Bridge is the bridge device when the chain put the sandbox on a bridge.
+	Bridge string `json:"bridge,omitempty"`
+	// MAC of the sandbox's own interface.
+	MAC string     `json:"mac"`
+	IPs []IPConfig `json:"ips"`
+	// Policy is the policy document (YAML), or empty when PolicyName selects
+	// one from the daemon's policy directory.
+	Policy       []byte `json:"policy,omitempty"`
+	PolicyName   string `json:"policyName,omitempty"`
+	PolicySource string `json:"policySource,omitempty"` // for messages: file path or CNI_ARGS
+}
+
+// AttachmentRef names one attachment (CNI's container ID + interface).
+type AttachmentRef struct {
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName"`
+}
+
+// Sandbox is what the daemon knows about one attached sandbox.
+type Sandbox struct {
+	ID            string     `json:"id"` // CNI container ID
+	IfName        string     `json:"ifName"`
+	Netns         string     `json:"netns"`
+	HostInterface string     `json:"hostInterface"`
+	HostIfindex   int        `json:"hostIfindex"`
+	Bridge        string     `json:"bridge,omitempty"`
+	DatapathID    uint32     `json:"datapathID"`
+	MAC           string     `json:"mac"`
+	IPs           []IPConfig `json:"ips"`
+	PolicyName    string     `json:"policyName"`
+	PolicyHash    string     `json:"policyHash"`
+	Generation    uint64     `json:"generation"`
+	AttachMode    string     `json:"attachMode"`
+	Created       time.Time  `json:"created"`
+	Rules         int        `json:"rules"` // datapath entries of the active generation
+	Counters      []Counter  `json:"counters,omitempty"`
+}
+
+// Counter is one datapath counter of a sandbox.
+type Counter struct {
+	Rule    string `json:"rule,omitempty"` // egress rule name, when a rule decided
+	RuleID  uint32 `json:"ruleID,omitempty"`
+	Verdict string `json:"verdict"`
+	Reason  string `json:"reason"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+	Flows   uint64 `json:"flows"`
+}
+
+// ApplyRequest replaces a sandbox's policy.
+type ApplyRequest struct {
+	Policy       []byte `json:"policy"`
+	PolicySource string `json:"policySource,omitempty"`
+}
+
+// ApplyResult reports an applied policy generation.
+type ApplyResult struct {
+	Sandbox     Sandbox  `json:"sandbox"`
+	ClosedFlows int      `json:"closedFlows"` // established flows the new policy no longer allows
+	Warnings    []string `json:"warnings,omitempty"`
+}
+
+// KernelRule is one rule entry read back from the kernel's maps.
+type KernelRule struct {
+	Prefix   netip.Prefix `json:"prefix"`
+	Protocol string       `json:"protocol"`
+	Port     uint16       `json:"port"`
+	RuleID   uint32       `json:"ruleID"`
+	Rule     string       `json:"rule"`
+	Mode     string       `json:"mode"`
+	Expires  *time.Time   `json:"expires,omitempty"`
+}
+
+// PolicyView is a sandbox's policy as the kernel holds it.
+type PolicyView struct {
+	Sandbox    string       `json:"sandbox"`
+	PolicyName string       `json:"policyName"`
+	Generation uint64       `json:"generation"`
+	Slot       uint8        `json:"slot"` // the datapath generation bit
+	Rules      []KernelRule `json:"rules"`
+}
+
+// GCRequest lists the attachments that are still valid; the daemon removes
+// every other one (CNI GC, cni.dev/valid-attachments).
+type GCRequest struct {
+	Valid []AttachmentRef `json:"valid"`
+}
+
+// GCResult lists what was removed.
+type GCResult struct {
+	Removed []AttachmentRef `json:"removed"`
+}
+
+// Status reports daemon readiness.
+type Status struct {
+	Ready     bool      `json:"ready"`
+	Version   string    `json:"version"`
+	PinRoot   string    `json:"pinRoot"`
+	Sandboxes int       `json:"sandboxes"`
+	Started   time.Time `json:"started"`
+	Ports     [4]uint16 `json:"ports"`
+	Reason    string    `json:"reason,omitempty"`
+}
+
+// Error is the body of every non-2xx response.
+type Error struct {
+	Message string `json:"error"`
+	// Field names the request field that was wrong, when one was.
+	Field string `json:"field,omitempty"`
+}
+
+func (e *Error) Error() string {
+	if e.Field != "" {
+		return fmt.Sprintf("%s: %s", e.Field, e.Message)
+	}
+	return e.Message
+}

@@ -1,0 +1,131 @@
+// Package daemon is cleanwalld: the sandbox registry and its persisted
+// state, attach/detach and route setup, the unix-socket API, the proxy
+// dispatch (which proxy handles a redirected flow, under which rule), and
+// reconcile after restart. It is also embedded by `cleanwall run`.
+//
+// Fail closed: a sandbox is registered only once its rules, its datapath
+// entry and its attachment are all in place; any failure on the way rolls
+// back what was done. Pinned links keep enforcing when the daemon dies, and
+// with no proxy socket to assign to, the datapath drops every new flow.
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	"github.com/cleanwall/cleanwall/runtime/api"
+)
+
+// Defaults of cleanwalld.
+const (
+	DefaultPinRoot   = "/sys/fs/bpf/cleanwall"
+	DefaultStateDir  = "/var/lib/cleanwall"
+	DefaultPolicyDir = "/etc/cleanwall/policies"
+	// DefaultRedirectMark is the skb mark of redirected packets; the low 8
+	// bits carry the listener kind and are masked out by the fwmark rule.
+	DefaultRedirectMark = 0x0c1e0000
+	// DefaultSocketMark is SO_MARK on proxy sockets. It must not match the
+	// redirect rule, or the proxy's own replies would be routed locally.
+	DefaultSocketMark = 0x0c1e0100
+	DefaultTable      = 3102
+	DefaultPriority   = 100
+	// RedirectMask is the part of the mark the fwmark rule matches.
+	RedirectMask = 0xffffff00
+)
+
+// Config configures a daemon. Zero values take the defaults above.
+type Config struct {
+	Socket    string
+	PinRoot   string
+	StateDir  string
+	PolicyDir string
+
+	RedirectMark uint32
+	SocketMark   uint32
+	Table        int
+	RulePriority int
+
+	// Ports of the proxy listeners (0: let the kernel pick). The datapath
+	// learns them from its config map on every start.
+	TCPPort, UDPPort, DNSPort uint16
+	// ListenersPerFamily sizes the SO_REUSEPORT group (0: one per CPU).
+	ListenersPerFamily int
+
+	// AttachMode is "auto" (tcx, else legacy tc), "tcx" or "tc".
+	AttachMode string
+
+	MaxSandboxes, MaxRules, MaxCounters uint32
+
+	// IdleTimeout closes proxied TCP flows idle in both directions.
+	IdleTimeout time.Duration
+	// UDPIdleTimeout ends a proxied UDP flow (and its reply socket).
+	UDPIdleTimeout time.Duration
+
+	Logger  *slog.Logger
+	Version string
+}
+
+func (c *Config) setDefaults() error {
+	if c.Socket == "" {
+		c.Socket = api.DefaultSocket
+	}
+	if c.PinRoot == "" {
+		c.PinRoot = DefaultPinRoot
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.PolicyDir == "" {
+		c.PolicyDir = DefaultPolicyDir
+	}
+	if c.RedirectMark == 0 {
+		c.RedirectMark = DefaultRedirectMark
+	}
+	if c.SocketMark == 0 {
+		c.SocketMark = DefaultSocketMark
+	}
+	if c.Table == 0 {
+		c.Table = DefaultTable
+	}
+	if c.RulePriority == 0 {
+		c.RulePriority = DefaultPriority
+	}
+	if c.ListenersPerFamily == 0 {
+		c.ListenersPerFamily = runtime.NumCPU()
+	}
+	if c.AttachMode == "" {
+		c.AttachMode = "auto"
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = 5 * time.Minute
+	}
+	if c.UDPIdleTimeout == 0 {
+		c.UDPIdleTimeout = 60 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Version == "" {
+		c.Version = "dev"
+	}
+	if c.RedirectMark&^RedirectMask != 0 {
+		return fmt.Errorf("redirect mark %#x: the low 8 bits must be clear", c.RedirectMark)
+	}
+	if c.SocketMark&RedirectMask == c.RedirectMark {
+		return fmt.Errorf("socket mark %#x matches the redirect rule (mark %#x/%#x): proxy replies would loop", c.SocketMark, c.RedirectMark, uint32(RedirectMask))
+	}
+	switch c.AttachMode {
+	case "auto", "tcx", "tc":
+	default:
+		return fmt.Errorf("attach mode %q: want auto, tcx or tc", c.AttachMode)
+	}
+	if !filepath.IsAbs(c.PinRoot) || !filepath.IsAbs(c.StateDir) {
+		return errors.New("pin root and state dir must be absolute paths")
+	}
+	return os.MkdirAll(c.StateDir, 0o700)
+}

@@ -1,0 +1,349 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/cleanwall/cleanwall/policy"
+	tcpproxy "github.com/cleanwall/cleanwall/proxies/tcp"
+	"github.com/cleanwall/cleanwall/proxies/tproxy"
+)
+
+// flow is one proxied connection (TCP) or datagram flow (UDP).
+type flow struct {
+	sb     *sandbox
+	rule   *policy.Rule
+	proto  policy.Protocol
+	src    netip.AddrPort
+	dst    netip.AddrPort
+	cancel context.CancelCauseFunc
+}
+
+func (s *sandbox) addFlow(f *flow) {
+	s.mu.Lock()
+	s.flows[f] = struct{}{}
+	s.mu.Unlock()
+}
+
+func (s *sandbox) removeFlow(f *flow) {
+	s.mu.Lock()
+	delete(s.flows, f)
+	s.mu.Unlock()
+}
+
+// closeFlows cancels every flow for which keep returns false (nil: all).
+func (s *sandbox) closeFlows(keep func(*flow) bool, cause error) int {
+	s.mu.Lock()
+	var victims []*flow
+	for f := range s.flows {
+		if keep == nil || !keep(f) {
+			victims = append(victims, f)
+		}
+	}
+	s.mu.Unlock()
+	for _, f := range victims {
+		f.cancel(cause)
+	}
+	return len(victims)
+}
+
+// errModeUnavailable closes flows whose rule asks for a proxy this build
+// does not provide: never fall back to anything less.
+var errModeUnavailable = errors.New("proxy mode not available in this runtime")
+
+// proxyFor reports whether this runtime can proxy flows of rule r.
+func (d *Daemon) proxyFor(r *policy.Rule) error {
+	if r.Mode != policy.ModeOpen {
+		return fmt.Errorf("%w: mode %s", errModeUnavailable, r.Mode)
+	}
+	if r.Spec.Open != nil && r.Spec.Open.Protocol == "http" {
+		return fmt.Errorf("%w: open http", errModeUnavailable)
+	}
+	return nil
+}
+
+// sandboxByIP finds the sandbox a proxied flow came from.
+func (d *Daemon) sandboxByIP(a netip.Addr) *sandbox {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.byIP[a.Unmap()]
+}
+
+// resolveFlow finds the sandbox and rule of a redirected flow, exactly as
+// the datapath did (the same longest-prefix semantics).
+func (d *Daemon) resolveFlow(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, string) {
+	sb := d.sandboxByIP(src.Addr())
+	if sb == nil {
+		return nil, nil, "unknown-source"
+	}
+	rule, ok := sb.policy().Match(dst.Addr(), proto, dst.Port())
+	if !ok {
+		return sb, nil, "no-rule"
+	}
+	if err := d.proxyFor(rule); err != nil {
+		return sb, rule, "mode-unavailable"
+	}
+	return sb, rule, ""
+}
+
+func (d *Daemon) serveTCP(l *net.TCPListener) {
+	for {
+		c, err := l.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			d.log.Warn("accept failed", "error", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		go d.handleTCP(c)
+	}
+}
+
+func (d *Daemon) handleTCP(c *net.TCPConn) {
+	src, dst := tproxy.OriginalDst(c)
+	sb, rule, refusal := d.resolveFlow(src, dst, policy.ProtoTCP)
+	if refusal != "" {
+		d.refuseFlow(sb, rule, "tcp", src, dst, refusal)
+		c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
+		c.Close()
+		return
+	}
+	ctx, cancel := context.WithCancelCause(d.ctx)
+	defer cancel(nil)
+	f := &flow{sb: sb, rule: rule, proto: policy.ProtoTCP, src: src, dst: dst, cancel: cancel}
+	sb.addFlow(f)
+	defer sb.removeFlow(f)
+
+	labels := d.metrics.flowLabels(sb, rule)
+	d.metrics.flows.WithLabelValues(append(labels, "accepted")...).Inc()
+	d.metrics.activeFlows.WithLabelValues(labels...).Inc()
+	defer d.metrics.activeFlows.WithLabelValues(labels...).Dec()
+
+	var budget int64
+	if o := rule.Spec.Open; o != nil && o.TCP != nil && o.TCP.MaxBytesOut != nil {
+		budget = *o.TCP.MaxBytesOut
+	}
+	var st tcpproxy.Stats
+	fwd := tcpproxy.Forwarder{IdleTimeout: d.cfg.IdleTimeout, Dial: d.dialUpstream}
+	err := fwd.Forward(ctx, c, tcpproxy.Flow{Dst: dst, MaxBytesOut: budget}, &st)
+	d.metrics.bytes.WithLabelValues(append(labels, "out")...).Add(float64(st.BytesOut.Load()))
+	d.metrics.bytes.WithLabelValues(append(labels, "in")...).Add(float64(st.BytesIn.Load()))
+	result := "closed"
+	switch {
+	case err == nil:
+	case errors.Is(err, tcpproxy.ErrBudgetExceeded):
+		result = "budget-exceeded"
+	case errors.Is(err, tcpproxy.ErrIdle):
+		result = "idle"
+	case errors.Is(err, errPolicyChanged), errors.Is(err, errSandboxDeleted):
+		result = "policy-closed"
+	default:
+		result = "error"
+	}
+	d.metrics.flows.WithLabelValues(append(labels, result)...).Inc()
+	d.log.Debug("flow ended", "sandbox", sb.rec.key(), "rule", rule.Name, "dst", dst,
+		"bytes_out", st.BytesOut.Load(), "bytes_in", st.BytesIn.Load(), "result", result, "error", err)
+}
+
+// dialUpstream opens the proxy's own connection to a destination, from
+// the node namespace, without the proxy socket mark.
+func (d *Daemon) dialUpstream(ctx context.Context, network, addr string) (net.Conn, error) {
+	dl := net.Dialer{Timeout: tcpproxy.DefaultDialTimeout}
+	return dl.DialContext(ctx, network, addr)
+}
+
+func (d *Daemon) refuseFlow(sb *sandbox, rule *policy.Rule, proto string, src, dst netip.AddrPort, reason string) {
+	labels := d.metrics.flowLabels(sb, rule)
+	d.metrics.flows.WithLabelValues(append(labels, reason)...).Inc()
+	key := "unknown"
+	if sb != nil {
+		key = sb.rec.key()
+	}
+	d.log.Warn("flow refused by proxy", "sandbox", key, "proto", proto, "src", src, "dst", dst, "reason", reason)
+}
+
+// udpFlows relays UDP flows of open-mode rules: one upstream socket per
+// (sandbox address, original destination), replies sent from the original
+// destination.
+type udpFlows struct {
+	d    *Daemon
+	sock *tproxy.UDPSocket
+	mu   sync.Mutex
+	m    map[[2]netip.AddrPort]*udpFlow
+}
+
+type udpFlow struct {
+	f    *flow
+	up   *net.UDPConn
+	last time.Time
+}
+
+func (u *udpFlows) handle(dg tproxy.Datagram) {
+	k := [2]netip.AddrPort{dg.Src, dg.OrigDst}
+	u.mu.Lock()
+	uf := u.m[k]
+	u.mu.Unlock()
+	if uf == nil {
+		var err error
+		if uf, err = u.open(dg); err != nil {
+			return
+		}
+	}
+	u.mu.Lock()
+	uf.last = time.Now()
+	u.mu.Unlock()
+	if _, err := uf.up.Write(dg.Payload); err == nil {
+		labels := u.d.metrics.flowLabels(uf.f.sb, uf.f.rule)
+		u.d.metrics.bytes.WithLabelValues(append(labels, "out")...).Add(float64(len(dg.Payload)))
+	}
+}
+
+func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
+	d := u.d
+	sb, rule, refusal := d.resolveFlow(dg.Src, dg.OrigDst, policy.ProtoUDP)
+	if refusal != "" {
+		d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, refusal)
+		return nil, errors.New(refusal)
+	}
+	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dg.OrigDst))
+	if err != nil {
+		d.log.Warn("udp upstream failed", "dst", dg.OrigDst, "error", err)
+		return nil, err
+	}
+	ctx, cancel := context.WithCancelCause(d.ctx)
+	f := &flow{sb: sb, rule: rule, proto: policy.ProtoUDP, src: dg.Src, dst: dg.OrigDst, cancel: cancel}
+	uf := &udpFlow{f: f, up: conn, last: time.Now()}
+	k := [2]netip.AddrPort{dg.Src, dg.OrigDst}
+	u.mu.Lock()
+	u.m[k] = uf
+	u.mu.Unlock()
+	sb.addFlow(f)
+	labels := d.metrics.flowLabels(sb, rule)
+	d.metrics.flows.WithLabelValues(append(labels, "accepted")...).Inc()
+	context.AfterFunc(ctx, func() {
+		conn.Close()
+		u.mu.Lock()
+		if u.m[k] == uf {
+			delete(u.m, k)
+		}
+		u.mu.Unlock()
+		sb.removeFlow(f)
+	})
+	go func() {
+		buf := make([]byte, 65535)
+		for {
+			_ = conn.SetReadDeadline(time.Now().Add(d.cfg.UDPIdleTimeout))
+			n, err := conn.Read(buf)
+			if err != nil {
+				u.mu.Lock()
+				idle := time.Since(uf.last) >= d.cfg.UDPIdleTimeout
+				u.mu.Unlock()
+				if errors.Is(err, net.ErrClosed) || !isTimeout(err) || idle {
+					cancel(err)
+					return
+				}
+				continue
+			}
+			if err := u.sock.Reply(dg.OrigDst, dg.Src, buf[:n]); err == nil {
+				d.metrics.bytes.WithLabelValues(append(labels, "in")...).Add(float64(n))
+			}
+		}
+	}()
+	return uf, nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// errPolicyChanged closes flows the new policy no longer allows.
+var errPolicyChanged = errors.New("policy no longer allows this flow")
+
+// Apply replaces a sandbox's policy: the new rules are written into the
+// inactive generation, one atomic update of the sandbox entry flips to it,
+// then the old generation is removed. A failure before the flip leaves the
+// old generation enforced, untouched. Established flows that the new
+// policy does not allow under the same rule are closed.
+func (d *Daemon) Apply(id, ifName string, doc []byte, source string) (int, *policy.Compiled, error) {
+	if source == "" {
+		source = "request"
+	}
+	compiled, err := compilePolicy(doc, source)
+	if err != nil {
+		return 0, nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	list := d.find(id, ifName)
+	if len(list) == 0 {
+		return 0, nil, &api404{fmt.Sprintf("no sandbox %s", attachmentKey(id, ifName))}
+	}
+	closed := 0
+	for _, s := range list {
+		n, err := d.apply(s, compiled, doc, source)
+		if err != nil {
+			return closed, nil, fmt.Errorf("%s: %w", s.rec.key(), err)
+		}
+		closed += n
+	}
+	return closed, compiled, nil
+}
+
+type api404 struct{ msg string }
+
+func (e *api404) Error() string { return e.msg }
+
+// apply flips one sandbox to a new policy. Called with d.mu held.
+func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source string) (int, error) {
+	rec := s.rec
+	next := rec.Generation + 1
+	slot, old := uint8(next%2), uint8(rec.Generation%2)
+	entries := datapathEntries(compiled)
+	// A failed earlier apply may have left entries in the inactive slot.
+	if _, err := d.dp.DeleteRules(rec.DatapathID, int(slot)); err != nil {
+		return 0, err
+	}
+	if err := d.dp.PutRules(rec.DatapathID, slot, entries); err != nil {
+		return 0, fmt.Errorf("writing generation %d: %w (generation %d stays enforced)", next, err, rec.Generation)
+	}
+	updated := *rec
+	updated.Generation = next
+	updated.Policy = doc
+	updated.PolicyName = compiled.Name
+	updated.PolicySource = source
+	if err := d.dp.PutSandbox(rec.HostIfindex, updated.datapathEntry()); err != nil {
+		_ = d.dp.DeleteRuleEntries(rec.DatapathID, slot, entries)
+		return 0, fmt.Errorf("flipping to generation %d: %w (generation %d stays enforced)", next, err, rec.Generation)
+	}
+	// The flip happened: from here on the new policy is the truth.
+	s.mu.Lock()
+	oldEntries := s.entries
+	s.rec = &updated
+	s.compiled = compiled
+	s.entries = entries
+	s.mu.Unlock()
+	if err := d.dp.DeleteRuleEntries(rec.DatapathID, old, oldEntries); err != nil {
+		d.log.Warn("removing the old generation", "sandbox", rec.key(), "error", err)
+	}
+	if _, err := d.dp.DeleteRules(rec.DatapathID, int(old)); err != nil {
+		d.log.Warn("sweeping the old generation", "sandbox", rec.key(), "error", err)
+	}
+	if err := d.store.save(&updated); err != nil {
+		d.log.Error("persisting the new generation failed; a restart re-applies the previous document", "sandbox", rec.key(), "error", err)
+	}
+	closed := s.closeFlows(func(f *flow) bool {
+		r, ok := compiled.Match(f.dst.Addr(), f.proto, f.dst.Port())
+		return ok && r.Name == f.rule.Name && r.Mode == f.rule.Mode && d.proxyFor(r) == nil
+	}, errPolicyChanged)
+	d.log.Info("policy applied", "sandbox", rec.key(), "policy", compiled.Name, "generation", next,
+		"rules", len(entries), "closed_flows", closed)
+	return closed, nil
+}

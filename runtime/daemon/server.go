@@ -1,0 +1,307 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/runtime/api"
+)
+
+// maxRequestBytes bounds API request bodies (a 100k-rule policy is a few MB).
+const maxRequestBytes = 64 << 20
+
+// serveAPI listens on the unix socket (0600: root's API). A stale socket
+// file from a dead daemon is replaced; a live daemon's is not.
+func (d *Daemon) serveAPI() error {
+	if err := os.MkdirAll(filepath.Dir(d.cfg.Socket), 0o755); err != nil {
+		return fmt.Errorf("creating socket dir: %w", err)
+	}
+	if _, err := os.Stat(d.cfg.Socket); err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, serr := api.NewClient(d.cfg.Socket).Status(ctx)
+		cancel()
+		if serr == nil {
+			return fmt.Errorf("another cleanwalld is serving %s", d.cfg.Socket)
+		}
+		_ = os.Remove(d.cfg.Socket)
+	}
+	l, err := net.Listen("unix", d.cfg.Socket)
+	if err != nil {
+		return fmt.Errorf("listening on %s: %w", d.cfg.Socket, err)
+	}
+	if err := os.Chmod(d.cfg.Socket, 0o600); err != nil {
+		l.Close()
+		return err
+	}
+	d.sock = l
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+api.PathStatus, d.handleStatus)
+	mux.HandleFunc("GET "+api.PathSandboxes, d.handleList)
+	mux.HandleFunc("POST "+api.PathSandboxes, d.handleAdd)
+	mux.HandleFunc("GET "+api.PathSandbox, d.handleGet)
+	mux.HandleFunc("DELETE "+api.PathSandbox, d.handleDelete)
+	mux.HandleFunc("GET "+api.PathCheck, d.handleCheck)
+	mux.HandleFunc("GET "+api.PathPolicy, d.handlePolicyShow)
+	mux.HandleFunc("PUT "+api.PathPolicy, d.handleApply)
+	mux.HandleFunc("POST "+api.PathGC, d.handleGC)
+	d.server = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	d.goBackground(func() {
+		if err := d.server.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("api server", "error", err)
+		}
+	})
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	var ae *api.Error
+	var nf *api404
+	switch {
+	case errors.As(err, &ae):
+		writeJSON(w, http.StatusBadRequest, ae)
+	case errors.As(err, &nf):
+		writeJSON(w, http.StatusNotFound, &api.Error{Message: nf.msg})
+	case errors.Is(err, bpf.ErrMapFull):
+		writeJSON(w, http.StatusInsufficientStorage, &api.Error{Message: err.Error()})
+	default:
+		writeJSON(w, http.StatusInternalServerError, &api.Error{Message: err.Error()})
+	}
+}
+
+// decode reads a JSON body strictly: unknown fields and trailing data are
+// errors naming the problem.
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(http.MaxBytesReader(nil, r.Body, maxRequestBytes))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return &api.Error{Message: "malformed request: " + err.Error()}
+	}
+	if dec.More() {
+		return &api.Error{Message: "malformed request: trailing data after the JSON object"}
+	}
+	return nil
+}
+
+func (d *Daemon) handleStatus(w http.ResponseWriter, _ *http.Request) {
+	d.mu.RLock()
+	st := api.Status{Ready: d.ready, Version: d.cfg.Version, PinRoot: d.cfg.PinRoot,
+		Sandboxes: len(d.sandboxes), Started: d.started, Ports: d.ports()}
+	d.mu.RUnlock()
+	if !st.Ready {
+		st.Reason = "starting"
+		writeJSON(w, http.StatusServiceUnavailable, st)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+func (d *Daemon) handleAdd(w http.ResponseWriter, r *http.Request) {
+	var req api.AddRequest
+	if err := decode(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	sb, err := d.Add(r.Context(), req)
+	if err != nil {
+		d.log.Warn("sandbox add refused", "sandbox", attachmentKey(req.ContainerID, req.IfName), "error", err)
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, sb)
+}
+
+func (d *Daemon) handleDelete(w http.ResponseWriter, r *http.Request) {
+	if err := d.Delete(r.PathValue("id"), r.URL.Query().Get("ifName")); err != nil {
+		writeError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (d *Daemon) handleCheck(w http.ResponseWriter, r *http.Request) {
+	if err := d.Check(r.PathValue("id"), r.URL.Query().Get("ifName")); err != nil {
+		var ae *api.Error
+		if errors.As(err, &ae) {
+			writeJSON(w, http.StatusNotFound, ae)
+			return
+		}
+		writeJSON(w, http.StatusConflict, &api.Error{Message: err.Error()})
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (d *Daemon) handleList(w http.ResponseWriter, _ *http.Request) {
+	d.mu.RLock()
+	list := make([]*sandbox, 0, len(d.sandboxes))
+	for _, s := range d.sandboxes {
+		list = append(list, s)
+	}
+	d.mu.RUnlock()
+	out := make([]api.Sandbox, 0, len(list))
+	for _, s := range list {
+		out = append(out, d.view(s, true))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID+out[i].IfName < out[j].ID+out[j].IfName })
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (d *Daemon) handleGet(w http.ResponseWriter, r *http.Request) {
+	d.mu.RLock()
+	list := d.find(r.PathValue("id"), r.URL.Query().Get("ifName"))
+	d.mu.RUnlock()
+	if len(list) == 0 {
+		writeJSON(w, http.StatusNotFound, &api.Error{Message: "no sandbox " + r.PathValue("id")})
+		return
+	}
+	writeJSON(w, http.StatusOK, d.view(list[0], true))
+}
+
+func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
+	var req api.ApplyRequest
+	if err := decode(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	if len(req.Policy) == 0 {
+		writeError(w, &api.Error{Field: "policy", Message: "required"})
+		return
+	}
+	id, ifName := r.PathValue("id"), r.URL.Query().Get("ifName")
+	closed, compiled, err := d.Apply(id, ifName, req.Policy, req.PolicySource)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	d.mu.RLock()
+	list := d.find(id, ifName)
+	d.mu.RUnlock()
+	res := api.ApplyResult{ClosedFlows: closed}
+	if len(list) > 0 {
+		res.Sandbox = d.view(list[0], false)
+	}
+	for _, w := range compiled.Warnings {
+		res.Warnings = append(res.Warnings, w.String())
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// handlePolicyShow reads the sandbox's active generation back from the
+// kernel's maps, not from the daemon's memory.
+func (d *Daemon) handlePolicyShow(w http.ResponseWriter, r *http.Request) {
+	d.mu.RLock()
+	list := d.find(r.PathValue("id"), r.URL.Query().Get("ifName"))
+	d.mu.RUnlock()
+	if len(list) == 0 {
+		writeJSON(w, http.StatusNotFound, &api.Error{Message: "no sandbox " + r.PathValue("id")})
+		return
+	}
+	s := list[0]
+	s.mu.Lock()
+	rec, compiled := s.rec, s.compiled
+	s.mu.Unlock()
+	entry, err := d.dp.Sandbox(rec.HostIfindex)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	if entry.ID != rec.DatapathID {
+		writeError(w, fmt.Errorf("the kernel's entry of ifindex %d belongs to datapath id %d, not %d", rec.HostIfindex, entry.ID, rec.DatapathID))
+		return
+	}
+	slot := uint8(entry.Generation)
+	kernel, err := d.dp.SandboxRules(rec.DatapathID, slot)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	view := api.PolicyView{Sandbox: rec.key(), PolicyName: rec.PolicyName, Generation: rec.Generation, Slot: slot}
+	now := monotonicNow()
+	for _, e := range kernel {
+		kr := api.KernelRule{Prefix: e.Prefix, Protocol: protoName(e.Proto), Port: e.Port, RuleID: e.RuleID, Mode: modeName(e.Mode)}
+		if rule := compiled.Rule(e.RuleID); rule != nil {
+			kr.Rule = rule.Name
+		}
+		if e.Expires != 0 {
+			t := time.Now().Add(time.Duration(int64(e.Expires) - int64(now)))
+			kr.Expires = &t
+		}
+		view.Rules = append(view.Rules, kr)
+	}
+	sort.Slice(view.Rules, func(i, j int) bool {
+		a, b := view.Rules[i], view.Rules[j]
+		if a.RuleID != b.RuleID {
+			return a.RuleID < b.RuleID
+		}
+		if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {
+			return c < 0
+		}
+		if a.Prefix.Bits() != b.Prefix.Bits() {
+			return a.Prefix.Bits() < b.Prefix.Bits()
+		}
+		if a.Protocol != b.Protocol {
+			return a.Protocol < b.Protocol
+		}
+		return a.Port < b.Port
+	})
+	writeJSON(w, http.StatusOK, view)
+}
+
+func (d *Daemon) handleGC(w http.ResponseWriter, r *http.Request) {
+	var req api.GCRequest
+	if err := decode(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, api.GCResult{Removed: d.GC(req.Valid)})
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case 6:
+		return "TCP"
+	case 17:
+		return "UDP"
+	}
+	return fmt.Sprint(p)
+}
+
+func modeName(m uint8) string {
+	switch m {
+	case 1:
+		return "open"
+	case 2:
+		return "trusted"
+	case 3:
+		return "secure"
+	}
+	return fmt.Sprint(m)
+}
+
+func sortCounters(c []api.Counter) {
+	sort.Slice(c, func(i, j int) bool {
+		if c[i].Verdict != c[j].Verdict {
+			return c[i].Verdict > c[j].Verdict
+		}
+		if c[i].RuleID != c[j].RuleID {
+			return c[i].RuleID < c[j].RuleID
+		}
+		return c[i].Reason < c[j].Reason
+	})
+}
+
