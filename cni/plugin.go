@@ -283,4 +283,3 @@ func GC(args *skel.CmdArgs) error {
 
 // Funcs are the plugin's command handlers for skel.
 var Funcs = skel.CNIFuncs{Add: Add, Del: Del, Check: Check, Status: Status, GC: GC}
-

@@ -304,4 +304,3 @@ func sortCounters(c []api.Counter) {
 		return c[i].Reason < c[j].Reason
 	})
 }
-
