@@ -135,7 +135,6 @@ func rawTCP(t *testing.T, addr string, b []byte, wait time.Duration) []byte {
 
 func TestHardening(t *testing.T) {
 	f := newFixture(t, func(p *Proxy) { p.DenyRcode = dns.RcodeNameError })
-	wantEvents := 0
 	for _, tc := range hardeningCases() {
 		for _, tcp := range []bool{false, true} {
 			t.Run(tc.name+map[bool]string{false: "/udp", true: "/tcp"}[tcp], func(t *testing.T) {
@@ -143,13 +142,17 @@ func TestHardening(t *testing.T) {
 				if tc.rcode < 0 {
 					wait = 300 * time.Millisecond
 				}
+				events := len(f.rec.denied())
 				var resp []byte
 				if tcp {
 					resp = rawTCP(t, f.fe.TCP, tc.msg, wait)
 				} else {
 					resp = rawUDP(t, f.fe.UDP, tc.msg, wait)
 				}
-				wantEvents++
+				ev := f.rec.denied()
+				if len(ev) != events+1 || ev[events].Reason != tc.reason || ev[events].Rcode != tc.rcode || ev[events].TCP != tcp {
+					t.Fatalf("deny events %+v, want one more with reason %s", ev[events:], tc.reason)
+				}
 				if tc.rcode < 0 {
 					if resp != nil {
 						t.Fatalf("got a response to a message that must be dropped: %x", resp)
@@ -174,10 +177,6 @@ func TestHardening(t *testing.T) {
 				}
 				if tc.rcode == dns.RcodeBadVers && (m.IsEdns0() == nil || m.IsEdns0().Version() != 0) {
 					t.Fatalf("BADVERS without an OPT record of version 0: %v", m)
-				}
-				ev := f.rec.denied()
-				if len(ev) != wantEvents || ev[len(ev)-1].Reason != tc.reason || ev[len(ev)-1].Rcode != tc.rcode || ev[len(ev)-1].TCP != tcp {
-					t.Fatalf("deny event %+v, want reason %s", ev[len(ev)-1], tc.reason)
 				}
 			})
 		}
