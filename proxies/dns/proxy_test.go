@@ -387,7 +387,7 @@ func TestLearn(t *testing.T) {
 	f := newFixture(t, nil)
 	f.up.injectFor(t, "api.example.test.",
 		"bank.example.test. 300 IN A 203.0.113.99",     // another owner: not the question's
-		"api.example.test. 300 IN TXT \"injected\"",     // another type
+		"api.example.test. 300 IN TXT \"injected\"",    // another type
 		"edge.cdn.example.test. 300 IN A 203.0.113.98", // allowed name, but not on the chain
 	)
 	f.up.injectFor(t, "www.example.test.", "bank.example.test. 300 IN A 203.0.113.97")
