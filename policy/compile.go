@@ -377,7 +377,7 @@ func (l *linter) specificity(c *Compiled) {
 	for _, k := range order {
 		t := found[k]
 		later := c.Rules[k.later-1]
-		l.warn(int(k.later-1), later.Path, "takes traffic from the earlier %s: %d of its prefixes are more specific than that rule's (first: %s), and the most specific prefix wins",
+		l.warn(int(k.later-1), later.Path, "takes traffic from the earlier %s: %d of its (prefix, port) entries are more specific than that rule's (first: %s), and the most specific prefix wins",
 			c.Rules[k.earlier-1].Path, t.count, t.example)
 	}
 }

@@ -165,7 +165,7 @@ func TestMostSpecificPrefixWins(t *testing.T) {
 		}
 	}
 	w := warningsAt(c, "spec.egress[1]")
-	if len(w) != 1 || !strings.Contains(w[0], "takes traffic from the earlier spec.egress[0]: 3 of its prefixes") {
+	if len(w) != 1 || !strings.Contains(w[0], "takes traffic from the earlier spec.egress[0]: 3 of its (prefix, port) entries") {
 		t.Errorf("narrow warnings: %q", w)
 	}
 	// A broader rule after narrower ones is the usual way to write a

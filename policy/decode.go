@@ -181,7 +181,7 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 	case reflect.Struct:
 		d.decodeStruct(n, v, path)
 	case reflect.Slice:
-		if n.Kind != yaml.SequenceNode {
+		if n.Kind != yaml.SequenceNode || n.ShortTag() != "!!seq" {
 			d.fail(path, n.Line, "expected a list, got %s", describe(n))
 			return
 		}
@@ -215,7 +215,7 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 }
 
 func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
-	if n.Kind != yaml.MappingNode {
+	if n.Kind != yaml.MappingNode || n.ShortTag() != "!!map" {
 		d.fail(path, n.Line, "expected a mapping, got %s", describe(n))
 		return
 	}
@@ -265,11 +265,15 @@ func isNull(n *yaml.Node) bool {
 
 // describe names what a node is, for "expected X, got Y" messages.
 func describe(n *yaml.Node) string {
-	switch n.Kind {
-	case yaml.MappingNode:
+	switch t := n.ShortTag(); {
+	case n.Kind == yaml.MappingNode && t == "!!map":
 		return "a mapping"
-	case yaml.SequenceNode:
+	case n.Kind == yaml.SequenceNode && t == "!!seq":
 		return "a list"
+	case n.Kind == yaml.MappingNode || n.Kind == yaml.SequenceNode:
+		return "a value tagged " + t
+	}
+	switch n.Kind {
 	case yaml.AliasNode:
 		return "an alias"
 	case yaml.DocumentNode:

@@ -77,6 +77,9 @@ func insertLen(lens []int, bits int) []int {
 // lookup returns the rule owning the longest prefix for pp that contains
 // a, or 0.
 func (t *lpmTable) lookup(a netip.Addr, pp PortProto) uint32 {
+	if t == nil {
+		return 0
+	}
 	g := t.groups[pp]
 	if g == nil {
 		return 0

@@ -78,7 +78,8 @@ func TestParseRejects(t *testing.T) {
 		{"integer not float", doc("", "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 443.0}], mode: open}"), "spec.egress[0].ports[0].port", "expected an integer, got the number 443.0", 6, false},
 		{"string not bool", doc("", "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 443, protocol: true}], mode: open}"), "spec.egress[0].ports[0].protocol", "expected a string, got the boolean true", 6, false},
 		{"integer overflow", doc("", rule("mode: open, open: {tcp: {maxBytesOut: 99999999999999999999}}")), "spec.egress[0].open.tcp.maxBytesOut", "expected an integer, got the number 99999999999999999999", 6, false},
-		{"merge key", header + "x: &base {mode: open}\n", "x", "unknown field", 4, false},
+		{"tagged mapping", strings.Replace(doc("", okOpen), "{name: t}", "!meta {name: t}", 1), "metadata", "expected a mapping, got a value tagged !meta", 3, false},
+		{"tagged list", doc("", "{name: a, to: !!set [{cidr: 10.0.0.0/8}], ports: [{port: 443}], mode: open}"), "spec.egress[0].to", "expected a list, got", 6, false},
 		{"merge key in rule", header + "spec:\n  egress:\n    - &r " + okOpen + "\n    - {<<: *r, name: b}\n", "spec.egress[1]", "merge keys (<<) are not supported", 7, false},
 
 		// Rule names.
