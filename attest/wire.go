@@ -256,7 +256,10 @@ func decodeStrict(data []byte, members []member) error {
 		seen[name] = true
 		var raw json.RawMessage
 		if err := dec.Decode(&raw); err != nil {
-			return Refuse(CodeBadRequest, "%s: %v", name, err)
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return Refuse(CodeBadRequest, "request body: truncated JSON")
+			}
+			return Refuse(CodeBadRequest, "request body: member %q: %v", name, err)
 		}
 		if bytes.Equal(raw, []byte("null")) {
 			return Refuse(CodeBadRequest, "%s: null", name)

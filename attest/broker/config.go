@@ -1,0 +1,351 @@
+package broker
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/cleanwall/cleanwall/attest"
+	"github.com/cleanwall/cleanwall/attest/broker/keystore"
+	"github.com/cleanwall/cleanwall/attest/snp"
+)
+
+// Config is the broker's configuration file (KEYBROKER.md §4). Members
+// marked "extension" are not in KEYBROKER.md; each is optional and has the
+// default it documents.
+type Config struct {
+	Listen            string         `yaml:"listen"`
+	TLS               TLSConfig      `yaml:"tls"`
+	AllowSimulatedTEE bool           `yaml:"allowSimulatedTEE"`
+	KeyStore          KeyStoreConfig `yaml:"keyStore"`
+	Keys              []KeyConfig    `yaml:"keys"`
+
+	// AuditLog is the audit log file (extension); <keyStore.dir>/audit.jsonl if empty.
+	AuditLog string `yaml:"auditLog"`
+	// ReleaseValidity is how long after a release its notAfter lies
+	// (extension); 1h if zero.
+	ReleaseValidity time.Duration `yaml:"releaseValidity"`
+	// Challenges bounds the nonce store (extension).
+	Challenges ChallengeConfig `yaml:"challenges"`
+	// Verification tunes the AMD chain checks for real evidence (extension).
+	Verification VerificationConfig `yaml:"verification"`
+
+	// Release holds each key's release policy, built and checked by Load.
+	Release map[string][]snp.ReferenceValues `yaml:"-"`
+}
+
+// TLSConfig names the broker's certificate and key (PEM).
+type TLSConfig struct {
+	CertFile string `yaml:"certFile"`
+	KeyFile  string `yaml:"keyFile"`
+}
+
+// KeyStoreConfig locates the sealed keys and the master key.
+type KeyStoreConfig struct {
+	Dir           string `yaml:"dir"`
+	MasterKeyFile string `yaml:"masterKeyFile"`
+}
+
+// KeyConfig is one releasable key.
+type KeyConfig struct {
+	ID      string        `yaml:"id"`
+	Release ReleaseConfig `yaml:"release"`
+}
+
+// ReleaseConfig is a key's release policy.
+type ReleaseConfig struct {
+	AnyOf []PolicyEntry `yaml:"anyOf"`
+}
+
+// PolicyEntry is one complete reference set. Every member is a pointer so
+// that a missing member is told apart from a zero one: every member is
+// required, none means "unchecked".
+type PolicyEntry struct {
+	TEE             *string    `yaml:"tee"`
+	Measurements    *[]string  `yaml:"measurements"`
+	HostData        *string    `yaml:"hostData"`
+	MinimumTCB      *TCBConfig `yaml:"minimumTCB"`
+	MinimumFirmware *string    `yaml:"minimumFirmware"`
+	Debug           *bool      `yaml:"debug"`
+	VMPL            *int       `yaml:"vmpl"`
+	AllowedChipIDs  *[]string  `yaml:"allowedChipIDs"`
+}
+
+// TCBConfig is a minimum TCB; every component is required.
+type TCBConfig struct {
+	Bootloader *int `yaml:"bootloader"`
+	TEE        *int `yaml:"tee"`
+	SNP        *int `yaml:"snp"`
+	Microcode  *int `yaml:"microcode"`
+}
+
+// ChallengeConfig bounds outstanding challenges.
+type ChallengeConfig struct {
+	// TTL is a nonce's lifetime; 60s if zero.
+	TTL time.Duration `yaml:"ttl"`
+	// MaxOutstanding caps unanswered challenges; 10000 if zero.
+	MaxOutstanding int `yaml:"maxOutstanding"`
+}
+
+// VerificationConfig tunes the checks of real (non-simulated) evidence.
+type VerificationConfig struct {
+	// CheckRevocations fetches AMD's CRL (cached) and refuses revoked
+	// chains; true if absent. Without network access to AMD it refuses
+	// every release, so it can be turned off.
+	CheckRevocations *bool `yaml:"checkRevocations"`
+	// FetchCertificates fetches certificates missing from evidence from
+	// AMD's KDS (cached); true if absent.
+	FetchCertificates *bool `yaml:"fetchCertificates"`
+}
+
+// Defaults of the extension members.
+const (
+	DefaultReleaseValidity = time.Hour
+	DefaultChallengeTTL    = 60 * time.Second
+	DefaultMaxOutstanding  = 10000
+)
+
+// FieldError is one problem in a configuration, located by its path
+// (keys[0].release.anyOf[0].minimumTCB).
+type FieldError struct {
+	Path string
+	Msg  string
+}
+
+func (e *FieldError) Error() string { return e.Path + ": " + e.Msg }
+
+// LoadConfig reads and checks a configuration file. Relative file names in
+// it are relative to the file's directory.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	cfg, err := ParseConfig(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	cfg.resolve(filepath.Dir(path))
+	return cfg, nil
+}
+
+// ParseConfig decodes a configuration strictly (unknown members are errors)
+// and checks it; the error joins one *FieldError per problem.
+func ParseConfig(data []byte) (*Config, error) {
+	var cfg Config
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("empty configuration")
+		}
+		return nil, fmt.Errorf("decoding: %w", err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, errors.New("decoding: more than one YAML document")
+	}
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+func (c *Config) resolve(dir string) {
+	for _, p := range []*string{&c.TLS.CertFile, &c.TLS.KeyFile, &c.KeyStore.Dir, &c.KeyStore.MasterKeyFile, &c.AuditLog} {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(dir, *p)
+		}
+	}
+}
+
+func (c *Config) check() error {
+	var errs []error
+	fail := func(path, format string, args ...any) {
+		errs = append(errs, &FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
+	}
+	required := func(path, v string) {
+		if v == "" {
+			fail(path, "required")
+		}
+	}
+	required("listen", c.Listen)
+	required("tls.certFile", c.TLS.CertFile)
+	required("tls.keyFile", c.TLS.KeyFile)
+	required("keyStore.dir", c.KeyStore.Dir)
+	required("keyStore.masterKeyFile", c.KeyStore.MasterKeyFile)
+	if c.ReleaseValidity < 0 {
+		fail("releaseValidity", "negative")
+	}
+	if c.Challenges.TTL < 0 {
+		fail("challenges.ttl", "negative")
+	}
+	if c.Challenges.MaxOutstanding < 0 {
+		fail("challenges.maxOutstanding", "negative")
+	}
+	if len(c.Keys) == 0 {
+		fail("keys", "at least one key required")
+	}
+	c.Release = map[string][]snp.ReferenceValues{}
+	for i, k := range c.Keys {
+		kp := fmt.Sprintf("keys[%d]", i)
+		switch {
+		case k.ID == "":
+			fail(kp+".id", "required")
+		case !keystore.ValidKeyID(k.ID):
+			fail(kp+".id", "%q: 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit", k.ID)
+		case c.Release[k.ID] != nil:
+			fail(kp+".id", "%q appears twice", k.ID)
+		}
+		if len(k.Release.AnyOf) == 0 {
+			fail(kp+".release.anyOf", "at least one entry required")
+		}
+		var refs []snp.ReferenceValues
+		for j, e := range k.Release.AnyOf {
+			ref, entryErrs := e.compile(fmt.Sprintf("%s.release.anyOf[%d]", kp, j))
+			errs = append(errs, entryErrs...)
+			refs = append(refs, ref)
+		}
+		if k.ID != "" && c.Release[k.ID] == nil {
+			c.Release[k.ID] = refs
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (e PolicyEntry) compile(path string) (snp.ReferenceValues, []error) {
+	var errs []error
+	fail := func(member, format string, args ...any) {
+		errs = append(errs, &FieldError{Path: path + "." + member, Msg: fmt.Sprintf(format, args...)})
+	}
+	var ref snp.ReferenceValues
+	switch {
+	case e.TEE == nil:
+		fail("tee", "required")
+	case *e.TEE != attest.TEESNP:
+		fail("tee", "%q: only %q is supported", *e.TEE, attest.TEESNP)
+	}
+	if e.Measurements == nil {
+		fail("measurements", "required")
+	} else if len(*e.Measurements) == 0 {
+		fail("measurements", "at least one measurement required")
+	} else {
+		for i, m := range *e.Measurements {
+			b, err := hexField(m, 48)
+			if err != nil {
+				fail(fmt.Sprintf("measurements[%d]", i), "%v", err)
+			}
+			ref.Measurements = append(ref.Measurements, b)
+		}
+	}
+	if e.HostData == nil {
+		fail("hostData", "required")
+	} else if b, err := hexField(*e.HostData, 32); err != nil {
+		fail("hostData", "%v", err)
+	} else {
+		ref.HostData = b
+	}
+	if e.MinimumTCB == nil {
+		fail("minimumTCB", "required")
+	} else {
+		t := e.MinimumTCB
+		for _, c := range []struct {
+			name string
+			v    *int
+			max  int
+			into *uint8
+		}{
+			{"bootloader", t.Bootloader, 127, &ref.MinimumTCB.Bootloader},
+			{"tee", t.TEE, 127, &ref.MinimumTCB.TEE},
+			{"snp", t.SNP, 127, &ref.MinimumTCB.SNP},
+			{"microcode", t.Microcode, 255, &ref.MinimumTCB.Microcode},
+		} {
+			switch {
+			case c.v == nil:
+				fail("minimumTCB."+c.name, "required")
+			case *c.v < 0 || *c.v > c.max:
+				fail("minimumTCB."+c.name, "%d: want 0-%d", *c.v, c.max)
+			default:
+				*c.into = uint8(*c.v)
+			}
+		}
+	}
+	if e.MinimumFirmware == nil {
+		fail("minimumFirmware", "required")
+	} else if f, err := snp.ParseFirmware(*e.MinimumFirmware); err != nil {
+		fail("minimumFirmware", "%v", err)
+	} else {
+		ref.MinimumFirmware = f
+	}
+	if e.Debug == nil {
+		fail("debug", "required")
+	} else {
+		ref.Debug = *e.Debug
+	}
+	switch {
+	case e.VMPL == nil:
+		fail("vmpl", "required")
+	case *e.VMPL < 0 || *e.VMPL > 3:
+		fail("vmpl", "%d: want 0-3", *e.VMPL)
+	default:
+		ref.VMPL = *e.VMPL
+	}
+	if e.AllowedChipIDs == nil {
+		fail("allowedChipIDs", "required (an empty list allows any chip)")
+	} else {
+		for i, c := range *e.AllowedChipIDs {
+			b, err := hexField(c, 64)
+			if err != nil {
+				fail(fmt.Sprintf("allowedChipIDs[%d]", i), "%v", err)
+			}
+			ref.AllowedChipIDs = append(ref.AllowedChipIDs, b)
+		}
+	}
+	if len(errs) == 0 {
+		if err := ref.Check(); err != nil {
+			errs = append(errs, &FieldError{Path: path, Msg: err.Error()})
+		}
+	}
+	return ref, errs
+}
+
+func hexField(s string, size int) ([]byte, error) {
+	if len(s) != 2*size {
+		return nil, fmt.Errorf("%d hex characters, want %d", len(s), 2*size)
+	}
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("not hex: %v", err)
+	}
+	return b, nil
+}
+
+func (c *Config) auditLogPath() string {
+	if c.AuditLog != "" {
+		return c.AuditLog
+	}
+	return filepath.Join(c.KeyStore.Dir, "audit.jsonl")
+}
+
+func (c *Config) releaseValidity() time.Duration {
+	if c.ReleaseValidity == 0 {
+		return DefaultReleaseValidity
+	}
+	return c.ReleaseValidity
+}
+
+func (c *Config) checkRevocations() bool {
+	return c.Verification.CheckRevocations == nil || *c.Verification.CheckRevocations
+}
+
+func (c *Config) fetchCertificates() bool {
+	return c.Verification.FetchCertificates == nil || *c.Verification.FetchCertificates
+}
+

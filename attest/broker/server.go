@@ -1,0 +1,421 @@
+// Package broker is the key broker service of KEYBROKER.md: it issues
+// single-use challenges, verifies SEV-SNP evidence (attest/snp) against each
+// key's release policy, and seals the newest version of the key to the
+// attester's ephemeral HPKE public key. Every decision goes to the audit log
+// before the answer leaves; a decision that cannot be audited is not made.
+//
+// It owns the broker's configuration, nonce store and HTTPS handler. It
+// holds keys only through attest/broker/keystore and never writes them in
+// the clear; it trusts the simulated (test-only) AMD roots only when the
+// configuration says allowSimulatedTEE.
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/google/go-sev-guest/verify/trust"
+
+	"github.com/cleanwall/cleanwall/attest"
+	"github.com/cleanwall/cleanwall/attest/broker/keystore"
+	"github.com/cleanwall/cleanwall/attest/snp"
+	"github.com/cleanwall/cleanwall/governance/audit"
+)
+
+// Audit record kinds written by the broker.
+const (
+	KindStart     = "keybroker.start"
+	KindChallenge = "keybroker.challenge"
+	KindRelease   = "keybroker.release"
+)
+
+// Log and audit field names.
+const (
+	fieldDecision         = "decision"
+	fieldCode             = "code"
+	fieldDetail           = "detail"
+	fieldKeyID            = "keyID"
+	fieldVersion          = "version"
+	fieldSession          = "session"
+	fieldRequester        = "requester"
+	fieldTEE              = "tee"
+	fieldKEM              = "kemID"
+	fieldSimulated        = "simulated"
+	fieldSimulatedAllowed = "simulatedAllowed"
+	fieldMeasurement      = "measurement"
+	fieldReportData       = "reportData"
+	fieldPolicyEntry      = "policyEntry"
+	fieldExpiresAt        = "expiresAt"
+	fieldNotAfter         = "notAfter"
+	fieldKeys             = "keys"
+	fieldListen           = "listen"
+)
+
+const (
+	decisionGranted = "granted"
+	decisionRefused = "refused"
+	decisionFailed  = "failed"
+)
+
+// verifyTimeout bounds one evidence verification (it may fetch from AMD).
+const verifyTimeout = 20 * time.Second
+
+// Options are what New needs besides the configuration.
+type Options struct {
+	// Keys is the open key store.
+	Keys *keystore.Store
+	// Audit receives every decision.
+	Audit *audit.Log
+	// Logger; slog.Default() if nil.
+	Logger *slog.Logger
+	// Now is the clock (nonce expiry, certificate validity, notAfter);
+	// time.Now if nil.
+	Now func() time.Time
+	// Getter fetches from AMD's KDS for real evidence; a caching getter
+	// over go-sev-guest's default if nil.
+	Getter trust.HTTPSGetter
+}
+
+// Server is the key broker.
+type Server struct {
+	cfg        *Config
+	keys       *keystore.Store
+	audit      *audit.Log
+	log        *slog.Logger
+	now        func() time.Time
+	verifier   *snp.Verifier
+	challenges *challenges
+	closeAudit bool
+}
+
+// New checks that every configured key has a version in the store and
+// returns the broker. With AllowSimulatedTEE it warns loudly and records it.
+func New(cfg *Config, o Options) (*Server, error) {
+	if cfg.Release == nil {
+		return nil, errors.New("configuration was not checked (use LoadConfig or ParseConfig)")
+	}
+	if o.Keys == nil || o.Audit == nil {
+		return nil, errors.New("broker needs a key store and an audit log")
+	}
+	s := &Server{cfg: cfg, keys: o.Keys, audit: o.Audit, log: o.Logger, now: o.Now}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	var ids []string
+	for _, k := range cfg.Keys {
+		if _, err := s.keys.Latest(k.ID); err != nil {
+			return nil, fmt.Errorf("key %q has no version in the key store %s: create one with `cleanwall-keybroker key create --config FILE --id %s`", k.ID, cfg.KeyStore.Dir, k.ID)
+		}
+		ids = append(ids, k.ID)
+	}
+	ttl, max := cfg.Challenges.TTL, cfg.Challenges.MaxOutstanding
+	if ttl == 0 {
+		ttl = DefaultChallengeTTL
+	}
+	if max == 0 {
+		max = DefaultMaxOutstanding
+	}
+	s.challenges = newChallenges(ttl, max, s.now)
+	s.verifier = &snp.Verifier{
+		AllowSimulated:    cfg.AllowSimulatedTEE,
+		CheckRevocations:  cfg.checkRevocations(),
+		FetchCertificates: cfg.fetchCertificates(),
+		Getter:            o.Getter,
+		Now:               s.now,
+	}
+	if cfg.AllowSimulatedTEE {
+		s.log.Warn("ALLOWING SIMULATED TEE EVIDENCE: go-sev-guest's test-only AMD roots are trusted and keys will be released to software simulations; never run this configuration in production",
+			"allowSimulatedTEE", true)
+	}
+	if _, err := s.audit.Append(KindStart, map[string]any{
+		fieldSimulatedAllowed: cfg.AllowSimulatedTEE, fieldKeys: ids, fieldListen: cfg.Listen,
+	}); err != nil {
+		return nil, fmt.Errorf("auditing start: %w", err)
+	}
+	return s, nil
+}
+
+// Open opens the key store and the audit log named by cfg and returns the
+// broker; Close closes the audit log.
+func Open(cfg *Config, logger *slog.Logger) (*Server, error) {
+	master, err := keystore.LoadMasterKey(cfg.KeyStore.MasterKeyFile)
+	if err != nil {
+		return nil, err
+	}
+	keys, err := keystore.Open(cfg.KeyStore.Dir, master)
+	if err != nil {
+		return nil, err
+	}
+	log, err := audit.Open(cfg.auditLogPath(), audit.Options{})
+	if err != nil {
+		return nil, err
+	}
+	s, err := New(cfg, Options{Keys: keys, Audit: log, Logger: logger})
+	if err != nil {
+		log.Close()
+		return nil, err
+	}
+	s.closeAudit = true
+	return s, nil
+}
+
+// Close closes what Open opened.
+func (s *Server) Close() error {
+	if s.closeAudit {
+		return s.audit.Close()
+	}
+	return nil
+}
+
+// ReloadKeys re-reads the key store (after a rotation).
+func (s *Server) ReloadKeys() error {
+	if err := s.keys.Reload(); err != nil {
+		return err
+	}
+	for _, k := range s.cfg.Keys {
+		v, err := s.keys.Latest(k.ID)
+		if err != nil {
+			return err
+		}
+		s.log.Info("key loaded", fieldKeyID, k.ID, fieldVersion, v.Number)
+	}
+	return nil
+}
+
+// Handler is the broker's HTTP API.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/v1/challenge", s.post(s.handleChallenge))
+	mux.HandleFunc("/v1/release", s.post(s.handleRelease))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, attest.CodeBadRequest, "no such endpoint: POST /v1/challenge or /v1/release")
+	})
+	return mux
+}
+
+// Serve answers HTTPS on ln with the configured certificate until ctx ends,
+// then shuts down gracefully.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	cert, err := tls.LoadX509KeyPair(s.cfg.TLS.CertFile, s.cfg.TLS.KeyFile)
+	if err != nil {
+		return fmt.Errorf("loading TLS certificate: %w", err)
+	}
+	srv := &http.Server{
+		Handler:           s.Handler(),
+		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}},
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      verifyTimeout + 10*time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.ServeTLS(ln, "", "") }()
+	select {
+	case err := <-done:
+		return fmt.Errorf("serving: %w", err)
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutting down: %w", err)
+	}
+	if err := <-done; !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serving: %w", err)
+	}
+	return nil
+}
+
+// post wraps a handler with the method check and the body limit.
+func (s *Server) post(h func(w http.ResponseWriter, r *http.Request, body []byte)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeError(w, http.StatusMethodNotAllowed, attest.CodeBadRequest, r.Method+" not allowed: use POST")
+			return
+		}
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, attest.MaxRequestBytes))
+		if err != nil {
+			var tooBig *http.MaxBytesError
+			if errors.As(err, &tooBig) {
+				writeError(w, http.StatusRequestEntityTooLarge, attest.CodeBadRequest,
+					fmt.Sprintf("request body exceeds %d bytes", attest.MaxRequestBytes))
+				return
+			}
+			writeError(w, http.StatusBadRequest, attest.CodeBadRequest, "reading request body: "+err.Error())
+			return
+		}
+		h(w, r, body)
+	}
+}
+
+func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request, body []byte) {
+	rec := map[string]any{fieldRequester: r.RemoteAddr}
+	req, err := attest.DecodeChallengeRequest(body)
+	if err != nil {
+		s.refuse(w, KindChallenge, rec, err)
+		return
+	}
+	rec[fieldKeyID] = req.KeyID
+	if _, ok := s.cfg.Release[req.KeyID]; !ok {
+		s.refuse(w, KindChallenge, rec, attest.Refuse(attest.CodeUnknownKey, "no key %q", req.KeyID))
+		return
+	}
+	session, ch, err := s.challenges.issue(req.KeyID)
+	if err != nil {
+		s.refuse(w, KindChallenge, rec, err)
+		return
+	}
+	rec[fieldDecision] = decisionGranted
+	rec[fieldSession] = session
+	rec[fieldExpiresAt] = ch.expires.UTC().Format(time.RFC3339Nano)
+	if _, err := s.audit.Append(KindChallenge, rec); err != nil {
+		s.log.Error("audit failed, challenge withdrawn", "error", err)
+		s.challenges.take(session)
+		writeError(w, http.StatusInternalServerError, attest.CodeInternal, "audit log unavailable")
+		return
+	}
+	writeJSON(w, http.StatusOK, attest.ChallengeResponse{Session: session, Nonce: ch.nonce, ExpiresAt: ch.expires.UTC()})
+}
+
+func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, body []byte) {
+	rec := map[string]any{fieldRequester: r.RemoteAddr, fieldSimulatedAllowed: s.cfg.AllowSimulatedTEE}
+	ctx, cancel := context.WithTimeout(r.Context(), verifyTimeout)
+	defer cancel()
+	resp, err := s.release(ctx, body, rec)
+	if err != nil {
+		s.refuse(w, KindRelease, rec, err)
+		return
+	}
+	rec[fieldDecision] = decisionGranted
+	rec[fieldNotAfter] = resp.NotAfter.Format(time.RFC3339Nano)
+	if _, err := s.audit.Append(KindRelease, rec); err != nil {
+		s.log.Error("audit failed, release withheld", "error", err, fieldKeyID, resp.KeyID)
+		writeError(w, http.StatusInternalServerError, attest.CodeInternal, "audit log unavailable")
+		return
+	}
+	s.log.Info("key released", fieldKeyID, resp.KeyID, fieldVersion, resp.Version, fieldSimulated, rec[fieldSimulated],
+		fieldRequester, r.RemoteAddr)
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// release decides a release request, recording what it learns in rec.
+func (s *Server) release(ctx context.Context, body []byte, rec map[string]any) (*attest.ReleaseResponse, error) {
+	req, err := attest.DecodeReleaseRequest(body)
+	if err != nil {
+		return nil, err
+	}
+	rec[fieldKeyID], rec[fieldSession], rec[fieldTEE], rec[fieldKEM] = req.KeyID, req.Session, req.TEE, req.KEMID
+	if req.TEE != attest.TEESNP {
+		return nil, attest.Refuse(attest.CodeBadRequest, "tee %q: only %q is supported", req.TEE, attest.TEESNP)
+	}
+	kem, _ := attest.KEM(req.KEMID) // checked by the decoder
+	if _, err := kem.NewPublicKey(req.PublicKey); err != nil {
+		return nil, attest.Refuse(attest.CodeBadRequest, "publicKey is not a KEM 0x%04x public key: %v", req.KEMID, err)
+	}
+	policy, ok := s.cfg.Release[req.KeyID]
+	if !ok {
+		return nil, attest.Refuse(attest.CodeUnknownKey, "no key %q", req.KeyID)
+	}
+	ch, err := s.challenges.take(req.Session)
+	if err != nil {
+		return nil, err
+	}
+	if ch.keyID != req.KeyID {
+		return nil, attest.Refuse(attest.CodeBadRequest, "session was issued for key %q, not %q", ch.keyID, req.KeyID)
+	}
+	v, err := s.verifier.Verify(ctx, req.Evidence)
+	if err != nil {
+		// What the evidence claims, for the record, even when its signature is bad.
+		if p, perr := snp.Parse(req.Evidence); perr == nil {
+			rec[fieldMeasurement] = hex.EncodeToString(p.Measurement())
+			rec[fieldSimulated] = p.Labelled
+		}
+		return nil, err
+	}
+	rec[fieldMeasurement] = hex.EncodeToString(v.Measurement())
+	rec[fieldSimulated] = v.Simulated
+	want := attest.ReportData(ch.nonce, req.KEMID, req.PublicKey, req.KeyID)
+	rec[fieldReportData] = hex.EncodeToString(want[:])
+	if err := v.CheckReportData(want); err != nil {
+		return nil, err
+	}
+	entry, err := v.Satisfies(policy)
+	if err != nil {
+		return nil, err
+	}
+	rec[fieldPolicyEntry] = entry
+	key, err := s.keys.Latest(req.KeyID)
+	if err != nil {
+		return nil, fmt.Errorf("key %q: %w", req.KeyID, err)
+	}
+	rec[fieldVersion] = key.Number
+	sealed, err := attest.SealKey(req.KEMID, req.PublicKey, want, key.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	return &attest.ReleaseResponse{
+		KeyID:    req.KeyID,
+		Version:  key.Number,
+		Sealed:   sealed,
+		NotAfter: s.now().Add(s.cfg.releaseValidity()).UTC(),
+	}, nil
+}
+
+// refuse audits and answers a refusal (or a failure of the broker).
+func (s *Server) refuse(w http.ResponseWriter, kind string, rec map[string]any, err error) {
+	var r *attest.Refusal
+	status, code, detail := 0, attest.Code(""), ""
+	switch {
+	case errors.As(err, &r):
+		rec[fieldDecision] = decisionRefused
+		status, code, detail = r.Code.HTTPStatus(), r.Code, r.Detail
+	case errors.Is(err, ErrTooManyChallenges):
+		rec[fieldDecision] = decisionRefused
+		status, code, detail = http.StatusServiceUnavailable, attest.CodeUnavailable, err.Error()
+		w.Header().Set("Retry-After", strconv.Itoa(int(s.challenges.ttl/time.Second)))
+	default:
+		rec[fieldDecision] = decisionFailed
+		status, code, detail = http.StatusInternalServerError, attest.CodeInternal, "internal error"
+		s.log.Error("key broker failure", "error", err, "kind", kind)
+	}
+	rec[fieldCode] = string(code)
+	rec[fieldDetail] = detail
+	if _, aerr := s.audit.Append(kind, rec); aerr != nil {
+		s.log.Error("audit failed", "error", aerr)
+		writeError(w, http.StatusInternalServerError, attest.CodeInternal, "audit log unavailable")
+		return
+	}
+	s.log.Info("request refused", "kind", kind, fieldCode, string(code), fieldDetail, detail, fieldKeyID, rec[fieldKeyID], fieldRequester, rec[fieldRequester])
+	writeError(w, status, code, detail)
+}
+
+func writeError(w http.ResponseWriter, status int, code attest.Code, detail string) {
+	writeJSON(w, status, attest.ErrorResponse{Error: code, Detail: detail})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status, b = http.StatusInternalServerError, []byte(`{"error":"internal","detail":"encoding response"}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(append(b, '\n'))
+}
