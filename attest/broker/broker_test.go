@@ -271,7 +271,7 @@ func TestBadRequests(t *testing.T) {
 	e := startBroker(t, envOptions{allowSimulated: true})
 	for _, tc := range []struct {
 		name, path, body, detail string
-		status               int
+		status                   int
 	}{
 		{"malformed json", "/v1/release", `{"session":`, "request body", 400},
 		{"unknown member", "/v1/release", `{"session":"s","keyID":"egress-dek","tee":"snp","evidence":"AA==","kemID":32,"publicKey":"AA==","admin":true}`, `unknown member "admin"`, 400},

@@ -348,4 +348,3 @@ func (c *Config) checkRevocations() bool {
 func (c *Config) fetchCertificates() bool {
 	return c.Verification.FetchCertificates == nil || *c.Verification.FetchCertificates
 }
-
