@@ -125,7 +125,7 @@ func Compile(p *Policy) (*Compiled, error) {
 				for _, pp := range r.Ports {
 					k := fqdnKey{d.FQDN, pp}
 					if owner, taken := fqdnOwners[k]; taken {
-						ov.add(owner, "fqdn "+d.FQDN+" "+pp.String())
+						ov.add(owner, overlapKey{fqdn: d.FQDN, pp: pp})
 					} else {
 						fqdnOwners[k] = r.ID
 						ov.total++
@@ -142,7 +142,7 @@ func Compile(p *Policy) (*Compiled, error) {
 			r.CIDRs = append(r.CIDRs, pfx)
 			for k, pp := range r.Ports {
 				if owner, added := groups[k].insert(pfx, r.ID); !added {
-					ov.add(owner, pfx.String()+" "+pp.String())
+					ov.add(owner, overlapKey{cidr: pfx, pp: pp})
 					continue
 				}
 				ov.total++
@@ -189,9 +189,12 @@ func (c *Compiled) RulesForName(name string) []*Rule {
 
 // EntriesForName returns the datapath entries that an address learnt for
 // name opens: addr as a host prefix on every port of every rule that
-// names it, the first rule in file order owning each (proto, port). When an
-// entry collides with a cidr entry of the same prefix, the lower rule id
-// must win, as everywhere.
+// names it, the first rule in file order owning each (proto, port). Where
+// an earlier rule has a cidr entry with the same key, that entry stands and
+// none is returned; where a later rule has one, the returned entry replaces
+// it for as long as the address is valid (the caller restores the cidr
+// entry when it expires). The same holds between addresses learnt for
+// different names: the lower rule id wins.
 func (c *Compiled) EntriesForName(name string, addr netip.Addr) []Entry {
 	rules := c.RulesForName(name)
 	if len(rules) == 0 || !addr.IsValid() {
@@ -202,9 +205,13 @@ func (c *Compiled) EntriesForName(name string, addr netip.Addr) []Entry {
 	var out []Entry
 	for _, r := range rules {
 		for _, pp := range r.Ports {
-			if !slices.ContainsFunc(out, func(e Entry) bool { return e.Proto == pp.Proto && e.Port == pp.Port }) {
-				out = append(out, Entry{Prefix: pfx, Proto: pp.Proto, Port: pp.Port, RuleID: r.ID})
+			if slices.ContainsFunc(out, func(e Entry) bool { return e.Proto == pp.Proto && e.Port == pp.Port }) {
+				continue
 			}
+			if owner := c.table.owner(pfx, pp); owner != 0 && owner < r.ID {
+				continue
+			}
+			out = append(out, Entry{Prefix: pfx, Proto: pp.Proto, Port: pp.Port, RuleID: r.ID})
 		}
 	}
 	return out
@@ -221,10 +228,24 @@ type overlaps struct {
 
 type overlap struct {
 	count   int
-	example string
+	example overlapKey
 }
 
-func (o *overlaps) add(owner uint32, example string) {
+// overlapKey is a (destination, port) key, formatted only when warned about.
+type overlapKey struct {
+	cidr netip.Prefix
+	fqdn string
+	pp   PortProto
+}
+
+func (k overlapKey) String() string {
+	if k.fqdn != "" {
+		return "fqdn " + k.fqdn + " " + k.pp.String()
+	}
+	return k.cidr.String() + " " + k.pp.String()
+}
+
+func (o *overlaps) add(owner uint32, example overlapKey) {
 	o.taken++
 	if o.byOwner == nil {
 		o.byOwner = map[uint32]*overlap{}

@@ -105,7 +105,7 @@ func TestPolicyMDExample(t *testing.T) {
 	}
 }
 
-const twoRules = "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 443}], mode: open}"
+const oneRule = "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 443}], mode: open}"
 
 func TestFirstRuleOwnsIdenticalEntries(t *testing.T) {
 	c := mustCompile(t, doc("",
@@ -222,6 +222,7 @@ func TestEntriesForName(t *testing.T) {
 	c := mustCompile(t, doc("{upstream: 198.51.100.53, allow: [api.example.test]}",
 		"{name: a, to: [{fqdn: api.example.test}], ports: [{port: 443}], mode: open}",
 		"{name: b, to: [{fqdn: api.example.test}], ports: [{port: 443}, {port: 8443}], mode: secure, secure: {keyID: k, protocol: tcp}}",
+		"{name: c, to: [{cidr: 203.0.113.7/32}], ports: [{port: 8443}], mode: open}",
 	))
 	got := c.EntriesForName("API.example.test.", netip.MustParseAddr("203.0.113.7"))
 	want := []Entry{
@@ -240,6 +241,17 @@ func TestEntriesForName(t *testing.T) {
 	ws := warningsAt(c, "spec.egress[1]")
 	if len(ws) != 1 || !strings.Contains(ws[0], "partially overlaps spec.egress[0]") || !strings.Contains(ws[0], "fqdn api.example.test 443/TCP") {
 		t.Errorf("warnings %q", ws)
+	}
+
+	// An earlier rule's cidr entry with the same key stands.
+	c = mustCompile(t, doc("{upstream: 198.51.100.53, allow: [api.example.test]}",
+		"{name: c, to: [{cidr: 203.0.113.7/32}], ports: [{port: 443}], mode: open}",
+		"{name: a, to: [{fqdn: api.example.test}], ports: [{port: 443}, {port: 80}], mode: open}",
+	))
+	got = c.EntriesForName("api.example.test", netip.MustParseAddr("203.0.113.7"))
+	want = []Entry{{Prefix: netip.MustParsePrefix("203.0.113.7/32"), Proto: ProtoTCP, Port: 80, RuleID: 2}}
+	if !slices.Equal(got, want) {
+		t.Errorf("EntriesForName beside an earlier cidr = %v, want %v", got, want)
 	}
 }
 
@@ -278,7 +290,7 @@ func TestCompileDoesNotModifyItsInput(t *testing.T) {
 }
 
 func TestRuleByID(t *testing.T) {
-	c := mustCompile(t, doc("", twoRules))
+	c := mustCompile(t, doc("", oneRule))
 	if c.Rule(0) != nil || c.Rule(2) != nil || c.Rule(1) != c.Rules[0] {
 		t.Error("Rule(id) does not map 1..n to Rules and everything else to nil")
 	}
@@ -321,7 +333,7 @@ func TestPins(t *testing.T) {
 }
 
 func TestDNSAllowed(t *testing.T) {
-	c := mustCompile(t, doc("{upstream: 198.51.100.53, allow: [api.example.test, '*.store.example.test', _svc._tcp.example.test], queryTypes: [A, MX, HTTPS, CAA]}", twoRules))
+	c := mustCompile(t, doc("{upstream: 198.51.100.53, allow: [api.example.test, '*.store.example.test', _svc._tcp.example.test], queryTypes: [A, MX, HTTPS, CAA]}", oneRule))
 	d := c.DNS
 	for name, want := range map[string]bool{
 		"api.example.test":          true,

@@ -88,7 +88,8 @@ func (e *expansion) size(n *yaml.Node) int {
 }
 
 // decodePolicy turns YAML into a Policy and the decoding problems. It
-// returns a nil Policy when the input is not one YAML mapping at all.
+// returns a nil Policy when the input is not exactly one YAML document (an
+// empty document after it, as a trailing "---" makes, is tolerated).
 func decodePolicy(data []byte) (p *Policy, errs ErrorList) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	var doc yaml.Node
@@ -98,13 +99,18 @@ func decodePolicy(data []byte) (p *Policy, errs ErrorList) {
 		}
 		return nil, ErrorList{syntaxError(err)}
 	}
-	var extra yaml.Node
-	switch err := safeDecode(dec, &extra); {
-	case errors.Is(err, io.EOF):
-	case err != nil:
-		return nil, ErrorList{syntaxError(err)}
-	default:
-		return nil, ErrorList{{Msg: "more than one YAML document (one policy per file)", Line: extra.Line}}
+	for {
+		var extra yaml.Node
+		err := safeDecode(dec, &extra)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, ErrorList{syntaxError(err)}
+		}
+		if len(extra.Content) != 1 || !isNull(extra.Content[0]) {
+			return nil, ErrorList{{Msg: "more than one YAML document (one policy per file)", Line: extra.Line}}
+		}
 	}
 	root := &doc
 	if root.Kind == yaml.DocumentNode && len(root.Content) == 1 {

@@ -100,6 +100,19 @@ func (t *lpmTable) lookup(a netip.Addr, pp PortProto) uint32 {
 	return 0
 }
 
+// owner returns the rule that owns exactly pfx for pp, or 0.
+func (t *lpmTable) owner(pfx netip.Prefix, pp PortProto) uint32 {
+	g := t.groups[pp]
+	if g == nil {
+		return 0
+	}
+	a, bits := pfx.Addr(), pfx.Bits()
+	if a.Is4() {
+		return g.v4[bits][v4Key(a, bits)]
+	}
+	return g.v6[bits][v6Key(a, bits)]
+}
+
 // covering calls fn with the owner of every prefix for pp that strictly
 // contains pfx, longest first.
 func (t *lpmTable) covering(pfx netip.Prefix, pp PortProto, fn func(cover netip.Prefix, owner uint32)) {

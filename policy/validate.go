@@ -345,7 +345,7 @@ func (v *validator) ports(rp string, ports []PortSpec, mode Mode, openProto stri
 		case ps.Protocol == "" && v.present(pp+".protocol"):
 			v.add(pp+".protocol", "must not be empty (TCP or UDP; omit it for TCP)")
 			continue
-		case !ok && strings.EqualFold(ps.Protocol, "tcp") || !ok && strings.EqualFold(ps.Protocol, "udp"):
+		case !ok && (strings.EqualFold(ps.Protocol, "tcp") || strings.EqualFold(ps.Protocol, "udp")):
 			v.add(pp+".protocol", "%s is not a protocol (write %s)", quote(ps.Protocol), strings.ToUpper(ps.Protocol))
 			continue
 		case !ok:

@@ -326,6 +326,7 @@ func TestParseAccepts(t *testing.T) {
 				t.Error("upstreamTLS: {} was dropped")
 			}
 		}},
+		{"trailing document separator", "---\n" + doc("", okOpen) + "---\n", nil},
 		{"anchors and aliases", header + "spec:\n  egress:\n    - {name: a, to: [{cidr: 10.0.0.0/8}], ports: &web [{port: 80}, {port: 443}], mode: open}\n    - {name: b, to: [{cidr: 10.1.0.0/16}], ports: *web, mode: open}\n", func(t *testing.T, p *Policy) {
 			eq(t, len(p.Spec.Egress[1].Ports), 2)
 		}},
