@@ -45,6 +45,12 @@ const soaRR = "example.test. 300 IN SOA ns.example.test. hostmaster.example.test
 
 func newAuthServer(t testing.TB, zone ...string) *authServer {
 	t.Helper()
+	return newAuthServerOn(t, "127.0.0.1", zone...)
+}
+
+// newAuthServerOn is newAuthServer on another loopback address (::1).
+func newAuthServerOn(t testing.TB, host string, zone ...string) *authServer {
+	t.Helper()
 	s := &authServer{records: map[string][]dns.RR{}, inject: map[string][]dns.RR{}}
 	for _, z := range append(zone, soaRR) {
 		s.add(t, z)
@@ -56,7 +62,7 @@ func newAuthServer(t testing.TB, zone ...string) *authServer {
 	)
 	// UDP and TCP must share the port: a Config names one upstream.
 	for range 20 {
-		pc, err = net.ListenPacket("udp", "127.0.0.1:0")
+		pc, err = net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 		if err != nil {
 			t.Fatalf("listening udp: %v", err)
 		}
@@ -209,11 +215,16 @@ type frontend struct {
 
 func serveProxy(t testing.TB, p *Proxy, sandbox string) frontend {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	return serveProxyOn(t, p, sandbox, "127.0.0.1")
+}
+
+func serveProxyOn(t testing.TB, p *Proxy, sandbox, host string) frontend {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatalf("listening udp: %v", err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatalf("listening tcp: %v", err)
 	}

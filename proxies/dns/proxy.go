@@ -210,7 +210,9 @@ func (p *Proxy) sandbox(id string) *sandboxState {
 // client's EDNS size, or 512 bytes, with TC set). It returns the response to
 // send, or ok=false when nothing must be sent: a message shorter than a DNS
 // header, or one with the QR bit set (see the package documentation for
-// every other case). ctx bounds the upstream exchange.
+// every other case). Handle blocks while the upstream is asked (at most
+// Limits.UpstreamTimeout, and ctx bounds it too), so call it off a socket's
+// read loop; it does not keep query after it returns.
 func (p *Proxy) Handle(ctx context.Context, sandbox string, query []byte, tcp bool) (resp []byte, ok bool) {
 	p.init()
 	now := p.now()

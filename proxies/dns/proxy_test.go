@@ -3,6 +3,7 @@ package dnsproxy
 import (
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -202,6 +203,9 @@ func TestDisallowedNameRefusedNeverForwarded(t *testing.T) {
 			}
 			if v := f.queries(t, DecisionRefused); v != 12 {
 				t.Fatalf("refused = %v, want 12", v)
+			}
+			if v := counterValue(t, f.reg, "cleanwall_dns_denies_total", map[string]string{"sandbox": sandboxID, "reason": "not_allowed"}); v != 12 {
+				t.Fatalf("denies{not_allowed} = %v, want 12", v)
 			}
 		})
 	}
@@ -700,4 +704,33 @@ func mustPack(t testing.TB, m *dns.Msg) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+func TestIPv6Loopback(t *testing.T) {
+	if ln, err := net.ListenPacket("udp", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	} else {
+		ln.Close()
+	}
+	up := newAuthServerOn(t, "::1", testZone...)
+	rec := &recorder{}
+	p := rec.hook(&Proxy{Logger: testutil.Logger(t)})
+	p.SetSandbox(sandboxID, &Config{Upstream: up.Addr, Allow: testAllow, FQDNNames: testFQDN})
+	fe := serveProxyOn(t, p, sandboxID, "::1")
+	for _, tcp := range []bool{false, true} {
+		addr := fe.UDP
+		if tcp {
+			addr = fe.TCP
+		}
+		wantAnswers(t, exchange(t, addr, question("api.example.test.", dns.TypeAAAA), tcp), "api.example.test. AAAA 2001:db8::10")
+		if r := exchange(t, addr, question("evil.attacker.test.", dns.TypeAAAA), tcp); r.Rcode != dns.RcodeRefused {
+			t.Fatalf("disallowed over ::1: %v", r)
+		}
+	}
+	if q := up.queries(); len(q) != 1 || !strings.HasPrefix(up.Addr.String(), "[::1]:") {
+		t.Fatalf("upstream %s saw %+v", up.Addr, q)
+	}
+	if l := rec.learns(); len(l) != 2 || l[0].Addrs[0] != netip.MustParseAddr("2001:db8::10") {
+		t.Fatalf("learnt %+v", l)
+	}
 }
