@@ -165,7 +165,9 @@ func TestKeyCreateAndServe(t *testing.T) {
 	logs := &syncBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
-	go func() { done <- run(ctx, []string{"--config", cfgPath, "--allow-simulated-tee"}, &bytes.Buffer{}, logs) }()
+	go func() {
+		done <- run(ctx, []string{"--config", cfgPath, "--allow-simulated-tee"}, &bytes.Buffer{}, logs)
+	}()
 	addr := regexp.MustCompile(`listen=(127\.0\.0\.1:\d+)`)
 	var m []string
 	for deadline := time.Now().Add(10 * time.Second); m == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
