@@ -324,16 +324,30 @@ static __always_inline struct bpf_sock *listener_sock(struct __sk_buff *skb, str
 	return sk;
 }
 
-/* The established flow's own socket, if a proxy owns it. For the ACK that
- * completes a handshake the kernel returns the listener (request sockets
- * resolve to their listener); a SYN that hits one of our listeners by its
- * port number is a new flow and must go through the policy. */
+/* The established flow's own socket, if a proxy owns it: an established
+ * socket carrying our socket mark, or a request socket (handshake in
+ * progress; it has no mark to check, but a request socket whose peer is the
+ * sandbox exists only if one of our listeners took the sandbox's SYN: every
+ * other SYN is dropped). The ACK completing a handshake must be assigned to
+ * the request socket itself: assigned to the listener, the kernel would skip
+ * the request lookup and answer with a reset. Listeners found here matched
+ * a wildcard address by port number only, and time-wait sockets belong to
+ * no proxy: both are ignored. */
 static __always_inline struct bpf_sock *established_sock(struct __sk_buff *skb, struct pkt *p, struct config *cfg)
 {
-	struct bpf_sock *sk = lookup_sock(skb, p, p->dport);
+	struct bpf_sock_tuple t = {};
+	__u32 len = make_tuple(&t, p, p->dport);
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return NULL;
-	if (sk->mark != cfg->socket_mark || (sk->state == BPF_TCP_LISTEN && p->new_flow)) {
+	if (sk->state == BPF_TCP_NEW_SYN_RECV)
+		return sk;
+	if (sk->state == BPF_TCP_LISTEN || sk->state == BPF_TCP_TIME_WAIT) {
+		bpf_sk_release(sk);
+		return NULL;
+	}
+	struct bpf_sock *full = bpf_sk_fullsock(sk);
+	if (!full || full->mark != cfg->socket_mark) {
 		bpf_sk_release(sk);
 		return NULL;
 	}

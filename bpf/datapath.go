@@ -112,23 +112,40 @@ func Load(opts Options) (*Datapath, error) {
 	return d, nil
 }
 
-// EnsureBPFFS makes dir a bpffs mount point unless it already lives on one.
-// `ip netns exec` remounts /sys, so /sys/fs/bpf can be missing.
+// EnsureBPFFS makes sure dir lives on a bpffs. Under /sys/fs/bpf it mounts
+// bpffs at /sys/fs/bpf when that is not one (sysfs refuses mkdir; `ip netns
+// exec` remounts /sys, so the mount can be missing); elsewhere it mounts a
+// bpffs on dir itself.
 func EnsureBPFFS(dir string) error {
+	dir = filepath.Clean(dir)
+	if dir == sysBPF || strings.HasPrefix(dir, sysBPF+"/") {
+		if !isBPFFS(sysBPF) {
+			if err := unix.Mount("bpf", sysBPF, "bpf", 0, "mode=0700"); err != nil {
+				return fmt.Errorf("mounting bpffs at %s: %w", sysBPF, err)
+			}
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("creating %s: %w", dir, err)
+		}
+		return nil
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("creating bpffs directory %s: %w", dir, err)
 	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		return fmt.Errorf("statfs %s: %w", dir, err)
-	}
-	if st.Type == unix.BPF_FS_MAGIC {
+	if isBPFFS(dir) {
 		return nil
 	}
 	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mounting bpffs at %s: %w", dir, err)
 	}
 	return nil
+}
+
+const sysBPF = "/sys/fs/bpf"
+
+func isBPFFS(dir string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(dir, &st) == nil && st.Type == unix.BPF_FS_MAGIC
 }
 
 // Close releases this process's handles. Pins stay: enforcement continues.
@@ -328,4 +345,27 @@ func (d *Datapath) Sandboxes() (map[int]Sandbox, error) {
 		return nil, fmt.Errorf("listing sandboxes: %w", err)
 	}
 	return out, nil
+}
+
+// OpenPinned opens the pinned maps under pinRoot without loading programs:
+// enough to read sandboxes, rules and counters (for `cleanwall` commands
+// that read what the kernel holds, and for tests while the daemon is down).
+func OpenPinned(pinRoot string) (*Datapath, error) {
+	d := &Datapath{pinRoot: pinRoot}
+	maps := map[string]**ebpf.Map{
+		MapSandboxes: &d.objs.CwSandboxes,
+		MapRules:     &d.objs.CwRules,
+		MapConfig:    &d.objs.CwConfig,
+		MapCounters:  &d.objs.CwCounters,
+		MapEvents:    &d.objs.CwEvents,
+	}
+	for name, dst := range maps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinRoot, "maps", name), nil)
+		if err != nil {
+			d.objs.Close()
+			return nil, fmt.Errorf("opening pinned map %s: %w", name, err)
+		}
+		*dst = m
+	}
+	return d, nil
 }

@@ -1,0 +1,31 @@
+// Package e2e holds cleanwall's end-to-end tests: real namespaces, the real
+// CNI chain (Debian's ptp/bridge + host-local, then cleanwall-cni through
+// libcni), a real cleanwalld process, real clients and servers.
+package e2e
+
+import (
+	"os"
+	"testing"
+
+	"github.com/cleanwall/cleanwall/tests/harness"
+)
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() == 0 {
+		harness.SweepLeftovers()
+	}
+	os.Exit(m.Run())
+}
+
+// policyOpen allows TCP 8080 to the remote server, over IPv4 only.
+const policyOpen = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata:
+  name: e2e
+spec:
+  egress:
+    - name: results-api
+      to: [{cidr: 198.51.100.10/32}]
+      ports: [{port: 8080}]
+      mode: open
+`

@@ -1,0 +1,219 @@
+package harness
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/internal/netns"
+	"github.com/cleanwall/cleanwall/runtime/api"
+)
+
+// Daemon is a cleanwalld process running in the node namespace.
+type Daemon struct {
+	env         *Env
+	Socket      string
+	PinRoot     string
+	StateDir    string
+	PolicyDir   string
+	MetricsAddr string
+	Args        []string
+	cmd         *exec.Cmd
+	done        chan struct{}
+	logMu       sync.Mutex
+	logBuf      strings.Builder
+}
+
+// StartDaemon starts cleanwalld in the node namespace with its own socket,
+// bpffs pin root and state directory, and waits until it is ready.
+func (e *Env) StartDaemon(extra ...string) *Daemon {
+	e.T.Helper()
+	d := &Daemon{
+		env:         e,
+		Socket:      filepath.Join(e.Dir, "cleanwalld.sock"),
+		PinRoot:     filepath.Join(e.Dir, "bpf"),
+		StateDir:    filepath.Join(e.Dir, "state"),
+		PolicyDir:   filepath.Join(e.Dir, "policies"),
+		MetricsAddr: "127.0.0.1:9464",
+		Args:        extra,
+	}
+	if err := os.MkdirAll(d.PolicyDir, 0o755); err != nil {
+		e.T.Fatal(err)
+	}
+	// The pin root is its own bpffs: unmount it when the test ends (after
+	// the daemon is gone: cleanups run last-in first-out).
+	if err := bpf.EnsureBPFFS(d.PinRoot); err != nil {
+		e.T.Fatal(err)
+	}
+	e.onCleanup(func() { _ = unix.Unmount(d.PinRoot, unix.MNT_DETACH) })
+	d.Start()
+	e.onCleanup(d.Stop)
+	return d
+}
+
+// Start (re)starts the daemon process.
+func (d *Daemon) Start() {
+	t := d.env.T
+	t.Helper()
+	args := append([]string{
+		"--socket", d.Socket, "--bpf-root", d.PinRoot, "--state-dir", d.StateDir,
+		"--policy-dir", d.PolicyDir, "--metrics-addr", d.MetricsAddr, "--log-level", "debug",
+	}, d.Args...)
+	cmd := exec.Command(filepath.Join(d.env.Bin, "cleanwalld"), args...)
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err := netns.Do(d.env.Node, cmd.Start)
+	if err != nil {
+		t.Fatalf("starting cleanwalld: %v", err)
+	}
+	d.cmd = cmd
+	d.done = make(chan struct{})
+	go func() {
+		s := bufio.NewScanner(pr)
+		s.Buffer(make([]byte, 64<<10), 1<<20)
+		for s.Scan() {
+			d.logMu.Lock()
+			d.logBuf.WriteString(s.Text() + "\n")
+			d.logMu.Unlock()
+		}
+	}()
+	go func() {
+		_ = cmd.Wait()
+		pw.Close()
+		close(d.done)
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		st, err := d.Client().Status(ctx)
+		cancel()
+		if err == nil && st.Ready {
+			return
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("cleanwalld exited during start:\n%s", d.Log())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("cleanwalld not ready after 30s (%v):\n%s", err, d.Log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Log returns everything the daemon printed.
+func (d *Daemon) Log() string {
+	d.logMu.Lock()
+	defer d.logMu.Unlock()
+	return d.logBuf.String()
+}
+
+// Client returns an API client for the daemon.
+func (d *Daemon) Client() *api.Client { return api.NewClient(d.Socket) }
+
+// Kill sends SIGKILL and waits for the process to be gone.
+func (d *Daemon) Kill() {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.done
+}
+
+// Stop sends SIGTERM and waits (SIGKILL after 10 s).
+func (d *Daemon) Stop() {
+	if d.cmd == nil || d.cmd.Process == nil {
+		return
+	}
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(10 * time.Second):
+		d.Kill()
+	}
+	if t, ok := d.env.T.(*testing.T); ok && t.Failed() {
+		t.Logf("cleanwalld log:\n%s", d.Log())
+	}
+}
+
+// NodeDialer dials from the node namespace: http.Transport dials on its own
+// goroutines, so the namespace must be entered inside the dial itself.
+func (e *Env) NodeDialer() func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		err := e.InNode(func() (err error) {
+			c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+			return err
+		})
+		return c, err
+	}
+}
+
+// Pinned opens the daemon's pinned maps directly (works while it is dead).
+func (d *Daemon) Pinned() *bpf.Datapath {
+	d.env.T.Helper()
+	dp, err := bpf.OpenPinned(d.PinRoot)
+	if err != nil {
+		d.env.T.Fatal(err)
+	}
+	d.env.T.Cleanup(func() { dp.Close() })
+	return dp
+}
+
+// Metrics scrapes the daemon's /metrics (from inside the node namespace).
+func (d *Daemon) Metrics() (string, error) {
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: d.env.NodeDialer()}}
+	resp, err := c.Get("http://" + d.MetricsAddr + "/metrics")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+// MetricValue returns the value of the first sample whose line starts with
+// name and contains every label pair given ("key=\"value\"").
+func MetricValue(metrics, name string, labels ...string) (float64, bool) {
+	for _, line := range strings.Split(metrics, "\n") {
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			if !strings.Contains(line, l) {
+				ok = false
+				break
+			}
+		}
+		if !ok {
+			continue
+		}
+		var v float64
+		if _, err := fmt.Sscan(line[strings.LastIndex(line, " ")+1:], &v); err == nil {
+			return v, true
+		}
+	}
+	return 0, false
+}
