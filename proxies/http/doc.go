@@ -1,0 +1,178 @@
+// Package httpproxy is the open-mode HTTP/1.1 inspection proxy: it serves
+// one redirected sandbox connection at a time (Proxy.ServeConn), checks
+// every request against the egress rule's open.http block (Rules) and the
+// flow's destination (Flow), forwards what is allowed to the original
+// destination and refuses the rest. It owns HTTP parsing, request
+// inspection, the refusal responses and the cleanwall_http_* metrics. It
+// never imports bpf or attest, and not policy either: the daemon translates
+// a validated policy into Rules and Flow, and supplies the Dial function
+// whose traffic the datapath does not redirect again.
+//
+// # Parsing
+//
+// Request heads are parsed by a strict parser of our own rather than
+// net/http's http.ReadRequest, for two reasons. net/http is deliberately
+// tolerant (bare LF line ends, obs-fold continuation lines, "chunked" among
+// other codings, leading empty lines), and every tolerance is a place where
+// the proxy and the upstream may frame a request differently. And the proxy
+// forwards the head verbatim, byte for byte as received, so that what the
+// upstream reads is exactly what was inspected; net/http keeps only a
+// canonicalised header map. The parser refuses rather than repairs:
+//
+//   - every line must end in CRLF; a bare LF or a lone CR is refused;
+//   - the request line is method SP target SP HTTP/1.1 or HTTP/1.0, single
+//     spaces, target bytes 0x21-0x7E; HTTP/0.9, HTTP/2 (and its preface)
+//     and other versions are refused, as are leading empty lines and a
+//     first byte that cannot start a method (TLS, binary);
+//   - field names are tokens with the colon right after them; values hold
+//     visible bytes, spaces, tabs and obs-text only (no NUL, no CR); obs-fold
+//     is refused;
+//   - Content-Length is 1 to 18 digits, once; Transfer-Encoding, once, must
+//     be exactly "chunked" (any case) in an HTTP/1.1 request; both together
+//     are refused; these fields and Host must be written plainly (at most
+//     one space after the colon, none after the value): tab, vertical tab
+//     and trailing-space variants are refused;
+//   - chunk sizes are 1 to 16 hex digits with no extensions and no
+//     whitespace; chunk data must be followed by CRLF; trailer fields are
+//     refused (they would carry uninspected data);
+//   - Connection may not name Content-Length, Transfer-Encoding, Host,
+//     Content-Type or Content-Encoding (an intermediary would drop them),
+//     and field names such as Transfer_Encoding, which CGI-style gateways
+//     read as the real thing, are refused;
+//   - Host must be present once, a name or IP literal with an optional port;
+//     Content-Type, Content-Encoding, Upgrade and Expect at most once;
+//   - CONNECT is refused (a tunnel is never inspected).
+//
+// Upstream response heads go through the same line and field checks, so that
+// the proxy and the sandbox's client agree on where each response ends.
+//
+// # Targets and paths
+//
+// The target is forwarded as sent, so it must be in a form that every
+// upstream reads the same way; anything that would need rewriting is
+// refused instead (400 bad-path or bad-target). Origin-form ("/p?q") and
+// http absolute-form ("http://host/p") are accepted; an absolute-form
+// authority must name the flow's destination like Host (421 otherwise) and
+// carry no userinfo. In the path: "." and ".." segments, also written
+// "..;x" (servlet containers drop ";x"), empty segments other than a
+// trailing slash, backslashes, and escapes of "/", "\", ".", "%" (against
+// double decoding) and control bytes are refused, as are bytes outside RFC
+// 3986's pchar and a fragment. Every other escape is decoded before
+// matching: "/v1/re%73ults" matches the pattern "/v1/results". The query is
+// never matched and is forwarded as sent.
+//
+// Rule paths: literal segments match exactly, "*" matches one non-empty
+// segment, a final "**" matches the rest of the path including nothing.
+//
+// # Bodies: what is held, and the guarantee
+//
+// The upstream never sees any byte of a refused request, not even its head,
+// and never a connection for a refused first request. A request is
+// therefore forwarded only once its verdict is final:
+//
+//   - Without a body, or with a Content-Length body when the rule has no
+//     denyBodyPatterns, the verdict is final at the head (a Content-Length
+//     above maxBodyBytes is refused before any body byte is read). The body
+//     is then streamed through a 32 KiB buffer: memory stays flat whatever
+//     the size (the test uploads 1 GiB).
+//   - A chunked body (size unknown until its end) or any body when the rule
+//     has denyBodyPatterns is held: read completely into memory while its
+//     size is checked against maxBodyBytes chunk by chunk, matched against
+//     the patterns, and only then forwarded. Held bodies are bounded by
+//     Limits.MaxHeldBodyBytes per connection (413 body-over-hold-limit
+//     above it, refused from the Content-Length before reading when known)
+//     and Limits.MaxHeldTotalBytes per Proxy (503 proxy-busy). A body is
+//     never written to disk: in a clean room that would be a leak of its
+//     own. Operators who need patterns on larger bodies raise the hold limit.
+//
+// Because held bodies are complete, each pattern runs once over the whole
+// decoded body: there is no window, a match of any length is found, and a
+// match spanning chunk boundaries is found like any other. A held chunked
+// body is forwarded re-encoded as one chunk and the last chunk (the head,
+// including "Transfer-Encoding: chunked", is unchanged); since extensions
+// and trailers are refused, the upstream decodes the same bytes. With
+// denyBodyPatterns, a Content-Encoding other than identity is refused: the
+// patterns would see compressed bytes. Patterns see bytes as sent; an
+// encoding the sandbox applies itself (base64, encryption) defeats them.
+//
+// For Expect: 100-continue the proxy answers 100 Continue itself when it
+// holds the body (after the head was allowed) and drops the upstream's 100;
+// for a streamed body the upstream's 100 is relayed.
+//
+// # Responses
+//
+// Responses are relayed verbatim: the head's bytes as received, the body in
+// its own framing (Content-Length, chunked with its extensions and trailers,
+// or until the upstream closes), flushed as the upstream sends it, so
+// streamed responses are not delayed. Nothing is re-encoded: the sandbox
+// gets exactly the upstream's bytes. A malformed response (or one whose
+// framing is ambiguous) is answered 502 if nothing of it was relayed yet,
+// and ends the connection otherwise. After an allowed upgrade's 101 the
+// connection is relayed in both directions uninspected.
+//
+// # Connections
+//
+// Requests on a connection, pipelined or not, are read, decided and
+// answered one at a time, in order; each is inspected on its own. The first
+// allowed request dials Flow.Dst, and that upstream connection carries the
+// connection's later requests: one upstream connection per sandbox
+// connection mirrors the connection the sandbox would have had (keep-alive
+// and Connection: close propagate unchanged, a stale upstream shows up as
+// the same silent close the sandbox's HTTP client knows how to retry), and
+// no request ever travels on a connection opened for another sandbox or
+// flow.
+//
+// # Refusals
+//
+// A refused request gets a short response with a Cleanwall-Reason header
+// carrying the reason code, is reported through Proxy.OnDeny and counted.
+// The connection stays open after a refusal only if the refusal says
+// nothing about framing (403, 421, 417), the request's body was absent or
+// fully read (a body-pattern refusal), and the sandbox did not ask to
+// close; every other refusal closes it, since the bytes that follow cannot
+// be trusted to start a request.
+//
+//	status  reasons
+//	403     method, path, content-type, content-encoding, body-too-large,
+//	        body-pattern, upgrade, connect (POLICY.md: rule refusals are 403)
+//	421     host-mismatch (Host or absolute-form authority is not the
+//	        flow's destination: domain fronting)
+//	417     expect (anything but 100-continue)
+//	400     bad-request-line, bad-target, bad-path, bad-header, bare-lf,
+//	        bad-host, bad-content-length, content-length-and-transfer-encoding,
+//	        bad-transfer-encoding (repeated, or in HTTP/1.0), bad-chunk,
+//	        trailer
+//	501     transfer-encoding (anything but exactly "chunked")
+//	505     http-version
+//	431     header-too-large (line, or whole head), too-many-headers
+//	413     body-over-hold-limit
+//	408     timeout (head or held body too slow)                     [error]
+//	503     proxy-busy (proxy-wide hold budget)                      [error]
+//	502     upstream-unreachable, bad-upstream-response              [error]
+//	504     upstream-timeout                                         [error]
+//
+// Rows marked [error] are failures rather than decisions: counted with
+// decision="error" and not passed to OnDeny.
+//
+// # Memory and time
+//
+// Per connection: a client reader of max(16 KiB, MaxLineBytes), an upstream
+// reader of 32 KiB, two 4 KiB writers, two 32 KiB copy buffers (allocated
+// on first use), the current request head (at most MaxHeaderBytes, 32 KiB)
+// and upstream response head (at most MaxResponseHeaderBytes, 64 KiB):
+// about 200 KiB, plus a held body (at most MaxHeldBodyBytes, its buffer at
+// most twice that while chunks arrive). Timeouts: HeaderTimeout from a
+// request's first byte to its last head byte, IdleTimeout between requests,
+// BodyIdleTimeout for any stall of a body in either direction,
+// ResponseHeaderTimeout from the request's last byte to the response head,
+// DialTimeout; see Limits for defaults. An upgraded connection has no idle
+// timeout; it ends with either side or ctx.
+//
+// # Metrics
+//
+// cleanwall_http_requests_total{sandbox,rule,decision,reason},
+// cleanwall_http_request_bytes_out_total{sandbox,rule} (request bytes
+// forwarded: heads, bodies, upgraded streams), and
+// cleanwall_http_request_duration_seconds{sandbox,rule,decision}. Labels
+// never carry paths, hosts or payload.
+package httpproxy

@@ -1,0 +1,464 @@
+package httpproxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// forward sends an allowed request to the upstream and relays the response.
+// A held body is sent from memory; a Content-Length body that needs no
+// holding is streamed by a goroutine while the response is awaited, so an
+// upstream that answers early is relayed at once.
+func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
+	reused := c.up != nil
+	if !reused {
+		if err := c.dial(); err != nil {
+			c.refuse(q, refuse(ReasonUpstreamUnreachable, "%v", err), start, false)
+			return false, fmt.Errorf("connecting to the upstream: %w", err)
+		}
+	}
+	sent := int64(len(q.text))
+	_, _ = c.uw.WriteString(q.text) // errors stick in uw and surface at Flush
+	if hold {
+		if q.chunked {
+			sent += writeChunked(c.uw, c.held)
+		} else {
+			_, _ = c.uw.Write(c.held)
+			sent += int64(len(c.held))
+		}
+	}
+	stream := !hold && q.contentLength > 0
+	var bodyDone chan bodyResult
+	if stream {
+		// The response head timeout starts once the body is sent.
+		c.up.setReadDeadline(time.Time{})
+		bodyDone = make(chan bodyResult, 1)
+		go func() { bodyDone <- c.streamBody(q.contentLength) }()
+	} else {
+		if err := c.uw.Flush(); err != nil {
+			return c.upstreamFailed(q, start, err)
+		}
+		c.up.setReadDeadline(time.Now().Add(c.lim.ResponseHeaderTimeout))
+	}
+
+	status, keep, err := c.relay(q)
+	var body bodyResult
+	if stream {
+		select {
+		case body = <-bodyDone:
+		default:
+			// The upstream answered (or failed) before reading the whole
+			// body: what the sandbox sends next cannot be told apart from
+			// the rest of it, so the connection ends.
+			c.client.abortRead()
+			body = <-bodyDone
+			keep = false
+		}
+		sent += body.n
+		keep = keep && body.err == nil
+	}
+	c.fm.sent(sent)
+	var ce *clientError
+	switch {
+	case err == nil:
+		c.fm.request(decisionAllow, reasonNone, time.Since(start))
+		c.log.Debug("request forwarded", logMethod, truncate(q.method, maxDenialMethod), logPath, truncate(q.rawPath, maxDenialPath), logStatus, status)
+		return keep, nil
+	case body.err != nil && !c.wrote:
+		// The exchange failed because the body did.
+		switch {
+		case body.clientSide && errors.Is(body.err, os.ErrDeadlineExceeded):
+			c.refuse(q, refuse(ReasonTimeout, "request body stalled for %v", c.lim.BodyIdleTimeout), start, false)
+		case body.clientSide:
+			c.fm.request(decisionError, string(ReasonClientGone), time.Since(start))
+		default:
+			return c.upstreamFailed(q, start, body.err)
+		}
+		return false, fmt.Errorf("streaming a request body: %w", body.err)
+	case errors.Is(err, errStaleUpstream) && reused:
+		// The upstream closed the idle connection as this request reached
+		// it, without answering. Closing the sandbox's connection the same
+		// way lets its HTTP client retry, as it would without the proxy.
+		c.fm.request(decisionError, string(ReasonUpstreamUnreachable), time.Since(start))
+		return false, nil
+	case errors.As(err, &ce):
+		c.fm.request(decisionError, string(ReasonClientGone), time.Since(start))
+		return false, fmt.Errorf("relaying a response: %w", err)
+	case c.wrote:
+		c.fm.request(decisionError, string(ReasonBadUpstreamResponse), time.Since(start))
+		return false, fmt.Errorf("relaying a response: %w", err)
+	}
+	return c.upstreamFailed(q, start, err)
+}
+
+// clientError is a failed write to the sandbox.
+type clientError struct{ err error }
+
+func (e *clientError) Error() string { return "writing to the sandbox: " + e.err.Error() }
+func (e *clientError) Unwrap() error { return e.err }
+
+// upstreamFailed answers a request whose response never started.
+func (c *conn) upstreamFailed(q *request, start time.Time, err error) (bool, error) {
+	var rf *refusal
+	switch {
+	case errors.As(err, &rf):
+		rf.reason = ReasonBadUpstreamResponse
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		rf = refuse(ReasonUpstreamTimeout, "%v", err)
+	default:
+		rf = refuse(ReasonUpstreamUnreachable, "%v", err)
+	}
+	c.refuse(q, rf, start, false)
+	return false, fmt.Errorf("upstream: %w", err)
+}
+
+type bodyResult struct {
+	n          int64
+	err        error
+	clientSide bool // the sandbox, not the upstream, failed
+}
+
+// streamBody copies n body bytes from the sandbox to the upstream. On
+// failure it aborts the response read, so that relay returns.
+func (c *conn) streamBody(n int64) (res bodyResult) {
+	c.client.setReadIdle(c.lim.BodyIdleTimeout)
+	defer c.client.setReadIdle(0)
+	if c.bodyBuf == nil {
+		c.bodyBuf = make([]byte, copyBufferSize)
+	}
+	for n > 0 {
+		if c.cr.Buffered() == 0 {
+			// About to wait for the sandbox: send what is buffered (at
+			// first the head, which an Expect: 100-continue client waits
+			// on).
+			if err := c.uw.Flush(); err != nil {
+				c.up.abortRead()
+				return bodyResult{n: res.n, err: err}
+			}
+		}
+		m, err := c.cr.Read(c.bodyBuf[:min(int64(len(c.bodyBuf)), n)])
+		if m > 0 {
+			n -= int64(m)
+			if _, werr := c.uw.Write(c.bodyBuf[:m]); werr != nil {
+				c.up.abortRead()
+				return bodyResult{n: res.n, err: werr}
+			}
+			res.n += int64(m)
+		}
+		if err != nil {
+			c.up.abortRead()
+			return bodyResult{n: res.n, err: unexpected(err), clientSide: true}
+		}
+	}
+	if err := c.uw.Flush(); err != nil {
+		c.up.abortRead()
+		return bodyResult{n: res.n, err: err}
+	}
+	c.up.setReadDeadline(time.Now().Add(c.lim.ResponseHeaderTimeout))
+	return res
+}
+
+// errStaleUpstream: a reused upstream connection ended before any byte of
+// a response.
+var errStaleUpstream = errors.New("upstream closed the connection without a response")
+
+// relay copies the upstream's response to the client verbatim: the head's
+// bytes as received, the body in its own framing. It returns the final
+// status and whether both sides keep the connection.
+func (c *conn) relay(q *request) (status int, keep bool, err error) {
+	c.wrote = false
+	lim := c.responseLimits()
+	for first := true; ; first = false {
+		if _, err := c.ur.Peek(1); err != nil {
+			if first && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+				return 0, false, errStaleUpstream
+			}
+			return 0, false, err
+		}
+		var resp response
+		c.respHead, c.spans, resp, err = readResponse(c.ur, c.respHead, c.spans, lim)
+		if err != nil {
+			return 0, false, err
+		}
+		if resp.status < 200 {
+			if resp.status == 101 {
+				if q.upgrade == "" || !c.rules.allowsUpgrade(string(resp.upgrade)) {
+					return 0, false, refuse(ReasonBadUpstreamResponse, "101 to a protocol not requested or not allowed")
+				}
+				if err := c.writeClient(c.respHead, true); err != nil {
+					return 0, false, err
+				}
+				return 101, false, c.tunnel()
+			}
+			if resp.status == 100 && c.sent100 {
+				continue // the sandbox already got ours
+			}
+			if err := c.writeClient(c.respHead, true); err != nil {
+				return 0, false, err
+			}
+			c.up.setReadDeadline(time.Now().Add(c.lim.ResponseHeaderTimeout))
+			continue
+		}
+		if err := c.writeClient(c.respHead, false); err != nil {
+			return 0, false, err
+		}
+		c.up.setReadIdle(c.lim.BodyIdleTimeout)
+		switch {
+		case q.method == "HEAD" || resp.status == 204 || resp.status == 304:
+		case resp.chunked:
+			err = c.relayChunked()
+		case resp.contentLength >= 0:
+			err = c.relayBody(resp.contentLength)
+		default:
+			resp.close = true
+			err = c.relayBody(-1)
+		}
+		c.up.setReadIdle(0)
+		if err == nil {
+			err = c.flushClient()
+		}
+		return resp.status, err == nil && !resp.close && !q.close, err
+	}
+}
+
+// responseLimits bound a response head or trailer: a line fits the
+// upstream reader; the field count is bounded by the byte limit only.
+func (c *conn) responseLimits() headLimits {
+	return headLimits{maxLine: upstreamReaderSize - 2, maxHead: c.lim.MaxResponseHeaderBytes, maxFields: c.lim.MaxResponseHeaderBytes}
+}
+
+// writeClient writes response bytes to the sandbox, flushing when asked.
+func (c *conn) writeClient(b []byte, flush bool) error {
+	c.wrote = true
+	if _, err := c.cw.Write(b); err != nil {
+		return &clientError{err}
+	}
+	if flush {
+		return c.flushClient()
+	}
+	return nil
+}
+
+func (c *conn) flushClient() error {
+	if err := c.cw.Flush(); err != nil {
+		return &clientError{err}
+	}
+	return nil
+}
+
+// relayBody copies n bytes (n < 0: up to the upstream's EOF) to the
+// sandbox, flushing whenever the upstream has nothing more buffered so
+// that streamed responses are not delayed.
+func (c *conn) relayBody(n int64) error {
+	if c.buf == nil {
+		c.buf = make([]byte, copyBufferSize)
+	}
+	for n != 0 {
+		want := int64(len(c.buf))
+		if n > 0 {
+			want = min(want, n)
+		}
+		m, err := c.ur.Read(c.buf[:want])
+		if m > 0 {
+			if n > 0 {
+				n -= int64(m)
+			}
+			if _, werr := c.cw.Write(c.buf[:m]); werr != nil {
+				return &clientError{werr}
+			}
+		}
+		if err != nil {
+			if n < 0 && errors.Is(err, io.EOF) {
+				return nil
+			}
+			return unexpected(err)
+		}
+		if c.ur.Buffered() == 0 {
+			if err := c.flushClient(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// relayChunked copies a chunked body verbatim, following its framing to
+// find its end.
+func (c *conn) relayChunked() error {
+	for {
+		line, err := readLine(c.ur, maxChunkLine*16, ReasonBadUpstreamResponse)
+		if err != nil {
+			return unexpected(err)
+		}
+		size, ok := responseChunkSize(line)
+		if !ok {
+			return refuse(ReasonBadUpstreamResponse, "chunk size line")
+		}
+		c.scratch = append(append(c.scratch[:0], line...), '\r', '\n')
+		if _, err := c.cw.Write(c.scratch); err != nil {
+			return &clientError{err}
+		}
+		if size == 0 {
+			return c.relayTrailer()
+		}
+		if err := c.relayBody(size); err != nil {
+			return err
+		}
+		end, err := c.ur.Peek(2)
+		if err != nil {
+			return unexpected(err)
+		}
+		if end[0] != '\r' || end[1] != '\n' {
+			return refuse(ReasonBadUpstreamResponse, "chunk data not followed by CRLF")
+		}
+		if _, err := c.cw.Write(end); err != nil {
+			return &clientError{err}
+		}
+		_, _ = c.ur.Discard(2)
+	}
+}
+
+// relayTrailer copies a response's trailer section and its final CRLF.
+func (c *conn) relayTrailer() error {
+	var err error
+	c.scratch, c.spans, err = readFields(c.ur, c.scratch[:0], c.spans[:0], c.responseLimits())
+	if err != nil {
+		return unexpected(err)
+	}
+	if _, err := c.cw.Write(c.scratch); err != nil {
+		return &clientError{err}
+	}
+	return nil
+}
+
+// tunnel relays an allowed upgrade's new protocol in both directions,
+// uninspected, until both sides have closed their half.
+func (c *conn) tunnel() error {
+	_ = c.client.Conn.SetDeadline(time.Time{})
+	_ = c.up.Conn.SetDeadline(time.Time{})
+	var wg sync.WaitGroup
+	var errUp, errDown error
+	var sent int64
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		sent, errUp = pump(c.up.Conn, c.cr, c.client.Conn)
+	}()
+	go func() {
+		defer wg.Done()
+		_, errDown = pump(c.client.Conn, c.ur, c.up.Conn)
+	}()
+	wg.Wait()
+	c.fm.sent(sent)
+	return errors.Join(errUp, errDown)
+}
+
+// pump copies what src has buffered, then everything from its connection,
+// to dst, and half-closes dst.
+func pump(dst net.Conn, src *bufio.Reader, srcConn net.Conn) (int64, error) {
+	var n int64
+	if k := src.Buffered(); k > 0 {
+		b, _ := src.Peek(k)
+		m, err := dst.Write(b)
+		n += int64(m)
+		if err != nil {
+			return n, err
+		}
+		_, _ = src.Discard(k)
+	}
+	m, err := io.Copy(dst, srcConn)
+	n += m
+	if cw, ok := dst.(closeWriter); ok {
+		_ = cw.CloseWrite()
+	} else {
+		_ = dst.Close()
+	}
+	return n, err
+}
+
+// dial connects to the flow's original destination.
+func (c *conn) dial() error {
+	ctx, cancel := context.WithTimeout(c.ctx, c.lim.DialTimeout)
+	defer cancel()
+	dial := c.p.Dial
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	nc, err := dial(ctx, "tcp", c.flow.Dst.String())
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.aborted {
+		_ = nc.Close()
+		return context.Cause(c.ctx)
+	}
+	c.up = &timedConn{Conn: nc, writeIdle: c.lim.BodyIdleTimeout}
+	c.ur = bufio.NewReaderSize(c.up, upstreamReaderSize)
+	c.uw = bufio.NewWriterSize(c.up, writerSize)
+	return nil
+}
+
+// timedConn enforces idle timeouts: with readIdle (writeIdle) set, every
+// Read (Write) first moves the deadline that far ahead. abortRead makes
+// reads fail for good, even one racing with a deadline refresh.
+type timedConn struct {
+	net.Conn
+	writeIdle time.Duration // set before the connection is shared
+
+	mu       sync.Mutex
+	readIdle time.Duration
+	aborted  bool
+}
+
+var errAborted = errors.New("read aborted")
+
+func (t *timedConn) Read(p []byte) (int, error) {
+	t.mu.Lock()
+	if t.aborted {
+		t.mu.Unlock()
+		return 0, errAborted
+	}
+	if t.readIdle > 0 {
+		_ = t.Conn.SetReadDeadline(time.Now().Add(t.readIdle))
+	}
+	t.mu.Unlock()
+	return t.Conn.Read(p)
+}
+
+func (t *timedConn) Write(p []byte) (int, error) {
+	if t.writeIdle > 0 {
+		_ = t.Conn.SetWriteDeadline(time.Now().Add(t.writeIdle))
+	}
+	return t.Conn.Write(p)
+}
+
+func (t *timedConn) setReadIdle(d time.Duration) {
+	t.mu.Lock()
+	t.readIdle = d
+	t.mu.Unlock()
+}
+
+func (t *timedConn) setReadDeadline(d time.Time) {
+	t.mu.Lock()
+	if !t.aborted {
+		_ = t.Conn.SetReadDeadline(d)
+	}
+	t.mu.Unlock()
+}
+
+func (t *timedConn) abortRead() {
+	t.mu.Lock()
+	t.aborted = true
+	_ = t.Conn.SetReadDeadline(time.Unix(1, 0))
+	t.mu.Unlock()
+}
