@@ -15,7 +15,9 @@
 // Compile turns a policy into Rules (ids 1..n in file order), datapath
 // Entries for cidr destinations, the compiled DNS allow list, and Warnings.
 // Compiled.Match answers "which rule does this flow go to" exactly as the
-// datapath's LPM trie keyed by (proto, port, prefix) does.
+// datapath's LPM trie keyed by (proto, port, prefix) does. When the DNS
+// proxy learns an address for a name, Compiled.EntriesForName gives the
+// datapath entries it opens. Policy.Hash identifies a policy's meaning.
 //
 // # Decisions where POLICY.md is silent
 //
