@@ -113,9 +113,3 @@ func (c *challenges) buryLocked(session string, t tombstone) {
 		c.deadOrder = c.deadOrder[1:]
 	}
 }
-
-func (c *challenges) outstanding() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.live)
-}

@@ -10,6 +10,8 @@
 package simroots
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"crypto/x509"
 	_ "embed"
 	"encoding/pem"
@@ -66,8 +68,30 @@ func Roots() map[string][]*trust.AMDRootCerts {
 	return map[string][]*trust.AMDRootCerts{ProductLine: {r}}
 }
 
-// Issued reports whether cert was signed by the simulated ASK.
+// Issued reports whether cert was signed by the simulated ASK. Answers are
+// remembered per certificate (an RSA-4096 check per release adds up).
 func Issued(cert *x509.Certificate) bool {
 	parse()
-	return cert.CheckSignatureFrom(ask) == nil
+	sum := sha256.Sum256(cert.Raw)
+	issuedMu.Lock()
+	v, ok := issued[sum]
+	issuedMu.Unlock()
+	if ok {
+		return v
+	}
+	v = bytes.Equal(cert.RawIssuer, ask.RawSubject) && cert.CheckSignatureFrom(ask) == nil
+	issuedMu.Lock()
+	if len(issued) >= maxIssued {
+		clear(issued)
+	}
+	issued[sum] = v
+	issuedMu.Unlock()
+	return v
 }
+
+const maxIssued = 4096
+
+var (
+	issuedMu sync.Mutex
+	issued   = map[[sha256.Size]byte]bool{}
+)
