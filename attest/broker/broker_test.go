@@ -311,7 +311,7 @@ func TestConcurrentReleases(t *testing.T) {
 		wg.Go(func() { keys[i], errs[i] = c.Release(context.Background(), keyID) })
 	}
 	wg.Wait()
-	sessions := map[string]bool{}
+	sessions, bindings := map[string]bool{}, map[[64]byte]bool{}
 	for i := range n {
 		if errs[i] != nil {
 			t.Fatalf("release %d: %v", i, errs[i])
@@ -320,9 +320,19 @@ func TestConcurrentReleases(t *testing.T) {
 			t.Fatal("releases disagree on the key")
 		}
 		sessions[keys[i].Evidence.Session] = true
+		bindings[keys[i].Evidence.ReportData] = true
 	}
-	if len(sessions) != n {
-		t.Fatalf("%d distinct sessions for %d releases", len(sessions), n)
+	if len(sessions) != n || len(bindings) != n {
+		t.Fatalf("%d distinct sessions and %d distinct report data for %d releases", len(sessions), len(bindings), n)
+	}
+	nonces := map[string]bool{}
+	for _, r := range e.records() {
+		if r.Kind == broker.KindChallenge {
+			nonces[field(r, "session")] = true
+		}
+	}
+	if len(nonces) < n {
+		t.Fatalf("%d challenges audited for %d releases", len(nonces), n)
 	}
 	granted := 0
 	for _, r := range e.records() {

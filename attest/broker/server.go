@@ -8,6 +8,27 @@
 // holds keys only through attest/broker/keystore and never writes them in
 // the clear; it trusts the simulated (test-only) AMD roots only when the
 // configuration says allowSimulatedTEE.
+//
+// Where KEYBROKER.md is silent, the broker decides:
+//   - HTTP statuses: bad-request and evidence-malformed 400 (413 for a body
+//     over 64 KiB, 405 for a method other than POST, 404 for another path),
+//     unknown-key 404, every other refusal 403.
+//   - Two answers are not refusals and carry codes outside the protocol's
+//     list: 503 "unavailable" (with Retry-After) when the nonce store is full,
+//     500 "internal" when the broker fails, e.g. cannot write its audit log
+//     (then nothing is released).
+//   - A session is consumed by the first release that names it, whatever the
+//     outcome; a session issued for another key id is a bad-request. A
+//     release for an unknown key is refused before its session is looked at.
+//   - notAfter is the release time plus releaseValidity (1h by default).
+//   - Guest policies that allow a migration agent or CXL memory are refused
+//     (policy-not-satisfied) whatever the release policy; SMT is allowed.
+//   - The report must be self-consistent (committed = current TCB and
+//     firmware, reported TCB = the VCEK's, CHIP_ID = the VCEK's HWID), else
+//     policy-not-satisfied.
+//   - When every failing anyOf entry fails with one and the same code, that
+//     code is sent; otherwise policy-not-satisfied, with each entry's reasons
+//     in the detail.
 package broker
 
 import (
@@ -297,7 +318,7 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, body []by
 	rec := map[string]any{fieldRequester: r.RemoteAddr, fieldSimulatedAllowed: s.cfg.AllowSimulatedTEE}
 	ctx, cancel := context.WithTimeout(r.Context(), verifyTimeout)
 	defer cancel()
-	resp, err := s.release(ctx, body, rec)
+	resp, err := s.decide(ctx, body, rec)
 	if err != nil {
 		s.refuse(w, KindRelease, rec, err)
 		return
@@ -312,6 +333,18 @@ func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, body []by
 	s.log.Info("key released", fieldKeyID, resp.KeyID, fieldVersion, resp.Version, fieldSimulated, rec[fieldSimulated],
 		fieldRequester, r.RemoteAddr)
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// decide runs release and turns a panic (the evidence parsers and
+// go-sev-guest see attacker bytes) into a failure that is audited and
+// answered, instead of a dropped connection with no record.
+func (s *Server) decide(ctx context.Context, body []byte, rec map[string]any) (resp *attest.ReleaseResponse, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			resp, err = nil, fmt.Errorf("panic while deciding a release: %v", p)
+		}
+	}()
+	return s.release(ctx, body, rec)
 }
 
 // release decides a release request, recording what it learns in rec.

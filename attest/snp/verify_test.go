@@ -262,3 +262,37 @@ func TestCachingGetter(t *testing.T) {
 type getterFunc func(string) ([]byte, error)
 
 func (f getterFunc) Get(url string) ([]byte, error) { return f(url) }
+
+// FuzzVerify feeds mutated simulated evidence through verification and
+// policy evaluation: whatever the bytes, the answer is a verdict or a
+// refusal, never a panic (go-sev-guest parses attacker input here).
+func FuzzVerify(f *testing.F) {
+	a, err := simulated.New(simulated.DefaultConfig())
+	if err != nil {
+		f.Fatal(err)
+	}
+	ev, err := a.Evidence(context.Background(), [64]byte{})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(ev)
+	f.Add(ev[:snp.ReportSize])
+	ref := refValues(simulated.DefaultConfig())
+	v := &snp.Verifier{AllowSimulated: true}
+	f.Fuzz(func(t *testing.T, evidence []byte) {
+		got, err := v.Verify(context.Background(), evidence)
+		if err != nil {
+			var r *attest.Refusal
+			if !errors.As(err, &r) {
+				t.Fatalf("Verify returned a non-refusal: %v", err)
+			}
+			return
+		}
+		if _, err := got.Satisfies([]snp.ReferenceValues{ref}); err != nil {
+			var r *attest.Refusal
+			if !errors.As(err, &r) {
+				t.Fatalf("Satisfies returned a non-refusal: %v", err)
+			}
+		}
+	})
+}
