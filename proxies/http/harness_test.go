@@ -58,15 +58,27 @@ type upstream struct {
 	srv  *http.Server
 	port uint16
 
-	mu    sync.Mutex
-	conns int
-	in    bytes.Buffer // bytes received, capped at rawCap
-	inN   int64        // bytes received, all of them
-	out   bytes.Buffer // bytes sent, capped at rawCap
-	reqs  []recorded
+	mu     sync.Mutex
+	conns  int
+	in     bytes.Buffer // bytes received, up to rawCap
+	inN    int64        // bytes received, all of them
+	out    bytes.Buffer // bytes sent, up to rawCap
+	rawCap int
+	reqs   []recorded
+	quiet  bool // count, but keep no request records (benchmarks)
+	open   []net.Conn
 }
 
-const rawCap = 4 << 20
+// closeConns closes the upstream's side of every connection, as an idle
+// timeout would.
+func (u *upstream) closeConns() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, c := range u.open {
+		_ = c.Close()
+	}
+	u.open = nil
+}
 
 func newUpstream(t testing.TB) *upstream {
 	t.Helper()
@@ -74,7 +86,7 @@ func newUpstream(t testing.TB) *upstream {
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &upstream{ln: ln, port: uint16(ln.Addr().(*net.TCPAddr).Port)}
+	u := &upstream{ln: ln, port: uint16(ln.Addr().(*net.TCPAddr).Port), rawCap: 4 << 20}
 	u.srv = &http.Server{Handler: http.HandlerFunc(u.serveHTTP), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = u.srv.Serve(recordingListener{ln, u}) }()
 	t.Cleanup(func() { _ = u.srv.Close() })
@@ -99,7 +111,9 @@ func (u *upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		rec.Body = buf.Bytes()
 	}
 	u.mu.Lock()
-	u.reqs = append(u.reqs, rec)
+	if !u.quiet {
+		u.reqs = append(u.reqs, rec)
+	}
 	u.mu.Unlock()
 
 	switch {
@@ -163,6 +177,7 @@ func (l recordingListener) Accept() (net.Conn, error) {
 	}
 	l.u.mu.Lock()
 	l.u.conns++
+	l.u.open = append(l.u.open, c)
 	l.u.mu.Unlock()
 	return &recordingConn{Conn: c, u: l.u}, nil
 }
@@ -177,8 +192,8 @@ func (c *recordingConn) Read(p []byte) (int, error) {
 	if n > 0 {
 		c.u.mu.Lock()
 		c.u.inN += int64(n)
-		if c.u.in.Len() < rawCap {
-			c.u.in.Write(p[:min(n, rawCap-c.u.in.Len())])
+		if c.u.in.Len() < c.u.rawCap {
+			c.u.in.Write(p[:min(n, c.u.rawCap-c.u.in.Len())])
 		}
 		c.u.mu.Unlock()
 	}
@@ -189,8 +204,8 @@ func (c *recordingConn) Read(p []byte) (int, error) {
 // may already compare them.
 func (c *recordingConn) Write(p []byte) (int, error) {
 	c.u.mu.Lock()
-	if c.u.out.Len() < rawCap {
-		c.u.out.Write(p[:min(len(p), rawCap-c.u.out.Len())])
+	if c.u.out.Len() < c.u.rawCap {
+		c.u.out.Write(p[:min(len(p), c.u.rawCap-c.u.out.Len())])
 	}
 	c.u.mu.Unlock()
 	return c.Conn.Write(p)

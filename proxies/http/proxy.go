@@ -371,11 +371,12 @@ func (c *conn) release() {
 
 // refuse answers a request the proxy will not forward, reports it, and
 // returns whether the connection may carry another request: only after a
-// refusal that says nothing about framing, of a well-formed request whose
-// body was consumed (or absent), when the sandbox did not ask to close.
+// refusal that says nothing about framing, of a well-formed HTTP/1.1
+// request whose body was consumed (or absent), when the sandbox did not ask
+// to close. (HTTP/1.0 clients may read a refusal to the connection's end.)
 func (c *conn) refuse(q *request, rf *refusal, start time.Time, consumed bool) bool {
 	info := reasons[rf.reason]
-	keep := info.keepable && consumed && !q.close
+	keep := info.keepable && consumed && !q.close && q.minor == 1
 	path := q.rawPath
 	if path == "" {
 		path, _, _ = strings.Cut(q.target, "?")

@@ -39,6 +39,7 @@ func TestAllowedRequestPassesByteForByte(t *testing.T) {
 		{name: "absolute-form naming the flow's host", req: "GET http://{host}/v1/results HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"},
 		{name: "escaped unreserved bytes match decoded", req: "GET /v1/re%73ults/a%20b HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"},
 		{name: "HTTP/1.0", req: "GET /v1/results HTTP/1.0\r\nHost: {host}\r\n\r\n"},
+		{name: "HEAD", req: "HEAD /v1/results/download?size=1000 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"},
 		{name: "download 1 MiB", req: "GET /v1/results/download?size=1048576 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"},
 		{name: "chunked streamed response", req: "GET /v1/results/stream HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"},
 	}
@@ -69,7 +70,7 @@ func TestAllowedRequestPassesByteForByte(t *testing.T) {
 			if out := h.up.rawOut(); !bytes.Equal(got, []byte(out)) {
 				t.Errorf("sandbox received %d bytes, upstream sent %d; first difference at %d", len(got), len(out), firstDiff(got, []byte(out)))
 			}
-			resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(got)), nil)
+			resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(got)), &http.Request{Method: strings.Fields(req)[0]})
 			if err != nil || resp.StatusCode != http.StatusOK {
 				t.Fatalf("response %v, %v; want 200", resp, err)
 			}
@@ -274,6 +275,33 @@ func TestRefusalKeepsTrustedConnection(t *testing.T) {
 		t.Fatalf("got %d close=%v, want 403 and the connection closed", resp.StatusCode, resp.Close)
 	}
 	h.up.assertNothing(t)
+}
+
+// TestStaleUpstreamIsRetriedByTheClient: when the upstream drops an idle
+// keep-alive connection, the proxy drops the sandbox's connection the same
+// way, and the sandbox's HTTP client retries as it would without a proxy.
+func TestStaleUpstreamIsRetriedByTheClient(t *testing.T) {
+	h := newHarness(t, policyRules())
+	cl := h.client()
+	get := func() int {
+		resp, err := cl.Get(h.url("/v1/results"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if st := get(); st != 200 {
+		t.Fatalf("first request: %d", st)
+	}
+	h.up.closeConns()
+	if st := get(); st != 200 {
+		t.Fatalf("request after the upstream closed: %d", st)
+	}
+	if reqs := h.up.requests(); len(reqs) != 2 {
+		t.Fatalf("upstream handled %d requests, want 2", len(reqs))
+	}
 }
 
 // TestPipelined checks that every pipelined request is inspected on its
