@@ -8,4 +8,14 @@
 // refusal codes. It depends on the standard library only, so the daemon can
 // import it without pulling in go-sev-guest (whose packages register global
 // flags). It must not touch hardware, the network or the disk.
+//
+// The subpackages:
+//
+//	attest/snp               SEV-SNP evidence framing, chain verification, release-policy evaluation
+//	attest/snp/guest         the hardware attester (go-sev-guest quote provider)
+//	attest/simulated         the simulated attester (tests and demos only; links test keys)
+//	attest/simulated/simroots  public certificates of the simulated chain (no keys)
+//	attest/broker            the key broker service and its configuration
+//	attest/broker/keystore   keys sealed at rest under the master key
+//	attest/broker/client     the runtime's client: Release(ctx, keyID)
 package attest

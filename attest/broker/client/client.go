@@ -7,6 +7,11 @@
 // It imports only the standard library and package attest, so the daemon can
 // use it without go-sev-guest. It must not cache or persist keys: that is
 // the caller's decision.
+//
+//	a, err := guest.New() // attest/snp/guest; simulated.New(cfg) in tests
+//	c := client.New("https://broker:8443", pool, a)
+//	key, err := c.Release(ctx, "egress-dek")
+//	if errors.Is(err, attest.CodeMeasurementNotAllowed) { … }
 package client
 
 import (
