@@ -117,9 +117,6 @@ func BenchmarkMatch(b *testing.B) {
 // step would blow far past the bound. The race detector slows everything
 // several times, so only the result is checked under it.
 func TestCompileLargePolicies(t *testing.T) {
-	if testing.Short() {
-		t.Skip("large policies: skipped with -short")
-	}
 	for _, tc := range []struct {
 		name    string
 		p       *Policy
