@@ -48,7 +48,7 @@ type Conf struct {
 var knownFields = map[string]bool{
 	"cniVersion": true, "cniVersions": true, "name": true, "type": true, "capabilities": true,
 	"ipam": true, "dns": true, "prevResult": true, "runtimeConfig": true, "args": true,
-	"cni.dev/valid-attachments": true, "disableCheck": true, "disableGC": true,
+	"cni.dev/valid-attachments": true, "cni.dev/attachments": true, "disableCheck": true, "disableGC": true,
 	"policy": true, "socket": true, "timeout": true,
 }
 

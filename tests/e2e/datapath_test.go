@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/cleanwall/cleanwall/bpf"
-	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
 
@@ -117,5 +116,3 @@ func TestDisallowedPortIsDroppedAndCounted(t *testing.T) {
 		t.Fatalf("drop not counted: %s", countersString(t, d, sb))
 	}
 }
-
-var _ = api.Sandbox{}

@@ -76,7 +76,8 @@ func (d *Daemon) Start() {
 	cmd := exec.Command(filepath.Join(d.env.Bin, "cleanwalld"), args...)
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// No Pdeathsig: it fires when the forking *thread* exits, and namespace
+	// helpers retire locked threads on purpose. Cleanup stops the daemon.
 	err := netns.Do(d.env.Node, cmd.Start)
 	if err != nil {
 		t.Fatalf("starting cleanwalld: %v", err)

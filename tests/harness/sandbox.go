@@ -122,7 +122,8 @@ func (e *Env) AddSandbox(name string, o SandboxOptions) (*Sandbox, error) {
 			e.T.Fatal(err)
 		}
 	}
-	list, err := libcni.ConfListFromBytes(e.ConfList(e.Name+"-"+name, o, policyFile))
+	// One network name per env: host-local then hands every sandbox its own address.
+	list, err := libcni.ConfListFromBytes(e.ConfList(e.Name, o, policyFile))
 	if err != nil {
 		e.T.Fatal(err)
 	}
