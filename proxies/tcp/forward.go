@@ -72,6 +72,9 @@ func (f *Forwarder) Forward(ctx context.Context, client net.Conn, flow Flow, sta
 	}
 	up, err := dial(ctx, "tcp", flow.Dst.String())
 	if err != nil {
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
 		return fmt.Errorf("dialing %s: %w", flow.Dst, err)
 	}
 	defer up.Close()

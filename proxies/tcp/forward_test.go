@@ -121,12 +121,19 @@ func TestForwardIdleTimeout(t *testing.T) {
 }
 
 func TestForwardCancelClosesFlow(t *testing.T) {
-	dst := upstream(t, func(c *net.TCPConn) { io.Copy(io.Discard, c) })
+	got := make(chan struct{})
+	dst := upstream(t, func(c *net.TCPConn) {
+		b := make([]byte, 5)
+		io.ReadFull(c, b)
+		close(got)
+		io.Copy(io.Discard, c)
+	})
 	proxySide, sandbox := clientPair(t)
 	ctx, cancel := context.WithCancelCause(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- (&Forwarder{}).Forward(ctx, proxySide, Flow{Dst: dst}, nil) }()
 	sandbox.Write([]byte("hello"))
+	<-got // the flow is established end to end
 	cause := errors.New("policy no longer allows this flow")
 	cancel(cause)
 	if err := <-done; !errors.Is(err, cause) {
