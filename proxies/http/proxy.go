@@ -151,8 +151,8 @@ func (p *Proxy) ServeConn(ctx context.Context, client net.Conn, flow Flow, rules
 		fm:     newFlowMetrics(p.Metrics, flow),
 		client: &timedConn{Conn: client, writeIdle: lim.BodyIdleTimeout},
 	}
-	c.cr = bufio.NewReaderSize(c.client, max(minClientReader, lim.MaxLineBytes+2))
-	c.cw = bufio.NewWriterSize(c.client, writerSize)
+	c.cr = getReader(c.client, max(minClientReader, lim.MaxLineBytes+2))
+	c.cw = getWriter(c.client)
 	c.rr = requestReader{r: c.cr, lim: headLimits{maxLine: lim.MaxLineBytes, maxHead: lim.MaxHeaderBytes, maxFields: lim.MaxHeaderCount}}
 
 	stop := context.AfterFunc(ctx, c.abort)
@@ -197,8 +197,8 @@ type conn struct {
 	sent100  bool   // the proxy answered Expect: 100-continue itself
 	wrote    bool   // part of the current response reached the client
 
-	buf      []byte // response copy buffer
-	bodyBuf  []byte // request body copy buffer (its own goroutine)
+	buf      *[]byte // response copy buffer
+	bodyBuf  *[]byte // request body copy buffer (its own goroutine)
 	scratch  []byte
 	respHead []byte
 	spans    []fieldSpan
@@ -434,6 +434,13 @@ func (c *conn) finish() {
 		_, _ = io.CopyN(io.Discard, c.client.Conn, lingerBytes)
 	}
 	_ = c.client.Close()
+	putReader(c.cr)
+	putWriter(c.cw)
+	putReader(c.ur)
+	putWriter(c.uw)
+	putBuffer(c.buf)
+	putBuffer(c.bodyBuf)
+	c.cr, c.cw, c.ur, c.uw, c.buf, c.bodyBuf = nil, nil, nil, nil, nil, nil
 }
 
 type closeWriter interface{ CloseWrite() error }

@@ -302,6 +302,9 @@ func TestStaleUpstreamIsRetriedByTheClient(t *testing.T) {
 	if reqs := h.up.requests(); len(reqs) != 2 {
 		t.Fatalf("upstream handled %d requests, want 2", len(reqs))
 	}
+	if n := value(h.proxy.Metrics.requests.WithLabelValues("sb-1", "results-api", "error", string(ReasonUpstreamUnreachable))); n != 1 {
+		t.Fatalf("stale upstream counted %v times, want 1 (was the stale path taken?)", n)
+	}
 }
 
 // TestPipelined checks that every pipelined request is inspected on its

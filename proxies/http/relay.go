@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"sync"
@@ -70,7 +71,9 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 	switch {
 	case err == nil:
 		c.fm.request(decisionAllow, reasonNone, time.Since(start))
-		c.log.Debug("request forwarded", logMethod, truncate(q.method, maxDenialMethod), logPath, truncate(q.rawPath, maxDenialPath), logStatus, status)
+		if c.log.Enabled(c.ctx, slog.LevelDebug) {
+			c.log.Debug("request forwarded", logMethod, truncate(q.method, maxDenialMethod), logPath, truncate(q.rawPath, maxDenialPath), logStatus, status)
+		}
 		return keep, nil
 	case body.err != nil && !c.wrote:
 		// The exchange failed because the body did.
@@ -88,6 +91,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		// it, without answering. Closing the sandbox's connection the same
 		// way lets its HTTP client retry, as it would without the proxy.
 		c.fm.request(decisionError, string(ReasonUpstreamUnreachable), time.Since(start))
+		c.log.Debug("upstream closed an idle connection; closing the sandbox's", logMethod, truncate(q.method, maxDenialMethod), logPath, truncate(q.rawPath, maxDenialPath))
 		return false, nil
 	case errors.As(err, &ce):
 		c.fm.request(decisionError, string(ReasonClientGone), time.Since(start))
@@ -132,8 +136,9 @@ func (c *conn) streamBody(n int64) (res bodyResult) {
 	c.client.setReadIdle(c.lim.BodyIdleTimeout)
 	defer c.client.setReadIdle(0)
 	if c.bodyBuf == nil {
-		c.bodyBuf = make([]byte, copyBufferSize)
+		c.bodyBuf = getBuffer()
 	}
+	buf := *c.bodyBuf
 	for n > 0 {
 		if c.cr.Buffered() == 0 {
 			// About to wait for the sandbox: send what is buffered (at
@@ -144,10 +149,10 @@ func (c *conn) streamBody(n int64) (res bodyResult) {
 				return bodyResult{n: res.n, err: err}
 			}
 		}
-		m, err := c.cr.Read(c.bodyBuf[:min(int64(len(c.bodyBuf)), n)])
+		m, err := c.cr.Read(buf[:min(int64(len(buf)), n)])
 		if m > 0 {
 			n -= int64(m)
-			if _, werr := c.uw.Write(c.bodyBuf[:m]); werr != nil {
+			if _, werr := c.uw.Write(buf[:m]); werr != nil {
 				c.up.abortRead()
 				return bodyResult{n: res.n, err: werr}
 			}
@@ -259,19 +264,20 @@ func (c *conn) flushClient() error {
 // that streamed responses are not delayed.
 func (c *conn) relayBody(n int64) error {
 	if c.buf == nil {
-		c.buf = make([]byte, copyBufferSize)
+		c.buf = getBuffer()
 	}
+	buf := *c.buf
 	for n != 0 {
-		want := int64(len(c.buf))
+		want := int64(len(buf))
 		if n > 0 {
 			want = min(want, n)
 		}
-		m, err := c.ur.Read(c.buf[:want])
+		m, err := c.ur.Read(buf[:want])
 		if m > 0 {
 			if n > 0 {
 				n -= int64(m)
 			}
-			if _, werr := c.cw.Write(c.buf[:m]); werr != nil {
+			if _, werr := c.cw.Write(buf[:m]); werr != nil {
 				return &clientError{werr}
 			}
 		}
@@ -403,8 +409,8 @@ func (c *conn) dial() error {
 		return context.Cause(c.ctx)
 	}
 	c.up = &timedConn{Conn: nc, writeIdle: c.lim.BodyIdleTimeout}
-	c.ur = bufio.NewReaderSize(c.up, upstreamReaderSize)
-	c.uw = bufio.NewWriterSize(c.up, writerSize)
+	c.ur = getReader(c.up, upstreamReaderSize)
+	c.uw = getWriter(c.up)
 	return nil
 }
 

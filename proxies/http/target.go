@@ -222,19 +222,32 @@ func (m *hostMatcher) allows(hp string) bool {
 	if port != m.port {
 		return false
 	}
-	if a, err := netip.ParseAddr(host); err == nil {
-		// Only literal IPs in Flow.Hosts (cidr rules) accept an IP Host:
-		// a bracketed v6 or a dotted v4, never a v6 without brackets.
-		if a.Is6() != strings.HasPrefix(hp, "[") || a.Is4In6() {
-			return false
+	bracketed := strings.HasPrefix(hp, "[")
+	// Only something that can be an IP literal goes through ParseAddr,
+	// which allocates an error for every name.
+	if host != "" && (bracketed || isDigit(host[0])) {
+		if a, err := netip.ParseAddr(host); err == nil {
+			return m.allowsAddr(a, bracketed)
 		}
-		for _, b := range m.addrs {
-			if a.Unmap() == b {
-				return true
-			}
-		}
+	}
+	return m.allowsName(host)
+}
+
+// allowsAddr: only literal IPs in Flow.Hosts (cidr rules) accept an IP
+// Host, written as a dotted v4 or a bracketed v6 (not a v4-mapped one).
+func (m *hostMatcher) allowsAddr(a netip.Addr, bracketed bool) bool {
+	if a.Is6() != bracketed || a.Is4In6() {
 		return false
 	}
+	for _, b := range m.addrs {
+		if a == b {
+			return true
+		}
+	}
+	return false
+}
+
+func (m *hostMatcher) allowsName(host string) bool {
 	for _, n := range m.names {
 		if strings.EqualFold(host, n) {
 			return true
