@@ -246,7 +246,9 @@ func (rr *requestReader) read(q *request) error {
 	rr.buf = append(rr.buf, '\r', '\n')
 	rr.buf, rr.spans, err = readFields(rr.r, rr.buf, rr.spans[:0], rr.lim)
 	if err != nil {
-		q.method = string(line[:sp1])
+		// Keep the request line for the audit record.
+		q.method = string(rr.buf[:sp1])
+		q.target = string(rr.buf[sp1+1 : sp2])
 		return err
 	}
 	q.text = string(rr.buf)
@@ -391,7 +393,7 @@ func connectionTokens(v string, fn func(string) *refusal) *refusal {
 }
 
 // parseDecimal parses 1 to 18 ASCII digits.
-func parseDecimal(s string) (int64, bool) {
+func parseDecimal[T string | []byte](s T) (int64, bool) {
 	if len(s) == 0 || len(s) > 18 {
 		return 0, false
 	}
@@ -571,7 +573,7 @@ func readResponse(r *bufio.Reader, buf []byte, spans []fieldSpan, lim headLimits
 		name, value := buf[sp.start:sp.colon], buf[sp.vs:sp.ve]
 		switch {
 		case bytes.EqualFold(name, []byte("Content-Length")):
-			n, ok := parseDecimal(string(value))
+			n, ok := parseDecimal(value)
 			if !ok || (resp.contentLength >= 0 && n != resp.contentLength) {
 				return buf, spans, resp, refuse(ReasonBadUpstreamResponse, "bad Content-Length")
 			}
@@ -599,8 +601,8 @@ func readResponse(r *bufio.Reader, buf []byte, spans []fieldSpan, lim headLimits
 			resp.upgrade = value
 		}
 	}
-	if te && resp.contentLength >= 0 {
-		return buf, spans, resp, refuse(ReasonBadUpstreamResponse, "both Content-Length and Transfer-Encoding")
+	if te && (resp.contentLength >= 0 || minor == 0) {
+		return buf, spans, resp, refuse(ReasonBadUpstreamResponse, "Transfer-Encoding with Content-Length or in HTTP/1.0")
 	}
 	if te && !resp.chunked {
 		resp.untilClose = true

@@ -192,10 +192,11 @@ type conn struct {
 	ur      *bufio.Reader
 	uw      *bufio.Writer
 
-	held     []byte // the current request's held body
-	reserved int64  // bytes of held counted in p.held
-	sent100  bool   // the proxy answered Expect: 100-continue itself
-	wrote    bool   // part of the current response reached the client
+	held     []byte      // the current request's held body
+	reserved int64       // bytes of held counted in p.held
+	sent100  bool        // the proxy answered Expect: 100-continue itself
+	wrote    bool        // part of the current response reached the client
+	bodySent atomic.Bool // the streamed body is all sent
 
 	buf      *[]byte // response copy buffer
 	bodyBuf  *[]byte // request body copy buffer (its own goroutine)

@@ -675,3 +675,107 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		}
 	}
 }
+
+// TestEarlyResponseIsRelayedAtOnce: an upstream that answers before it has
+// read a streamed body gets its response to the sandbox immediately; the
+// connection then ends, since the rest of the body cannot be told apart
+// from a next request.
+func TestEarlyResponseIsRelayedAtOnce(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		for line := ""; line != "\r\n"; {
+			if line, err = br.ReadString('\n'); err != nil {
+				return
+			}
+		}
+		_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+		_, _ = io.Copy(io.Discard, br)
+	}()
+	dst := netip.MustParseAddrPort(ln.Addr().String())
+	rules := &Rules{Rules: []RequestRule{{}}, MaxBodyBytes: NoBodyLimit}
+	h := newHarness(t, rules, withDst(dst))
+	head := "PUT /up HTTP/1.1\r\nHost: " + testHost + ":" + strconv.Itoa(int(dst.Port())) + "\r\nContent-Length: 1000000\r\n\r\n"
+	resp, body, c, br := h.rawExchange(t, head+"first bytes")
+	if resp.StatusCode != 200 || string(body) != "early" {
+		t.Fatalf("got %d %q before sending the body", resp.StatusCode, body)
+	}
+	if !closedByPeer(c, br) {
+		t.Fatal("connection still open with most of the body unsent")
+	}
+}
+
+// TestDenialRecord checks what the audit trail receives: the method and the
+// path without its query, truncated, even when the head failed after the
+// request line.
+func TestDenialRecord(t *testing.T) {
+	for _, tc := range []struct {
+		raw  string
+		want Denial
+	}{
+		{"GET /v1/admin?token=secret HTTP/1.1\r\nHost: {host}\r\n\r\n", Denial{Reason: ReasonPath, Status: 403, Method: "GET", Path: "/v1/admin"}},
+		{"POST /v1/results?x=1 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", Denial{Reason: ReasonCLAndTE, Status: 400, Method: "POST", Path: "/v1/results"}},
+		{"GET /v1/results HTTP/1.1\r\nHost: {host}\r\nX: a\nY: b\r\n\r\n", Denial{Reason: ReasonBareLF, Status: 400, Method: "GET", Path: "/v1/results"}},
+		{"GET /" + strings.Repeat("a", 300) + " HTTP/1.1\r\nHost: {host}\r\n\r\n", Denial{Reason: ReasonPath, Status: 403, Method: "GET", Path: "/" + strings.Repeat("a", maxDenialPath-1)}},
+		{"GET /v1/results HTTP/9.9\r\n\r\n", Denial{Reason: ReasonHTTPVersion, Status: 505, Method: "GET"}},
+	} {
+		h := newHarness(t, policyRules())
+		h.rawExchange(t, h.raw(tc.raw))
+		if d := h.lastDenials(); len(d) != 1 || d[0] != tc.want {
+			t.Errorf("%q: OnDeny got %+v, want %+v", truncate(tc.raw, 40), d, tc.want)
+		}
+	}
+}
+
+// TestMetricsLabels checks the exported series and that their labels are
+// the bounded set: never a path or a host.
+func TestMetricsLabels(t *testing.T) {
+	h := newHarness(t, policyRules())
+	h.rawExchange(t, h.raw("GET /v1/results HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+	h.rawExchange(t, h.raw("GET /v1/admin HTTP/1.1\r\nHost: {host}\r\n\r\n"))
+	want := map[string][]string{
+		"cleanwall_http_requests_total":           {"decision", "reason", "rule", "sandbox"},
+		"cleanwall_http_request_bytes_out_total":  {"rule", "sandbox"},
+		"cleanwall_http_request_duration_seconds": {"decision", "rule", "sandbox"},
+	}
+	eventually(t, "three metric families", func() bool {
+		mfs, _ := h.reg.Gather()
+		return len(mfs) == 3
+	})
+	mfs, err := h.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		labels, ok := want[mf.GetName()]
+		if !ok {
+			t.Errorf("unexpected series %s", mf.GetName())
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var got []string
+			for _, lp := range m.GetLabel() {
+				got = append(got, lp.GetName())
+				if strings.Contains(lp.GetValue(), "/") || strings.Contains(lp.GetValue(), testHost) {
+					t.Errorf("%s: label %s=%q carries a path or host", mf.GetName(), lp.GetName(), lp.GetValue())
+				}
+			}
+			if strings.Join(got, ",") != strings.Join(labels, ",") {
+				t.Errorf("%s: labels %v, want %v", mf.GetName(), got, labels)
+			}
+		}
+	}
+	h.proxy.Metrics.DeleteSandbox("sb-1")
+	if mfs, _ := h.reg.Gather(); len(mfs) != 0 {
+		t.Errorf("series left after DeleteSandbox: %d families", len(mfs))
+	}
+}

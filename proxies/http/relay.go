@@ -42,6 +42,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		// The response head timeout starts once the body is sent.
 		c.up.setReadDeadline(time.Time{})
 		bodyDone = make(chan bodyResult, 1)
+		c.bodySent.Store(false)
 		go func() { bodyDone <- c.streamBody(q.contentLength) }()
 	} else {
 		if err := c.uw.Flush(); err != nil {
@@ -53,16 +54,15 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 	status, keep, err := c.relay(q)
 	var body bodyResult
 	if stream {
-		select {
-		case body = <-bodyDone:
-		default:
+		if !c.bodySent.Load() {
 			// The upstream answered (or failed) before reading the whole
 			// body: what the sandbox sends next cannot be told apart from
 			// the rest of it, so the connection ends.
-			c.client.abortRead()
-			body = <-bodyDone
+			c.client.abort()
+			c.up.abort()
 			keep = false
 		}
+		body = <-bodyDone
 		sent += body.n
 		keep = keep && body.err == nil
 	}
@@ -130,8 +130,9 @@ type bodyResult struct {
 	clientSide bool // the sandbox, not the upstream, failed
 }
 
-// streamBody copies n body bytes from the sandbox to the upstream. On
-// failure it aborts the response read, so that relay returns.
+// streamBody copies n body bytes from the sandbox to the upstream and sets
+// c.bodySent once all are sent. On failure it aborts the upstream
+// connection, so that relay returns.
 func (c *conn) streamBody(n int64) (res bodyResult) {
 	c.client.setReadIdle(c.lim.BodyIdleTimeout)
 	defer c.client.setReadIdle(0)
@@ -145,7 +146,7 @@ func (c *conn) streamBody(n int64) (res bodyResult) {
 			// first the head, which an Expect: 100-continue client waits
 			// on).
 			if err := c.uw.Flush(); err != nil {
-				c.up.abortRead()
+				c.up.abort()
 				return bodyResult{n: res.n, err: err}
 			}
 		}
@@ -153,23 +154,27 @@ func (c *conn) streamBody(n int64) (res bodyResult) {
 		if m > 0 {
 			n -= int64(m)
 			if _, werr := c.uw.Write(buf[:m]); werr != nil {
-				c.up.abortRead()
+				c.up.abort()
 				return bodyResult{n: res.n, err: werr}
 			}
 			res.n += int64(m)
 		}
 		if err != nil {
-			c.up.abortRead()
+			c.up.abort()
 			return bodyResult{n: res.n, err: unexpected(err), clientSide: true}
 		}
 	}
 	if err := c.uw.Flush(); err != nil {
-		c.up.abortRead()
+		c.up.abort()
 		return bodyResult{n: res.n, err: err}
 	}
+	c.bodySent.Store(true)
 	c.up.setReadDeadline(time.Now().Add(c.lim.ResponseHeaderTimeout))
 	return res
 }
+
+// maxInformational bounds the 1xx responses before a final one.
+const maxInformational = 8
 
 // errStaleUpstream: a reused upstream connection ended before any byte of
 // a response.
@@ -181,9 +186,12 @@ var errStaleUpstream = errors.New("upstream closed the connection without a resp
 func (c *conn) relay(q *request) (status int, keep bool, err error) {
 	c.wrote = false
 	lim := c.responseLimits()
-	for first := true; ; first = false {
+	for informational := 0; ; informational++ {
+		if informational > maxInformational {
+			return 0, false, refuse(ReasonBadUpstreamResponse, "more than %d informational responses", maxInformational)
+		}
 		if _, err := c.ur.Peek(1); err != nil {
-			if first && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			if informational == 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
 				return 0, false, errStaleUpstream
 			}
 			return 0, false, err
@@ -415,18 +423,18 @@ func (c *conn) dial() error {
 }
 
 // timedConn enforces idle timeouts: with readIdle (writeIdle) set, every
-// Read (Write) first moves the deadline that far ahead. abortRead makes
-// reads fail for good, even one racing with a deadline refresh.
+// Read (Write) first moves the deadline that far ahead. abort makes reads
+// and writes fail for good, even one racing with a deadline refresh.
 type timedConn struct {
 	net.Conn
-	writeIdle time.Duration // set before the connection is shared
 
-	mu       sync.Mutex
-	readIdle time.Duration
-	aborted  bool
+	mu        sync.Mutex
+	readIdle  time.Duration
+	writeIdle time.Duration
+	aborted   bool
 }
 
-var errAborted = errors.New("read aborted")
+var errAborted = errors.New("connection aborted")
 
 func (t *timedConn) Read(p []byte) (int, error) {
 	t.mu.Lock()
@@ -442,9 +450,15 @@ func (t *timedConn) Read(p []byte) (int, error) {
 }
 
 func (t *timedConn) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	if t.aborted {
+		t.mu.Unlock()
+		return 0, errAborted
+	}
 	if t.writeIdle > 0 {
 		_ = t.Conn.SetWriteDeadline(time.Now().Add(t.writeIdle))
 	}
+	t.mu.Unlock()
 	return t.Conn.Write(p)
 }
 
@@ -462,9 +476,11 @@ func (t *timedConn) setReadDeadline(d time.Time) {
 	t.mu.Unlock()
 }
 
-func (t *timedConn) abortRead() {
+// abort unblocks and fails every read and write through t (the underlying
+// connection stays usable for finish's drain).
+func (t *timedConn) abort() {
 	t.mu.Lock()
 	t.aborted = true
-	_ = t.Conn.SetReadDeadline(time.Unix(1, 0))
+	_ = t.Conn.SetDeadline(time.Unix(1, 0))
 	t.mu.Unlock()
 }
