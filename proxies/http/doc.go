@@ -12,9 +12,11 @@
 //
 // Request heads are parsed by a strict parser of our own rather than
 // net/http's http.ReadRequest, for two reasons. net/http is deliberately
-// tolerant (bare LF line ends, obs-fold continuation lines, "chunked" among
-// other codings, leading empty lines), and every tolerance is a place where
-// the proxy and the upstream may frame a request differently. And the proxy
+// tolerant as a server (bare LF line ends, obs-fold lines joined to the
+// previous value, repeated identical Content-Length values,
+// Transfer-Encoding ignored in an HTTP/1.0 request, tabs around any value),
+// and every tolerance is a place where the proxy and the upstream may frame
+// a request differently. And the proxy
 // forwards the head verbatim, byte for byte as received, so that what the
 // upstream reads is exactly what was inspected; net/http keeps only a
 // canonicalised header map. The parser refuses rather than repairs:
@@ -44,7 +46,9 @@
 //   - CONNECT is refused (a tunnel is never inspected).
 //
 // Upstream response heads go through the same line and field checks, so that
-// the proxy and the sandbox's client agree on where each response ends.
+// the proxy and the sandbox's client agree on where each response ends; a
+// response with both Content-Length and Transfer-Encoding, or with
+// Transfer-Encoding in HTTP/1.0, is refused (502).
 //
 // # Targets and paths
 //
@@ -156,16 +160,21 @@
 //
 // # Memory and time
 //
-// Per connection: a client reader of max(16 KiB, MaxLineBytes), an upstream
-// reader of 32 KiB, two 4 KiB writers, two 32 KiB copy buffers (allocated
-// on first use), the current request head (at most MaxHeaderBytes, 32 KiB)
-// and upstream response head (at most MaxResponseHeaderBytes, 64 KiB):
-// about 200 KiB, plus a held body (at most MaxHeldBodyBytes, its buffer at
-// most twice that while chunks arrive). Timeouts: HeaderTimeout from a
-// request's first byte to its last head byte, IdleTimeout between requests,
-// BodyIdleTimeout for any stall of a body in either direction,
-// ResponseHeaderTimeout from the request's last byte to the response head,
-// DialTimeout; see Limits for defaults. An upgraded connection has no idle
+// Per connection, at most about 220 KiB plus a held body: a client reader of
+// max(16 KiB, MaxLineBytes), an upstream reader of 32 KiB, two 4 KiB
+// writers and two 32 KiB copy buffers (all pooled across connections), the
+// current request head (MaxHeaderBytes, 32 KiB, and its string copy) and
+// upstream response head (MaxResponseHeaderBytes, 64 KiB). A held body is at
+// most MaxHeldBodyBytes, its buffer at most twice that while chunks arrive,
+// and all held bodies of a Proxy at most MaxHeldTotalBytes. Timeouts:
+// HeaderTimeout from a request's first byte to its last head byte,
+// IdleTimeout between requests, BodyIdleTimeout for any stall of a body in
+// either direction, ResponseHeaderTimeout from the request's last byte to
+// the response head, DialTimeout; at most 8 informational (1xx) responses
+// precede a final one. A failure while a body streams (the sandbox stalls,
+// the upstream stops reading) closes both connections: the upstream is left
+// with an incomplete request, which it discards, as it would had the
+// sandbox been connected directly. An upgraded connection has no idle
 // timeout; it ends with either side or ctx.
 //
 // # Metrics

@@ -296,16 +296,19 @@ func (q *request) interpret(spans []fieldSpan) *refusal {
 			expect++
 			q.expect = f.value
 		case strings.EqualFold(f.name, "Connection"):
-			rf := connectionTokens(f.value, func(tok string) *refusal {
+			var rf *refusal
+			eachListElement(f.value, func(tok string) bool {
 				switch {
+				case !isToken(tok):
+					rf = refuse(ReasonBadHeader, "Connection element %q is not a token", truncate(tok, 32))
 				case strings.EqualFold(tok, "close"):
 					q.close = true
 				case strings.EqualFold(tok, "keep-alive"):
 					keepAlive = true
 				case sensitiveField(tok):
-					return refuse(ReasonBadHeader, "Connection names %s", tok)
+					rf = refuse(ReasonBadHeader, "Connection names %s", tok)
 				}
-				return nil
+				return rf == nil
 			})
 			if rf != nil {
 				return rf
@@ -372,24 +375,18 @@ func sensitiveField(name string) bool {
 	return false
 }
 
-// connectionTokens calls fn for each token of a comma-separated list
-// (empty elements are allowed by the list syntax and skipped).
-func connectionTokens(v string, fn func(string) *refusal) *refusal {
+// eachListElement calls fn for each element of a comma-separated list,
+// trimmed of whitespace (empty elements are allowed by the list syntax and
+// skipped), until fn returns false; it reports whether fn accepted all.
+func eachListElement(v string, fn func(string) bool) bool {
 	for v != "" {
 		var elem string
 		elem, v, _ = strings.Cut(v, ",")
-		elem = strings.Trim(elem, " \t")
-		if elem == "" {
-			continue
-		}
-		if !isToken(elem) {
-			return refuse(ReasonBadHeader, "list element %q is not a token", truncate(elem, 32))
-		}
-		if rf := fn(elem); rf != nil {
-			return rf
+		if elem = strings.Trim(elem, " \t"); elem != "" && !fn(elem) {
+			return false
 		}
 	}
-	return nil
+	return true
 }
 
 // parseDecimal parses 1 to 18 ASCII digits.
@@ -588,14 +585,14 @@ func readResponse(r *bufio.Reader, buf []byte, spans []fieldSpan, lim headLimits
 			}
 			resp.chunked = bytes.EqualFold(last, []byte("chunked"))
 		case bytes.EqualFold(name, []byte("Connection")):
-			_ = connectionTokens(string(value), func(tok string) *refusal {
+			eachListElement(string(value), func(tok string) bool {
 				switch {
 				case strings.EqualFold(tok, "close"):
 					resp.close = true
 				case strings.EqualFold(tok, "keep-alive"):
 					keepAlive = true
 				}
-				return nil
+				return true
 			})
 		case bytes.EqualFold(name, []byte("Upgrade")):
 			resp.upgrade = value

@@ -197,32 +197,15 @@ func contentTypeIn(v string, list []string) bool {
 	return false
 }
 
-// allowsUpgrade reports whether every protocol in an Upgrade value is
-// allowed.
+// allowsUpgrade reports whether an Upgrade value lists at least one
+// protocol ("websocket", "foo/2") and only allowed ones.
 func (r *Rules) allowsUpgrade(v string) bool {
 	seen := false
-	ok := upgradeProtocols(v, func(proto string) bool {
-		name, _, _ := strings.Cut(proto, "/")
+	ok := eachListElement(v, func(proto string) bool {
+		name, version, _ := strings.Cut(proto, "/")
 		seen = true
-		return slices.ContainsFunc(r.AllowUpgrade, func(a string) bool { return strings.EqualFold(a, name) })
+		return isToken(name) && (version == "" || isToken(version)) &&
+			slices.ContainsFunc(r.AllowUpgrade, func(a string) bool { return strings.EqualFold(a, name) })
 	})
 	return ok && seen
-}
-
-// upgradeProtocols walks a comma-separated list of protocol names
-// ("websocket", "h2c", "foo/1") and reports whether fn accepted each.
-func upgradeProtocols(v string, fn func(string) bool) bool {
-	for v != "" {
-		var elem string
-		elem, v, _ = strings.Cut(v, ",")
-		elem = strings.Trim(elem, " \t")
-		if elem == "" {
-			continue
-		}
-		name, version, _ := strings.Cut(elem, "/")
-		if !isToken(name) || (version != "" && !isToken(version)) || !fn(elem) {
-			return false
-		}
-	}
-	return true
 }
