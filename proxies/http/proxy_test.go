@@ -470,6 +470,17 @@ func TestTimeouts(t *testing.T) {
 		}
 		h.up.assertNothing(t)
 	})
+	t.Run("stalled streamed body gets 408", func(t *testing.T) {
+		rules := &Rules{Rules: policyRules().Rules, MaxBodyBytes: 1 << 20} // no patterns: streamed
+		h := newHarness(t, rules, withLimits(lim))
+		resp, _, _, _ := h.rawExchange(t, h.raw("POST /v1/results HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{\"a\""))
+		if resp.StatusCode != 408 {
+			t.Fatalf("got %d, want 408", resp.StatusCode)
+		}
+		if reqs := h.up.requests(); len(reqs) != 0 {
+			t.Fatalf("upstream handled %+v from an incomplete body", reqs)
+		}
+	})
 	t.Run("idle keep-alive closes quietly", func(t *testing.T) {
 		h := newHarness(t, policyRules(), withLimits(lim))
 		_, _, c, br := h.rawExchange(t, h.raw("GET /v1/results HTTP/1.1\r\nHost: {host}\r\n\r\n"))

@@ -58,7 +58,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 			// The upstream answered (or failed) before reading the whole
 			// body: what the sandbox sends next cannot be told apart from
 			// the rest of it, so the connection ends.
-			c.client.abort()
+			c.client.abortRead()
 			c.up.abort()
 			keep = false
 		}
@@ -423,22 +423,22 @@ func (c *conn) dial() error {
 }
 
 // timedConn enforces idle timeouts: with readIdle (writeIdle) set, every
-// Read (Write) first moves the deadline that far ahead. abort makes reads
-// and writes fail for good, even one racing with a deadline refresh.
+// Read (Write) first moves the deadline that far ahead. abortRead makes
+// reads fail for good, abort reads and writes, even one racing with a
+// deadline refresh.
 type timedConn struct {
 	net.Conn
 
-	mu        sync.Mutex
-	readIdle  time.Duration
-	writeIdle time.Duration
-	aborted   bool
+	mu                        sync.Mutex
+	readIdle, writeIdle       time.Duration
+	readAborted, writeAborted bool
 }
 
 var errAborted = errors.New("connection aborted")
 
 func (t *timedConn) Read(p []byte) (int, error) {
 	t.mu.Lock()
-	if t.aborted {
+	if t.readAborted {
 		t.mu.Unlock()
 		return 0, errAborted
 	}
@@ -451,7 +451,7 @@ func (t *timedConn) Read(p []byte) (int, error) {
 
 func (t *timedConn) Write(p []byte) (int, error) {
 	t.mu.Lock()
-	if t.aborted {
+	if t.writeAborted {
 		t.mu.Unlock()
 		return 0, errAborted
 	}
@@ -470,17 +470,25 @@ func (t *timedConn) setReadIdle(d time.Duration) {
 
 func (t *timedConn) setReadDeadline(d time.Time) {
 	t.mu.Lock()
-	if !t.aborted {
+	if !t.readAborted {
 		_ = t.Conn.SetReadDeadline(d)
 	}
 	t.mu.Unlock()
 }
 
-// abort unblocks and fails every read and write through t (the underlying
-// connection stays usable for finish's drain).
+// abortRead unblocks and fails every read through t; writes still work
+// (the sandbox may still get an answer).
+func (t *timedConn) abortRead() {
+	t.mu.Lock()
+	t.readAborted = true
+	_ = t.Conn.SetReadDeadline(time.Unix(1, 0))
+	t.mu.Unlock()
+}
+
+// abort unblocks and fails every read and write through t.
 func (t *timedConn) abort() {
 	t.mu.Lock()
-	t.aborted = true
+	t.readAborted, t.writeAborted = true, true
 	_ = t.Conn.SetDeadline(time.Unix(1, 0))
 	t.mu.Unlock()
 }
