@@ -16,15 +16,24 @@ FUZZTIME     ?= 30s
 # Debian packages the tests need, as "command-or-file:package".
 TEST_DEPS := ip:iproute2 /usr/lib/cni/ptp:containernetworking-plugins bpftool:bpftool \
              curl:curl dnsmasq:dnsmasq-base nginx:nginx-light iperf3:iperf3 wrk:wrk
+DEMO_DEPS := curl:curl ping:iputils-ping
 GEN_DEPS  := $(CLANG):clang-19 llvm-strip-19:llvm-19 /usr/include/bpf/bpf_helpers.h:libbpf-dev \
              /usr/include/linux/bpf.h:linux-libc-dev
 
-.PHONY: all build generate check-generated deps deps-generate test unit lint fuzz demo bench clean
+.PHONY: all build demo-bin generate check-generated deps deps-generate test unit lint fuzz bench clean
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+demo-bin: build
+	$(GO) build -o $(BIN)/cleanwall-demo ./examples/demo
+
+# The main job: an isolated topology and cleanwall run enforcing a policy.
+demo: deps demo-bin
+	$(call install_missing,$(DEMO_DEPS))
+	./scripts/demo.sh
 
 # Regenerate the BPF objects (bpf2go, pinned clang). Commit the result.
 generate: deps-generate

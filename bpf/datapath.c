@@ -566,15 +566,21 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb, struct pkt *p, str
 	if (ip->nexthdr == PROTO_ICMPV6)
 		return handle_ndp(p, sb, ip, end);
 
-	if (!(sb->flags & SANDBOX_HAS_IPV6) || !addr6_eq(p->saddr, sb->ipv6))
+	/* The sandbox's own link-local address is not a spoof (its kernel
+	 * sends MLD reports from it, behind a hop-by-hop header): such packets
+	 * drop for what they are. TCP and UDP must come from the global address. */
+	int from_global = (sb->flags & SANDBOX_HAS_IPV6) && addr6_eq(p->saddr, sb->ipv6);
+	if (!from_global && !addr6_eq(p->saddr, sb->ipv6_link_local))
+		return drop(p, REASON_SPOOFED_IP);
+	if (is_ipv6_ext(ip->nexthdr))
+		return drop(p, REASON_IPV6_EXT);
+	if (ip->nexthdr != PROTO_TCP && ip->nexthdr != PROTO_UDP)
+		return drop(p, REASON_PROTOCOL);
+	if (!from_global)
 		return drop(p, REASON_SPOOFED_IP);
 	if (!mac_eq(eth->dst, sb->gateway_mac))
 		return drop(p, REASON_L2_NOT_GATEWAY);
-	if (ip->nexthdr == PROTO_TCP || ip->nexthdr == PROTO_UDP)
-		return classify_l4(skb, p, sb, ip + 1, end);
-	if (is_ipv6_ext(ip->nexthdr))
-		return drop(p, REASON_IPV6_EXT);
-	return drop(p, REASON_PROTOCOL);
+	return classify_l4(skb, p, sb, ip + 1, end);
 }
 
 SEC("tc")

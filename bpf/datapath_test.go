@@ -200,6 +200,7 @@ type frameOpts struct {
 	moreFrags      bool
 	options        bool
 	ipv6Next       layers.IPProtocol // extension header before L4
+	hopByHop       bool              // ipv6Next is hop-by-hop (value 0)
 	hopLimit       uint8
 }
 
@@ -237,7 +238,7 @@ func build(t *testing.T, o frameOpts) []byte {
 		ip := &layers.IPv6{Version: 6, HopLimit: hl, NextHeader: o.proto, SrcIP: o.src.AsSlice(), DstIP: o.dst.AsSlice()}
 		ls = append(ls, eth, ip)
 		netLayer = ip
-		if o.ipv6Next != 0 {
+		if o.ipv6Next != 0 || o.hopByHop {
 			ip.NextHeader = o.ipv6Next
 			// next header, length 0 (8 bytes), PadN option of 4 bytes
 			ls = append(ls, gopacket.Payload([]byte{byte(o.proto), 0, 1, 4, 0, 0, 0, 0}))
@@ -262,7 +263,12 @@ func build(t *testing.T, o frameOpts) []byte {
 	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...); err != nil {
 		t.Fatal(err)
 	}
-	return buf.Bytes()
+	frame := buf.Bytes()
+	if o.ipv6Next != 0 || o.hopByHop {
+		// gopacket rewrites some next-header values (hop-by-hop): set it by hand.
+		frame[14+6] = byte(o.ipv6Next)
+	}
+	return frame
 }
 
 func syn4(dst netip.Addr, port uint16) frameOpts {
@@ -363,6 +369,8 @@ func testClassifierMatrix(t *testing.T, bridge bool) {
 		{"non-first fragment", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolUDP, dport: 9000, fragOffset: 100}), VerdictDrop, ReasonFragment, 0},
 		{"IP options", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolTCP, dport: 8080, syn: true, options: true}), VerdictDrop, ReasonIPOptions, 0},
 		{"IPv6 destination options header", build(t, frameOpts{src: sbxIP6, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true, ipv6Next: layers.IPProtocolIPv6Destination}), VerdictDrop, ReasonIPv6Ext, 0},
+		{"MLD report from the sandbox's link-local address", build(t, frameOpts{dstMAC: net.HardwareAddr{0x33, 0x33, 0, 0, 0, 0x16}, src: sbxLL, dst: netip.MustParseAddr("ff02::16"), proto: layers.IPProtocolICMPv6, ipv6Next: layers.IPProtocolIPv6HopByHop, hopByHop: true}), VerdictDrop, ReasonIPv6Ext, 0},
+		{"TCP from the link-local address", build(t, frameOpts{src: sbxLL, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictDrop, ReasonSpoofedIP, 0},
 		{"other IP protocol (SCTP)", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolSCTP}), VerdictDrop, ReasonProtocol, 0},
 		{"ARP for the gateway", arpFrame(t, sbxMAC, sbxIP, gwIP), VerdictPass, ReasonARP, 0},
 		{"ARP for another host", arpFrame(t, sbxMAC, sbxIP, netip.MustParseAddr("10.99.0.3")), VerdictDrop, ReasonARPNotGateway, 0},
@@ -405,7 +413,8 @@ func testClassifierMatrix(t *testing.T, bridge bool) {
 			}
 			after := env.counter(t, c.rule, c.verdict, c.reason)
 			if after.Packets != before.Packets+1 {
-				t.Fatalf("counter %v/%v rule %d: %d packets, want %d", c.verdict, c.reason, c.rule, after.Packets, before.Packets+1)
+				all, _ := env.dp.Counters()
+				t.Fatalf("counter %v/%v rule %d: %d packets, want %d; all: %v", c.verdict, c.reason, c.rule, after.Packets, before.Packets+1, all)
 			}
 			if c.verdict == VerdictRedirect && mark&^0xff != testRedirect {
 				t.Fatalf("redirected packet has mark %#x, want %#x|listener", mark, testRedirect)

@@ -31,7 +31,7 @@ const (
 	DefaultRedirectMark = 0x0c1e0000
 	// DefaultSocketMark is SO_MARK on proxy sockets. It must not match the
 	// redirect rule, or the proxy's own replies would be routed locally.
-	DefaultSocketMark = 0x0c1e0100
+	DefaultSocketMark = 0x0c1f0000
 	DefaultTable      = 3102
 	DefaultPriority   = 100
 	// RedirectMask is the part of the mark the fwmark rule matches.

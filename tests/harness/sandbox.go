@@ -2,7 +2,6 @@ package harness
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -10,11 +9,10 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/containernetworking/cni/libcni"
-	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/cleanwall/cleanwall/internal/netns"
+	"github.com/cleanwall/cleanwall/runtime/cnichain"
 )
 
 // Chain selects the plugin cleanwall-cni is chained after.
@@ -52,51 +50,28 @@ type Sandbox struct {
 	IP, IP6     netip.Addr
 	MAC         net.HardwareAddr
 	Result      *current.Result
-	list        *libcni.NetworkConfigList
-	rt          *libcni.RuntimeConf
-	cni         *libcni.CNIConfig
-	deleted     bool
+	att         *cnichain.Attachment
 }
 
-// ConfList builds the chain's conflist: the reference plugin (CNI 1.0.0,
-// the newest Debian's 1.1.1 plugins speak) then cleanwall-cni.
-func (e *Env) ConfList(name string, o SandboxOptions, policyFile string) []byte {
-	ranges := []any{[]any{map[string]any{"subnet": e.SandboxNet.String()}}}
-	routes := []any{map[string]any{"dst": "0.0.0.0/0"}}
+// ChainOptions returns the chain options of a sandbox in this env: one
+// network name per env, so host-local hands every sandbox its own address.
+func (e *Env) ChainOptions(o SandboxOptions, policyFile string) cnichain.Options {
+	c := cnichain.Options{
+		Name: e.Name, Chain: string(o.Chain), Bridge: o.Bridge,
+		Subnet: e.SandboxNet, Cleanwall: true, PolicyFile: policyFile,
+		Socket: o.Socket, ExtraConf: o.ExtraConf, PluginDirs: e.CNIPaths,
+		CacheDir: filepath.Join(e.Dir, "cni-cache"), IPAMDir: filepath.Join(e.Dir, "ipam"),
+	}
+	if c.Chain == "bridge" && c.Bridge == "" {
+		c.Bridge = "cwbr0"
+	}
+	if c.Socket == "" {
+		c.Socket = filepath.Join(e.Dir, "cleanwalld.sock")
+	}
 	if !o.NoIPv6 {
-		ranges = append(ranges, []any{map[string]any{"subnet": e.SandboxNet6.String()}})
-		routes = append(routes, map[string]any{"dst": "::/0"})
+		c.Subnet6 = e.SandboxNet6
 	}
-	ipam := map[string]any{
-		"type": "host-local", "ranges": ranges, "routes": routes,
-		"dataDir": filepath.Join(e.Dir, "ipam"),
-	}
-	var first map[string]any
-	switch o.Chain {
-	case ChainBridge:
-		br := o.Bridge
-		if br == "" {
-			br = "cwbr0"
-		}
-		first = map[string]any{"type": "bridge", "bridge": br, "isGateway": true, "ipMasq": false, "ipam": ipam}
-	default:
-		first = map[string]any{"type": "ptp", "ipMasq": false, "ipam": ipam}
-	}
-	cw := map[string]any{"type": "cleanwall-cni"}
-	if policyFile != "" {
-		cw["policy"] = policyFile
-	}
-	sock := o.Socket
-	if sock == "" {
-		sock = filepath.Join(e.Dir, "cleanwalld.sock")
-	}
-	cw["socket"] = sock
-	for k, v := range o.ExtraConf {
-		cw[k] = v
-	}
-	list := map[string]any{"cniVersion": "1.0.0", "name": name, "plugins": []any{first, cw}}
-	b, _ := json.Marshal(list)
-	return b
+	return c
 }
 
 // AddSandbox creates a namespace and runs CNI ADD on it the way a runtime
@@ -122,47 +97,24 @@ func (e *Env) AddSandbox(name string, o SandboxOptions) (*Sandbox, error) {
 			e.T.Fatal(err)
 		}
 	}
-	// One network name per env: host-local then hands every sandbox its own address.
-	list, err := libcni.ConfListFromBytes(e.ConfList(e.Name, o, policyFile))
-	if err != nil {
-		e.T.Fatal(err)
+	var args [][2]string
+	if o.PolicyName != "" {
+		args = [][2]string{{"IgnoreUnknown", "1"}, {"CLEANWALL_POLICY", o.PolicyName}}
 	}
 	s := &Sandbox{
 		env: e, Name: name, ContainerID: fmt.Sprintf("%s-%s-%d", e.Name, name, time.Now().UnixNano()%100000),
-		NS: path, IfName: "eth0", list: list,
-		cni: libcni.NewCNIConfigWithCacheDir(e.CNIPaths, filepath.Join(e.Dir, "cni-cache"), nil),
+		NS: path, IfName: "eth0",
 	}
-	s.rt = &libcni.RuntimeConf{ContainerID: s.ContainerID, NetNS: path, IfName: s.IfName}
-	if o.PolicyName != "" {
-		s.rt.Args = [][2]string{{"IgnoreUnknown", "1"}, {"CLEANWALL_POLICY", o.PolicyName}}
-	}
-	var res types.Result
 	err = e.InNode(func() error {
 		var aerr error
-		res, aerr = s.cni.AddNetworkList(context.Background(), list, s.rt)
+		s.att, aerr = cnichain.Add(context.Background(), e.ChainOptions(o, policyFile), s.ContainerID, path, s.IfName, args)
 		return aerr
 	})
 	if err != nil {
-		_ = s.Del()
 		_ = netns.Delete(nsName)
 		return nil, err
 	}
-	if s.Result, err = current.NewResultFromResult(res); err != nil {
-		e.T.Fatal(err)
-	}
-	for _, ip := range s.Result.IPs {
-		a, _ := netip.AddrFromSlice(ip.Address.IP)
-		if a.Unmap().Is4() {
-			s.IP = a.Unmap()
-		} else {
-			s.IP6 = a
-		}
-	}
-	for _, iface := range s.Result.Interfaces {
-		if iface.Sandbox != "" {
-			s.MAC, _ = net.ParseMAC(iface.Mac)
-		}
-	}
+	s.Result, s.IP, s.IP6, s.MAC = s.att.Result, s.att.IPv4, s.att.IPv6, s.att.MAC
 	e.onCleanup(func() { _ = s.Del() })
 	return s, nil
 }
@@ -179,16 +131,12 @@ func (e *Env) MustAddSandbox(name string, o SandboxOptions) *Sandbox {
 
 // Del runs CNI DEL for the sandbox (idempotent).
 func (s *Sandbox) Del() error {
-	return s.env.InNode(func() error {
-		return s.cni.DelNetworkList(context.Background(), s.list, s.rt)
-	})
+	return s.env.InNode(func() error { return s.att.Del(context.Background()) })
 }
 
 // Check runs CNI CHECK.
 func (s *Sandbox) Check() error {
-	return s.env.InNode(func() error {
-		return s.cni.CheckNetworkList(context.Background(), s.list, s.rt)
-	})
+	return s.env.InNode(func() error { return s.att.Check(context.Background()) })
 }
 
 // Do runs fn inside the sandbox namespace.
@@ -206,11 +154,4 @@ func (s *Sandbox) Dial(network, addr string, timeout time.Duration) (net.Conn, e
 }
 
 // HostVeth returns the name of the sandbox's host-side interface.
-func (s *Sandbox) HostVeth() string {
-	for _, iface := range s.Result.Interfaces {
-		if iface.Sandbox == "" && iface.Name != "" && iface.Name[:min(4, len(iface.Name))] == "veth" {
-			return iface.Name
-		}
-	}
-	return ""
-}
+func (s *Sandbox) HostVeth() string { return s.att.HostInterface() }

@@ -1,0 +1,65 @@
+// Command cleanwall is cleanwall's CLI: run a command in an enforced
+// sandbox, check and apply policies, and see what the kernel enforces.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+)
+
+var version = "dev"
+
+const usage = `cleanwall — egress enforcement for clean-room sandboxes
+
+Usage:
+  cleanwall run --policy FILE [--name NAME] [--metrics-addr ADDR] [--cni-bin-dir DIR] -- COMMAND [ARGS...]
+  cleanwall policy check FILE
+  cleanwall policy apply --sandbox ID FILE
+  cleanwall policy show --sandbox ID
+  cleanwall sandboxes
+  cleanwall version
+
+Commands that talk to cleanwalld take --socket (default /run/cleanwall/cleanwalld.sock).
+`
+
+// exitError carries an exit status up to main.
+type exitError struct{ code int }
+
+func (e *exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "run":
+		err = cmdRun(args[1:])
+	case "policy":
+		err = cmdPolicy(args[1:])
+	case "sandboxes":
+		err = cmdSandboxes(args[1:])
+	case "version":
+		fmt.Println("cleanwall", version)
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "cleanwall: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "cleanwall:", err)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,459 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
+
+	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/internal/netns"
+	"github.com/cleanwall/cleanwall/policy"
+	"github.com/cleanwall/cleanwall/runtime/api"
+	"github.com/cleanwall/cleanwall/runtime/cnichain"
+	"github.com/cleanwall/cleanwall/runtime/daemon"
+)
+
+// runDir holds what `cleanwall run` makes: per-run sockets and state, the
+// slot locks, host-local's allocations and libcni's cache.
+const runDir = "/run/cleanwall/run"
+
+// Defaults of the sandbox network. Every run shares one host-local range,
+// so concurrent runs get distinct addresses.
+var (
+	defaultSubnet  = netip.MustParsePrefix("10.231.0.0/24")
+	defaultSubnet6 = netip.MustParsePrefix("fd00:c1ea:231::/64")
+)
+
+type runOptions struct {
+	policyFile  string
+	name        string
+	metricsAddr string
+	cniDirs     []string
+	socket      string
+	subnet      netip.Prefix
+	subnet6     netip.Prefix
+	attach      string
+	verbose     bool
+	command     []string
+}
+
+// usageError is a one-line "what is wrong and how to fix it".
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func fail(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
+
+func parseRunFlags(args []string) (*runOptions, error) {
+	o := &runOptions{}
+	fs := flag.NewFlagSet("cleanwall run", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&o.policyFile, "policy", "", "policy file (required)")
+	fs.StringVar(&o.name, "name", "", "sandbox name (default run-<pid>)")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve Prometheus metrics of the embedded runtime on this address")
+	cniDir := fs.String("cni-bin-dir", "", "CNI plugin search path, colon-separated (default: the cleanwall binary's directory, /usr/lib/cni, /opt/cni/bin)")
+	fs.StringVar(&o.socket, "socket", api.DefaultSocket, "use the cleanwalld answering here; without one, an embedded runtime runs")
+	subnet := fs.String("subnet", defaultSubnet.String(), "IPv4 range of sandbox addresses")
+	subnet6 := fs.String("subnet6", defaultSubnet6.String(), "IPv6 range of sandbox addresses (\"\" for none)")
+	fs.StringVar(&o.attach, "attach", "auto", "datapath attachment: auto, tcx or tc")
+	fs.BoolVar(&o.verbose, "v", false, "log the embedded runtime's decisions to stderr")
+	if err := fs.Parse(args); err != nil {
+		return nil, fail("%v (usage: cleanwall run --policy FILE [--name NAME] -- COMMAND [ARGS...])", err)
+	}
+	o.command = fs.Args()
+	if len(o.command) == 0 {
+		return nil, fail("no command to run: cleanwall run --policy FILE -- COMMAND [ARGS...]")
+	}
+	if o.policyFile == "" {
+		return nil, fail("--policy is required: cleanwall run --policy FILE -- COMMAND")
+	}
+	if o.name == "" {
+		o.name = fmt.Sprintf("run-%d", os.Getpid())
+	}
+	if !validName(o.name) {
+		return nil, fail("--name %q: use up to 32 letters, digits and dashes", o.name)
+	}
+	var err error
+	if o.subnet, err = netip.ParsePrefix(*subnet); err != nil || !o.subnet.Addr().Is4() {
+		return nil, fail("--subnet %q is not an IPv4 prefix", *subnet)
+	}
+	if *subnet6 != "" {
+		if o.subnet6, err = netip.ParsePrefix(*subnet6); err != nil || o.subnet6.Addr().Is4() {
+			return nil, fail("--subnet6 %q is not an IPv6 prefix", *subnet6)
+		}
+	}
+	if *cniDir != "" {
+		o.cniDirs = strings.Split(*cniDir, ":")
+	} else {
+		if exe, err := os.Executable(); err == nil {
+			o.cniDirs = append(o.cniDirs, filepath.Dir(exe))
+		}
+		o.cniDirs = append(o.cniDirs, cnichain.DefaultPluginDirs...)
+	}
+	switch o.attach {
+	case "auto", "tcx", "tc":
+	default:
+		return nil, fail("--attach %q: want auto, tcx or tc", o.attach)
+	}
+	return o, nil
+}
+
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > 32 {
+		return false
+	}
+	for _, r := range s {
+		if !(r == '-' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+			return false
+		}
+	}
+	return true
+}
+
+// preflight checks everything that can be checked before touching the
+// system, so a bad setup fails with one line and leaves nothing behind.
+func (o *runOptions) preflight() (*policy.Compiled, error) {
+	if os.Geteuid() != 0 {
+		return nil, fail("needs root (network namespaces, BPF): run it with sudo")
+	}
+	p, err := policy.LoadFile(o.policyFile)
+	if err != nil {
+		var list policy.ErrorList
+		if errors.As(err, &list) && len(list) > 0 {
+			more := ""
+			if len(list) > 1 {
+				more = fmt.Sprintf(" (and %d more: cleanwall policy check %s)", len(list)-1, o.policyFile)
+			}
+			return nil, fail("invalid policy %s: %v%s", o.policyFile, list[0], more)
+		}
+		return nil, fail("%v", err)
+	}
+	compiled, err := policy.Compile(p)
+	if err != nil {
+		return nil, fail("invalid policy %s: %v", o.policyFile, err)
+	}
+	if abs, err := filepath.Abs(o.policyFile); err == nil {
+		o.policyFile = abs
+	}
+	if err := bpf.ProbeBTF(); err != nil {
+		return nil, fail("%v", err)
+	}
+	if o.attach != "tc" {
+		if err := bpf.ProbeTCX(); err != nil {
+			return nil, fail("%v", err)
+		}
+	}
+	if err := cnichain.FindPlugins(o.cniDirs, "ptp", "host-local", "cleanwall-cni"); err != nil {
+		return nil, fail("%v", err)
+	}
+	if netns.Exists(sandboxNetns(o.name)) {
+		return nil, fail("a sandbox named %q exists already (netns %s): pick another --name", o.name, sandboxNetns(o.name))
+	}
+	return compiled, nil
+}
+
+func sandboxNetns(name string) string { return "cleanwall-" + name }
+
+// teardown runs cleanup steps last-in first-out, reporting failures.
+type teardown []func() error
+
+func (t *teardown) push(f func() error) { *t = append(*t, f) }
+
+func (t *teardown) run() {
+	for i := len(*t) - 1; i >= 0; i-- {
+		if err := (*t)[i](); err != nil {
+			fmt.Fprintln(os.Stderr, "cleanwall: teardown:", err)
+		}
+	}
+	*t = nil
+}
+
+func cmdRun(args []string) error {
+	o, err := parseRunFlags(args)
+	if err != nil {
+		return err
+	}
+	compiled, err := o.preflight()
+	if err != nil {
+		return err
+	}
+	// Until COMMAND runs, a signal aborts the setup (and tears it down).
+	setupCtx, stopSetup := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stopSetup()
+
+	var td teardown
+	defer td.run()
+	if err := os.MkdirAll(runDir, 0o700); err != nil {
+		return fail("creating %s: %v", runDir, err)
+	}
+
+	client, embedded, err := o.runtime(setupCtx, &td)
+	if err != nil {
+		return err
+	}
+	nsName := sandboxNetns(o.name)
+	nsPath, err := netns.Create(nsName)
+	if err != nil {
+		return fail("creating the sandbox namespace: %v", err)
+	}
+	td.push(func() error { return netns.Delete(nsName) })
+
+	chain := cnichain.Options{
+		Name: "cleanwall-run", Subnet: o.subnet, Subnet6: o.subnet6,
+		Cleanwall: true, PolicyFile: o.policyFile, Socket: client.Socket,
+		PluginDirs: o.cniDirs, CacheDir: filepath.Join(runDir, "cni-cache"), IPAMDir: filepath.Join(runDir, "ipam"),
+	}
+	containerID := "cleanwall-" + o.name
+	att, err := cnichain.Add(setupCtx, chain, containerID, nsPath, "eth0", nil)
+	if err != nil {
+		return fail("attaching the sandbox: %v", err)
+	}
+	td.push(func() error { return att.Del(context.Background()) })
+	if setupCtx.Err() != nil {
+		return &exitError{130}
+	}
+
+	if o.metricsAddr != "" {
+		if embedded == nil {
+			fmt.Fprintf(os.Stderr, "cleanwall: --metrics-addr ignored: cleanwalld at %s serves its own metrics\n", client.Socket)
+		} else if stop, err := serveMetrics(o.metricsAddr, embedded); err != nil {
+			return fail("--metrics-addr %s: %v", o.metricsAddr, err)
+		} else {
+			td.push(stop)
+		}
+	}
+
+	addrs := []string{att.IPv4.String()}
+	if att.IPv6.IsValid() {
+		addrs = append(addrs, att.IPv6.String())
+	}
+	fmt.Fprintf(os.Stderr, "cleanwall: sandbox %s (%s) enforcing policy %q: %d egress rule(s); running %s\n",
+		o.name, strings.Join(addrs, ", "), compiled.Name, len(compiled.Rules), strings.Join(o.command, " "))
+	stopSetup()
+
+	status := runCommand(nsPath, o.command)
+
+	if sb, err := client.Get(context.Background(), containerID, "eth0"); err == nil {
+		printSummary(os.Stderr, o.name, o.command, status, sb)
+	} else {
+		fmt.Fprintf(os.Stderr, "cleanwall: reading the counters: %v\n", err)
+	}
+	td.run()
+	if status != 0 {
+		return &exitError{status}
+	}
+	return nil
+}
+
+// runtime returns a client for the cleanwalld answering on the socket, or
+// starts an embedded one of its own (own socket, pin root, state, marks
+// and routing table), torn down with the run.
+func (o *runOptions) runtime(ctx context.Context, td *teardown) (*api.Client, *daemon.Daemon, error) {
+	client := api.NewClient(o.socket)
+	sctx, cancel := context.WithTimeout(ctx, time.Second)
+	st, err := client.Status(sctx)
+	cancel()
+	if err == nil && st.Ready {
+		return client, nil, nil
+	}
+	slot, release, err := acquireSlot()
+	if err != nil {
+		return nil, nil, err
+	}
+	td.push(release)
+	dir := filepath.Join(runDir, fmt.Sprint(os.Getpid()))
+	td.push(func() error { return os.RemoveAll(dir) })
+	level := slog.LevelWarn
+	if o.verbose {
+		level = slog.LevelInfo
+	}
+	cfg := daemon.Config{
+		Socket:       filepath.Join(dir, "cleanwalld.sock"),
+		PinRoot:      fmt.Sprintf("/sys/fs/bpf/cleanwall-run-%d", os.Getpid()),
+		StateDir:     filepath.Join(dir, "state"),
+		PolicyDir:    filepath.Join(dir, "policies"),
+		RedirectMark: daemon.DefaultRedirectMark | uint32(slot)<<8,
+		SocketMark:   daemon.DefaultSocketMark | uint32(slot),
+		Table:        daemon.DefaultTable + slot,
+		AttachMode:   o.attach,
+		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
+		Version:      version,
+	}
+	d, err := daemon.New(cfg)
+	if err != nil {
+		return nil, nil, fail("configuring the runtime: %v", err)
+	}
+	td.push(func() error {
+		err := d.Uninstall()
+		_ = os.Remove(cfg.PinRoot)
+		return err
+	})
+	if err := d.Start(ctx); err != nil {
+		return nil, nil, fail("starting the runtime: %v", err)
+	}
+	return api.NewClient(cfg.Socket), d, nil
+}
+
+// maxSlots bounds concurrent embedded runtimes on one node namespace: each
+// slot owns a redirect mark, a socket mark and a routing table.
+const maxSlots = 63
+
+// acquireSlot takes the first free slot lock (held for the run's lifetime:
+// a killed run frees its slot with its process).
+func acquireSlot() (int, func() error, error) {
+	for slot := 1; slot <= maxSlots; slot++ {
+		path := filepath.Join(runDir, fmt.Sprintf("slot-%d.lock", slot))
+		f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			return 0, nil, fail("opening %s: %v", path, err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			continue
+		}
+		return slot, f.Close, nil
+	}
+	return 0, nil, fail("%d cleanwall runs are active: wait for one to end", maxSlots)
+}
+
+func serveMetrics(addr string, d *daemon.Daemon) (func() error, error) {
+	srv := &http.Server{Addr: addr, Handler: promhttp.HandlerFor(d.Registry(), promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
+	ln, err := netListen(addr)
+	if err != nil {
+		return nil, err
+	}
+	go func() { _ = srv.Serve(ln) }()
+	return srv.Close, nil
+}
+
+// runCommand runs the command inside the sandbox namespace with the
+// terminal's stdio, forwards signals, and returns its exit status (128+n
+// for a signal, as shells do).
+func runCommand(nsPath string, argv []string) int {
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cleanwall: %v\n", err)
+		return 127
+	}
+	cmd := exec.Command(path, argv[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.Env = append(os.Environ(), "CLEANWALL_SANDBOX=1")
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2)
+	defer signal.Stop(sigs)
+	// The child forks from a thread inside the namespace and inherits it.
+	if err := netns.Do(nsPath, cmd.Start); err != nil {
+		fmt.Fprintf(os.Stderr, "cleanwall: starting %s: %v\n", argv[0], err)
+		return 126
+	}
+	interactive := isTerminal(os.Stdin)
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case s := <-sigs:
+				// A terminal delivers Ctrl-C to the whole foreground group,
+				// the command included: forwarding it would double it.
+				if s == syscall.SIGINT && interactive {
+					continue
+				}
+				_ = cmd.Process.Signal(s)
+			case <-done:
+				return
+			}
+		}
+	}()
+	err = cmd.Wait()
+	close(done)
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal())
+		}
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return 1
+	}
+	return 0
+}
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// printSummary shows what the datapath did with the sandbox's traffic.
+func printSummary(w io.Writer, name string, command []string, status int, sb api.Sandbox) {
+	fmt.Fprintf(w, "\ncleanwall: %s exited with status %d; sandbox %s summary:\n", command[0], status, name)
+	type row struct {
+		verdict, what      string
+		flows, packets, by uint64
+	}
+	agg := map[string]*row{}
+	for _, c := range sb.Counters {
+		var key, what string
+		switch c.Verdict {
+		case "redirect":
+			what = c.Rule
+			if what == "" {
+				what = "(" + c.Reason + ")"
+			}
+			if c.Reason == "established" {
+				continue // packets of flows already counted
+			}
+			key = "redirect/" + what
+		case "drop":
+			what = c.Reason
+			key = "drop/" + what
+		default:
+			continue
+		}
+		r := agg[key]
+		if r == nil {
+			r = &row{verdict: c.Verdict, what: what}
+			agg[key] = r
+		}
+		r.flows += c.Flows
+		r.packets += c.Packets
+		r.by += c.Bytes
+	}
+	rows := make([]*row, 0, len(agg))
+	for _, r := range agg {
+		rows = append(rows, r)
+	}
+	sort.Slice(rows, func(i, j int) bool {
+		if rows[i].verdict != rows[j].verdict {
+			return rows[i].verdict > rows[j].verdict
+		}
+		return rows[i].what < rows[j].what
+	})
+	if len(rows) == 0 {
+		fmt.Fprintln(w, "  no traffic")
+		return
+	}
+	fmt.Fprintf(w, "  %-10s %-24s %8s %9s\n", "verdict", "rule / reason", "flows", "packets")
+	for _, r := range rows {
+		verdict := "redirected"
+		if r.verdict == "drop" {
+			verdict = "dropped"
+		}
+		fmt.Fprintf(w, "  %-10s %-24s %8d %9d\n", verdict, r.what, r.flows, r.packets)
+	}
+}
