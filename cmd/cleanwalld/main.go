@@ -41,9 +41,13 @@ func run(args []string) error {
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464); empty: off")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	check := fs.Bool("check", false, "load and pin the datapath, install routing, open the listeners, report, and exit")
-	var tcpPort, udpPort uint
+	var tcpPort, udpPort, dnsPort uint
 	fs.UintVar(&tcpPort, "tcp-port", 0, "TCP proxy listener port (0: kernel-chosen)")
 	fs.UintVar(&udpPort, "udp-port", 0, "UDP proxy socket port (0: kernel-chosen)")
+	fs.UintVar(&dnsPort, "dns-port", 0, "DNS proxy port, UDP and TCP (0: kernel-chosen)")
+	fs.DurationVar(&cfg.FQDNMinTTL, "fqdn-min-ttl", 0, "shortest time an address learnt through DNS stays allowed (0: 30s)")
+	fs.DurationVar(&cfg.FQDNMaxTTL, "fqdn-max-ttl", 0, "longest time an address learnt through DNS stays allowed (0: 1h)")
+	fs.BoolVar(&cfg.DNSRefuseNXDomain, "dns-nxdomain", false, "answer names the policy does not allow with NXDOMAIN instead of REFUSED")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -55,7 +59,7 @@ func run(args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	cfg.TCPPort, cfg.UDPPort = uint16(tcpPort), uint16(udpPort)
+	cfg.TCPPort, cfg.UDPPort, cfg.DNSPort = uint16(tcpPort), uint16(udpPort), uint16(dnsPort)
 	cfg.Version = version
 
 	d, err := daemon.New(cfg)

@@ -63,7 +63,9 @@ func TestForwardBothWaysWithHalfClose(t *testing.T) {
 	proxySide, sandbox := clientPair(t)
 	var st Stats
 	done := make(chan error, 1)
-	go func() { done <- (&Forwarder{Chunk: 64 << 10}).Forward(context.Background(), proxySide, Flow{Dst: dst}, &st) }()
+	go func() {
+		done <- (&Forwarder{Chunk: 64 << 10}).Forward(context.Background(), proxySide, Flow{Dst: dst}, &st)
+	}()
 
 	if _, err := sandbox.Write(payload); err != nil {
 		t.Fatal(err)

@@ -53,6 +53,12 @@ type Config struct {
 	// Ports of the proxy listeners (0: let the kernel pick). The datapath
 	// learns them from its config map on every start.
 	TCPPort, UDPPort, DNSPort uint16
+	// FQDNMinTTL and FQDNMaxTTL clamp how long an address learnt through
+	// the DNS proxy stays in the datapath (0: the DNS proxy's defaults,
+	// 30s and 1h).
+	FQDNMinTTL, FQDNMaxTTL time.Duration
+	// DNSRefuseNXDomain answers refused names with NXDOMAIN, not REFUSED.
+	DNSRefuseNXDomain bool
 	// ListenersPerFamily sizes the SO_REUSEPORT group (0: one per CPU).
 	ListenersPerFamily int
 

@@ -19,6 +19,7 @@ import (
 
 	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/policy"
+	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
 	"github.com/cleanwall/cleanwall/runtime/api"
 )
@@ -40,6 +41,9 @@ type Daemon struct {
 
 	tcp     *tproxy.TCPListener
 	udp     *tproxy.UDPSocket
+	dnsUDP  *tproxy.UDPSocket
+	dnsTCP  *tproxy.TCPListener
+	dns     *dnsproxy.Proxy
 	udpFlow *udpFlows
 	events  *bpf.EventReader
 	server  *http.Server
@@ -99,6 +103,9 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if d.udp, err = tproxy.ListenUDP(ctx, d.cfg.UDPPort, d.cfg.SocketMark); err != nil {
 		return fmt.Errorf("opening the UDP proxy socket: %w", err)
 	}
+	if err := d.startDNS(ctx); err != nil {
+		return fmt.Errorf("opening the DNS proxy sockets: %w", err)
+	}
 	d.udpFlow = &udpFlows{d: d, sock: d.udp, m: map[[2]netip.AddrPort]*udpFlow{}}
 	if err := d.dp.SetConfig(bpf.Config{
 		RedirectMark: d.cfg.RedirectMark,
@@ -114,6 +121,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		d.goBackground(func() { d.serveTCP(l) })
 	}
 	d.goBackground(func() { _ = d.udp.Serve(d.udpFlow.handle) })
+	d.serveDNS()
 	d.goBackground(d.sweep)
 	if d.events, err = d.dp.Events(); err != nil {
 		return err
@@ -138,6 +146,12 @@ func (d *Daemon) ports() [4]uint16 {
 	if d.udp != nil {
 		p[bpf.ListenerUDP] = d.udp.Port
 	}
+	if d.dnsUDP != nil {
+		p[bpf.ListenerDNSUDP] = d.dnsUDP.Port
+	}
+	if d.dnsTCP != nil {
+		p[bpf.ListenerDNSTCP] = d.dnsTCP.Port
+	}
 	return p
 }
 
@@ -150,7 +164,7 @@ func (d *Daemon) goBackground(f func()) {
 }
 
 func (d *Daemon) sweep() {
-	t := time.NewTicker(10 * time.Second)
+	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
 		select {
@@ -158,6 +172,8 @@ func (d *Daemon) sweep() {
 			return
 		case <-t.C:
 			d.udp.Sweep(d.cfg.UDPIdleTimeout)
+			d.dnsUDP.Sweep(d.cfg.UDPIdleTimeout)
+			d.sweepLearnt()
 		}
 	}
 }
@@ -179,6 +195,12 @@ func (d *Daemon) Close() error {
 	}
 	if d.udp != nil {
 		d.udp.Close()
+	}
+	if d.dnsUDP != nil {
+		d.dnsUDP.Close()
+	}
+	if d.dnsTCP != nil {
+		d.dnsTCP.Close()
 	}
 	if d.events != nil {
 		d.events.Close()
@@ -254,7 +276,7 @@ func (d *Daemon) reconcile() error {
 			}
 		}
 		current, _ := d.dp.SandboxRules(rec.DatapathID, uint8(rec.Generation%2))
-		sb := &sandbox{rec: rec, compiled: compiled, entries: current, flows: map[*flow]struct{}{}}
+		sb := newSandbox(rec, compiled, current)
 		if rec.Bridge != "" {
 			if err := d.ensureBridge(rec.Bridge, rec.BridgeIfindex); err != nil {
 				return err

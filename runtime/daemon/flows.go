@@ -74,21 +74,52 @@ func (d *Daemon) sandboxByIP(a netip.Addr) *sandbox {
 	return d.byIP[a.Unmap()]
 }
 
-// resolveFlow finds the sandbox and rule of a redirected flow, exactly as
-// the datapath did (the same longest-prefix semantics).
+// resolveFlow finds the sandbox and rule of a redirected flow by asking
+// the kernel's own rule map (the active generation, read from the
+// sandbox's datapath entry), so the proxy decides exactly what the
+// datapath decided: cidr and learnt fqdn entries alike, expiry included.
+// If the policy flipped since the packet was classified, the newer policy
+// decides, which can only close flows.
 func (d *Daemon) resolveFlow(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, string) {
 	sb := d.sandboxByIP(src.Addr())
 	if sb == nil {
 		return nil, nil, "unknown-source"
 	}
-	rule, ok := sb.policy().Match(dst.Addr(), proto, dst.Port())
-	if !ok {
-		return sb, nil, "no-rule"
+	rule, refusal := d.kernelRule(sb, dst, proto)
+	if refusal != "" {
+		return sb, rule, refusal
 	}
 	if err := d.proxyFor(rule); err != nil {
 		return sb, rule, "mode-unavailable"
 	}
 	return sb, rule, ""
+}
+
+// kernelRule looks a destination up in the sandbox's active generation.
+func (d *Daemon) kernelRule(sb *sandbox, dst netip.AddrPort, proto policy.Protocol) (*policy.Rule, string) {
+	entry, err := d.dp.Sandbox(sb.rec.HostIfindex)
+	if err != nil || entry.ID != sb.rec.DatapathID {
+		return nil, "no-sandbox-entry"
+	}
+	slot := uint8(entry.Generation)
+	e, ok, err := d.dp.LookupRule(entry.ID, slot, uint8(proto), dst.Addr().Unmap(), dst.Port())
+	if err != nil || !ok {
+		return nil, "no-rule"
+	}
+	if e.Expires != 0 && e.Expires <= monotonicNow() {
+		return nil, "expired"
+	}
+	sb.mu.Lock()
+	compiled := sb.slots[slot]
+	sb.mu.Unlock()
+	if compiled == nil {
+		return nil, "no-rule"
+	}
+	rule := compiled.Rule(e.RuleID)
+	if rule == nil {
+		return nil, "no-rule"
+	}
+	return rule, ""
 }
 
 func (d *Daemon) serveTCP(l *net.TCPListener) {
@@ -319,17 +350,27 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	updated.Policy = doc
 	updated.PolicyName = compiled.Name
 	updated.PolicySource = source
+
+	s.mu.Lock()
+	s.slots[slot] = compiled
+	prevStatic := s.static
+	s.static = staticHosts(entries)
+	d.relearn(s, slot) // fqdn addresses learnt so far, under the new policy
 	if err := d.dp.PutSandbox(rec.HostIfindex, updated.datapathEntry()); err != nil {
-		_ = d.dp.DeleteRuleEntries(rec.DatapathID, slot, entries)
+		s.static = prevStatic
+		s.mu.Unlock()
+		_, _ = d.dp.DeleteRules(rec.DatapathID, int(slot))
 		return 0, fmt.Errorf("flipping to generation %d: %w (generation %d stays enforced)", next, err, rec.Generation)
 	}
 	// The flip happened: from here on the new policy is the truth.
-	s.mu.Lock()
 	oldEntries := s.entries
 	s.rec = &updated
 	s.compiled = compiled
 	s.entries = entries
 	s.mu.Unlock()
+	if d.dns != nil {
+		d.dns.SetSandbox(rec.key(), dnsConfig(compiled))
+	}
 	if err := d.dp.DeleteRuleEntries(rec.DatapathID, old, oldEntries); err != nil {
 		d.log.Warn("removing the old generation", "sandbox", rec.key(), "error", err)
 	}
@@ -340,8 +381,8 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 		d.log.Error("persisting the new generation failed; a restart re-applies the previous document", "sandbox", rec.key(), "error", err)
 	}
 	closed := s.closeFlows(func(f *flow) bool {
-		r, ok := compiled.Match(f.dst.Addr(), f.proto, f.dst.Port())
-		return ok && r.Name == f.rule.Name && r.Mode == f.rule.Mode && d.proxyFor(r) == nil
+		r, refusal := d.kernelRule(s, f.dst, f.proto)
+		return refusal == "" && r.Name == f.rule.Name && r.Mode == f.rule.Mode && d.proxyFor(r) == nil
 	}, errPolicyChanged)
 	d.log.Info("policy applied", "sandbox", rec.key(), "policy", compiled.Name, "generation", next,
 		"rules", len(entries), "closed_flows", closed)

@@ -29,8 +29,21 @@ type sandbox struct {
 
 	mu       sync.Mutex
 	compiled *policy.Compiled
-	entries  []bpf.RuleEntry // datapath entries of the active generation
-	flows    map[*flow]struct{}
+	// slots holds the compiled policy of each datapath generation slot: a
+	// rule id read from the kernel is resolved with the policy of the slot
+	// it was read from, even across a flip.
+	slots   [2]*policy.Compiled
+	entries []bpf.RuleEntry // static datapath entries of the active generation
+	static  map[hostKey]bpf.RuleEntry
+	learned map[learnKey]uint64 // fqdn addresses: expiry (CLOCK_MONOTONIC ns)
+	flows   map[*flow]struct{}
+}
+
+func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry) *sandbox {
+	s := &sandbox{rec: rec, compiled: compiled, entries: entries, static: staticHosts(entries),
+		learned: map[learnKey]uint64{}, flows: map[*flow]struct{}{}}
+	s.slots[rec.Generation%2] = compiled
+	return s
 }
 
 func (s *sandbox) policy() *policy.Compiled {
@@ -373,7 +386,7 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 	}
 	rollback = nil // committed
 
-	sb := &sandbox{rec: rec, compiled: compiled, entries: entries, flows: map[*flow]struct{}{}}
+	sb := newSandbox(rec, compiled, entries)
 	d.register(sb)
 	d.log.Info("sandbox attached", "sandbox", rec.key(), "interface", rec.HostInterface,
 		"datapath_id", id, "policy", compiled.Name, "rules", len(entries), "attach", att.Mode)
@@ -406,11 +419,17 @@ func (d *Daemon) register(s *sandbox) {
 	for _, ip := range s.rec.IPs {
 		d.byIP[ip.Address.Addr()] = s
 	}
+	if d.dns != nil {
+		d.dns.SetSandbox(s.rec.key(), dnsConfig(s.compiled))
+	}
 	d.metrics.sandboxes.Set(float64(len(d.sandboxes)))
 }
 
 func (d *Daemon) unregister(s *sandbox) {
 	delete(d.sandboxes, s.rec.key())
+	if d.dns != nil {
+		d.dns.SetSandbox(s.rec.key(), nil)
+	}
 	for _, ip := range s.rec.IPs {
 		if d.byIP[ip.Address.Addr()] == s {
 			delete(d.byIP, ip.Address.Addr())

@@ -68,7 +68,9 @@ type Comparison struct {
 	// baseline, in Unit); ShowAdded prints it next to the verdict.
 	AddedMedian float64 `json:"pairedDiffMedian"`
 	ShowAdded   bool    `json:"-"`
-	Verdict     string  `json:"verdict"`
+	// Reference rows carry a baseline only, for context.
+	Reference bool   `json:"reference,omitempty"`
+	Verdict   string `json:"verdict"`
 }
 
 // Add records one round of one side.
@@ -129,6 +131,8 @@ func (c *Comparison) Summarise() {
 	}
 	c.AddedMedian = median(c.PairedDiffs())
 	switch {
+	case c.Reference:
+		c.Verdict = "reference"
 	case math.IsNaN(c.CleanwallMedian):
 		c.Verdict = "no data"
 	case c.Check == nil:
