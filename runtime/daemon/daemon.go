@@ -20,6 +20,7 @@ import (
 	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/policy"
 	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
+	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
 	"github.com/cleanwall/cleanwall/runtime/api"
 )
@@ -44,6 +45,7 @@ type Daemon struct {
 	dnsUDP  *tproxy.UDPSocket
 	dnsTCP  *tproxy.TCPListener
 	dns     *dnsproxy.Proxy
+	http    *httpproxy.Proxy
 	udpFlow *udpFlows
 	events  *bpf.EventReader
 	server  *http.Server
@@ -102,6 +104,9 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}
 	if d.udp, err = tproxy.ListenUDP(ctx, d.cfg.UDPPort, d.cfg.SocketMark); err != nil {
 		return fmt.Errorf("opening the UDP proxy socket: %w", err)
+	}
+	if err := d.startHTTP(); err != nil {
+		return err
 	}
 	if err := d.startDNS(ctx); err != nil {
 		return fmt.Errorf("opening the DNS proxy sockets: %w", err)

@@ -61,9 +61,6 @@ func (d *Daemon) proxyFor(r *policy.Rule) error {
 	if r.Mode != policy.ModeOpen {
 		return fmt.Errorf("%w: mode %s", errModeUnavailable, r.Mode)
 	}
-	if r.Spec.Open != nil && r.Spec.Open.Protocol == "http" {
-		return fmt.Errorf("%w: open http", errModeUnavailable)
-	}
 	return nil
 }
 
@@ -81,45 +78,53 @@ func (d *Daemon) sandboxByIP(a netip.Addr) *sandbox {
 // If the policy flipped since the packet was classified, the newer policy
 // decides, which can only close flows.
 func (d *Daemon) resolveFlow(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, string) {
+	sb, rule, _, refusal := d.resolveFlowLearnt(src, dst, proto)
+	return sb, rule, refusal
+}
+
+// resolveFlowLearnt also says whether the kernel entry was learnt through
+// DNS (an fqdn destination) rather than written from a cidr.
+func (d *Daemon) resolveFlowLearnt(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, bool, string) {
 	sb := d.sandboxByIP(src.Addr())
 	if sb == nil {
-		return nil, nil, "unknown-source"
+		return nil, nil, false, "unknown-source"
 	}
-	rule, refusal := d.kernelRule(sb, dst, proto)
+	rule, learnt, refusal := d.kernelRule(sb, dst, proto)
 	if refusal != "" {
-		return sb, rule, refusal
+		return sb, rule, learnt, refusal
 	}
 	if err := d.proxyFor(rule); err != nil {
-		return sb, rule, "mode-unavailable"
+		return sb, rule, learnt, "mode-unavailable"
 	}
-	return sb, rule, ""
+	return sb, rule, learnt, ""
 }
 
 // kernelRule looks a destination up in the sandbox's active generation.
-func (d *Daemon) kernelRule(sb *sandbox, dst netip.AddrPort, proto policy.Protocol) (*policy.Rule, string) {
+func (d *Daemon) kernelRule(sb *sandbox, dst netip.AddrPort, proto policy.Protocol) (*policy.Rule, bool, string) {
 	entry, err := d.dp.Sandbox(sb.rec.HostIfindex)
 	if err != nil || entry.ID != sb.rec.DatapathID {
-		return nil, "no-sandbox-entry"
+		return nil, false, "no-sandbox-entry"
 	}
 	slot := uint8(entry.Generation)
 	e, ok, err := d.dp.LookupRule(entry.ID, slot, uint8(proto), dst.Addr().Unmap(), dst.Port())
 	if err != nil || !ok {
-		return nil, "no-rule"
+		return nil, false, "no-rule"
 	}
-	if e.Expires != 0 && e.Expires <= monotonicNow() {
-		return nil, "expired"
+	learnt := e.Expires != 0
+	if learnt && e.Expires <= monotonicNow() {
+		return nil, learnt, "expired"
 	}
 	sb.mu.Lock()
 	compiled := sb.slots[slot]
 	sb.mu.Unlock()
 	if compiled == nil {
-		return nil, "no-rule"
+		return nil, learnt, "no-rule"
 	}
 	rule := compiled.Rule(e.RuleID)
 	if rule == nil {
-		return nil, "no-rule"
+		return nil, learnt, "no-rule"
 	}
-	return rule, ""
+	return rule, learnt, ""
 }
 
 func (d *Daemon) serveTCP(l *net.TCPListener) {
@@ -139,7 +144,7 @@ func (d *Daemon) serveTCP(l *net.TCPListener) {
 
 func (d *Daemon) handleTCP(c *net.TCPConn) {
 	src, dst := tproxy.OriginalDst(c)
-	sb, rule, refusal := d.resolveFlow(src, dst, policy.ProtoTCP)
+	sb, rule, learnt, refusal := d.resolveFlowLearnt(src, dst, policy.ProtoTCP)
 	if refusal != "" {
 		d.refuseFlow(sb, rule, "tcp", src, dst, refusal)
 		c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
@@ -162,14 +167,19 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 		budget = *o.TCP.MaxBytesOut
 	}
 	var st tcpproxy.Stats
-	fwd := tcpproxy.Forwarder{IdleTimeout: d.cfg.IdleTimeout, Dial: d.dialUpstream}
-	err := fwd.Forward(ctx, c, tcpproxy.Flow{Dst: dst, MaxBytesOut: budget}, &st)
+	var err error
+	if o := rule.Spec.Open; o != nil && o.Protocol == "http" {
+		err = d.serveHTTP(ctx, c, f, learnt, budget)
+	} else {
+		fwd := tcpproxy.Forwarder{IdleTimeout: d.cfg.IdleTimeout, Dial: d.dialUpstream}
+		err = fwd.Forward(ctx, c, tcpproxy.Flow{Dst: dst, MaxBytesOut: budget}, &st)
+	}
 	d.metrics.bytes.WithLabelValues(append(labels, "out")...).Add(float64(st.BytesOut.Load()))
 	d.metrics.bytes.WithLabelValues(append(labels, "in")...).Add(float64(st.BytesIn.Load()))
 	result := "closed"
 	switch {
 	case err == nil:
-	case errors.Is(err, tcpproxy.ErrBudgetExceeded):
+	case errors.Is(err, tcpproxy.ErrBudgetExceeded), errors.Is(err, errBudget):
 		result = "budget-exceeded"
 	case errors.Is(err, tcpproxy.ErrIdle):
 		result = "idle"
@@ -352,6 +362,11 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	updated.PolicySource = source
 
 	s.mu.Lock()
+	// Rules of both slots stay resolvable through the flip.
+	s.http = httpRulesOf(compiled, nil)
+	if prev := s.slots[old]; prev != nil {
+		httpRulesOf(prev, s.http)
+	}
 	s.slots[slot] = compiled
 	prevStatic := s.static
 	s.static = staticHosts(entries)
@@ -381,7 +396,7 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 		d.log.Error("persisting the new generation failed; a restart re-applies the previous document", "sandbox", rec.key(), "error", err)
 	}
 	closed := s.closeFlows(func(f *flow) bool {
-		r, refusal := d.kernelRule(s, f.dst, f.proto)
+		r, _, refusal := d.kernelRule(s, f.dst, f.proto)
 		return refusal == "" && r.Name == f.rule.Name && r.Mode == f.rule.Mode && d.proxyFor(r) == nil
 	}, errPolicyChanged)
 	d.log.Info("policy applied", "sandbox", rec.key(), "policy", compiled.Name, "generation", next,

@@ -20,6 +20,7 @@ import (
 	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/internal/netns"
 	"github.com/cleanwall/cleanwall/policy"
+	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
 	"github.com/cleanwall/cleanwall/runtime/api"
 )
 
@@ -35,13 +36,14 @@ type sandbox struct {
 	slots   [2]*policy.Compiled
 	entries []bpf.RuleEntry // static datapath entries of the active generation
 	static  map[hostKey]bpf.RuleEntry
-	learned map[learnKey]uint64 // fqdn addresses: expiry (CLOCK_MONOTONIC ns)
+	http    map[*policy.Rule]*httpproxy.Rules // open HTTP rules of both slots' policies
+	learned map[learnKey]uint64               // fqdn addresses: expiry (CLOCK_MONOTONIC ns)
 	flows   map[*flow]struct{}
 }
 
 func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry) *sandbox {
 	s := &sandbox{rec: rec, compiled: compiled, entries: entries, static: staticHosts(entries),
-		learned: map[learnKey]uint64{}, flows: map[*flow]struct{}{}}
+		http: httpRulesOf(compiled, nil), learned: map[learnKey]uint64{}, flows: map[*flow]struct{}{}}
 	s.slots[rec.Generation%2] = compiled
 	return s
 }

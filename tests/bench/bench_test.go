@@ -30,6 +30,10 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if addr := os.Getenv(serverEnv); addr != "" {
+		fmt.Fprintln(os.Stderr, serveConnect(addr))
+		os.Exit(1)
+	}
 	flag.Parse()
 	if os.Geteuid() == 0 {
 		harness.SweepLeftovers()

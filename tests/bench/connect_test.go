@@ -32,38 +32,59 @@ var (
 	response = []byte("ok cleanwall  \n\n")
 )
 
-// startConnectServer serves the connect protocol in the remote namespace.
+// serverEnv makes the test binary serve the connect protocol instead of
+// running tests (see TestMain): the server gets a process of its own, so
+// that it does not share a Go runtime (and its Ps) with the clients.
+const serverEnv = "CLEANWALL_BENCH_CONNECT_SERVER"
+
+// startConnectServer runs the connect server in the remote namespace.
 func startConnectServer(t *testing.T, env *harness.Env, addr netip.AddrPort) {
 	t.Helper()
-	var l net.Listener
-	if err := env.InRemote(func() (err error) {
-		l, err = net.Listen("tcp4", addr.String())
-		return err
-	}); err != nil {
+	self, err := os.Executable()
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
+	cmd := nsCommand(env.Remote, self, "-test.run=^$")
+	cmd.Env = append(os.Environ(), serverEnv+"="+addr.String())
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("connect server: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill() // the server we started, by its pid
+		_ = cmd.Wait()
+	})
+	if err := waitListening(env.Remote, int(addr.Port()), 10*time.Second); err != nil {
+		t.Fatalf("connect server: %v: %s", err, stderr.String())
+	}
+}
+
+// serveConnect is the server process: request in, response out, then
+// wait for the client's close (the client closes first, so TIME_WAIT
+// stays on the client side as with a real client).
+func serveConnect(addr string) error {
+	l, err := net.Listen("tcp4", addr)
+	if err != nil {
+		return err
+	}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			buf := make([]byte, len(request))
+			if _, err := io.ReadFull(c, buf); err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, len(request))
-				if _, err := io.ReadFull(c, buf); err != nil {
-					return
-				}
-				if _, err := c.Write(response); err != nil {
-					return
-				}
-				// Wait for the client's close: it closes first, so TIME_WAIT
-				// stays on the client side as with a real client.
-				_, _ = io.Copy(io.Discard, c)
-			}()
-		}
-	}()
+			if _, err := c.Write(response); err != nil {
+				return
+			}
+			_, _ = io.Copy(io.Discard, c)
+		}()
+	}
 }
 
 // connectResult is one round of one side.
@@ -160,11 +181,18 @@ func oneConnection(sa *unix.SockaddrInet4, buf []byte) error {
 	// Timeouts bound a connect or read that would otherwise hang the run.
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &ioTimeout)
 	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &ioTimeout)
-	if err := unix.Connect(fd, sa); err != nil {
+	if err := connect(fd, sa); err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}
-	if _, err := unix.Write(fd, request); err != nil {
-		return fmt.Errorf("write: %w", err)
+	for {
+		_, err := unix.Write(fd, request)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+		break
 	}
 	for got := 0; got < len(buf); {
 		m, err := unix.Read(fd, buf[got:])
@@ -182,6 +210,38 @@ func oneConnection(sa *unix.SockaddrInet4, buf []byte) error {
 	err = unix.Close(fd)
 	fd = -1
 	return err
+}
+
+// connect is a blocking connect(2) that survives signals: with a send
+// timeout set, the kernel does not restart an interrupted connect, which
+// then completes in the background; wait for it and read its result.
+func connect(fd int, sa unix.Sockaddr) error {
+	err := unix.Connect(fd, sa)
+	if !errors.Is(err, unix.EINTR) {
+		return err
+	}
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	for {
+		n, err := unix.Poll(pfd, int(ioTimeout.Sec*1000))
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return unix.ETIMEDOUT
+		}
+		break
+	}
+	soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err != nil {
+		return err
+	}
+	if soErr != 0 {
+		return unix.Errno(soErr)
+	}
+	return nil
 }
 
 // benchConnect compares connection setup direct and through cleanwall:

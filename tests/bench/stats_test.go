@@ -143,7 +143,12 @@ func (c *Comparison) Summarise() {
 		c.Verdict = "MISS"
 	}
 	if c.ShowAdded && !math.IsNaN(c.AddedMedian) {
-		c.Verdict += fmt.Sprintf(" (%+.0f %s)", c.AddedMedian, c.Unit)
+		added := fmt.Sprintf("%+.0f %s", c.AddedMedian, c.Unit)
+		if c.Verdict == "-" {
+			c.Verdict = added
+		} else {
+			c.Verdict += " (" + added + ")"
+		}
 	}
 }
 

@@ -265,4 +265,3 @@ func TestDNSWithoutSpecRefusesEverything(t *testing.T) {
 		t.Fatalf("upstream saw %v", upstream.Queries())
 	}
 }
-

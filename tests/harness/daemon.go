@@ -118,6 +118,9 @@ func (d *Daemon) Start() {
 	}
 }
 
+// Pid is the daemon process's pid.
+func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
+
 // Log returns everything the daemon printed.
 func (d *Daemon) Log() string {
 	d.logMu.Lock()
@@ -217,4 +220,26 @@ func MetricValue(metrics, name string, labels ...string) (float64, bool) {
 		}
 	}
 	return 0, false
+}
+
+// MetricSum sums every sample of name whose line contains every label pair.
+func MetricSum(metrics, name string, labels ...string) float64 {
+	var sum float64
+	for _, line := range strings.Split(metrics, "\n") {
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			if !strings.Contains(line, l) {
+				ok = false
+				break
+			}
+		}
+		var v float64
+		if _, err := fmt.Sscan(line[strings.LastIndex(line, " ")+1:], &v); ok && err == nil {
+			sum += v
+		}
+	}
+	return sum
 }

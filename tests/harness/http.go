@@ -20,7 +20,8 @@ type HTTPServer struct {
 type RecordedRequest struct {
 	Method, Path, Host string
 	Header             http.Header
-	Body               []byte
+	Body               []byte // the first MiB
+	BodyLen            int64  // every byte received
 	From               string
 }
 
@@ -37,9 +38,11 @@ func (e *Env) HTTPServer(addr string, handler http.HandlerFunc) *HTTPServer {
 	}
 	s := &HTTPServer{Addr: l.Addr().String()}
 	srv := &http.Server{ReadHeaderTimeout: 10 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
+		body, _ := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+		rest, _ := io.Copy(io.Discard, r.Body)
 		s.mu.Lock()
-		s.reqs = append(s.reqs, RecordedRequest{Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Header: r.Header.Clone(), Body: body, From: r.RemoteAddr})
+		s.reqs = append(s.reqs, RecordedRequest{Method: r.Method, Path: r.URL.RequestURI(), Host: r.Host, Header: r.Header.Clone(),
+			Body: body, BodyLen: int64(len(body)) + rest, From: r.RemoteAddr})
 		s.mu.Unlock()
 		if handler != nil {
 			handler(w, r)
