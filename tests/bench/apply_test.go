@@ -4,6 +4,7 @@ package bench
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"testing"
@@ -65,11 +66,14 @@ func benchApply(t *testing.T, top *topology, rep *Report) {
 	if err := dp.PutRules(id, 0, entries[0]); err != nil {
 		t.Fatal(err)
 	}
+	perf := newPerfRecorder(t, top.daemon)
 	for r := range rounds(3) {
 		next := (r + 1) % 2 // generation slot and document of this round
 		for _, side := range order(r) {
 			if side == "cleanwall" {
+				perf.start(fmt.Sprintf("apply-round%d", r))
 				d, res, err := apply(docs[next])
+				perf.stop()
 				if err != nil {
 					t.Fatalf("round %d: %v", r, err)
 				}

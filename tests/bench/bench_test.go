@@ -26,7 +26,7 @@ var (
 	flagRounds    = flag.Int("rounds", 0, "rounds per side of every scenario (0: each scenario's default)")
 	flagConns     = flag.Int("conns", 2000, "connections per round in the connect and iptables scenarios")
 	flagOut       = flag.String("out", "", "JSON result file (default results/<UTC timestamp>.json)")
-	flagPerf      = flag.String("perf", "", "directory: record cleanwalld with perf(1) during the cleanwall rounds of the connect scenario")
+	flagPerf      = flag.String("perf", "", "directory: record cleanwalld with perf(1) during the cleanwall rounds of throughput, connect and apply")
 )
 
 func TestMain(m *testing.M) {

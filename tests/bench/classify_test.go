@@ -328,6 +328,14 @@ func benchClassify(t *testing.T, rep *Report) {
 		"The bridge-port rows are the same lookups ending in the real redirect verdict (mark + count, no assign).", clsHotRepeat, clsColdFrames)
 }
 
+// rulesLabel is "1 rule", "1k rules", ...
+func rulesLabel(n int) string {
+	if n == 1 {
+		return "1 rule"
+	}
+	return countLabel(n) + " rules"
+}
+
 func countLabel(n int) string {
 	switch {
 	case n >= 1000 && n%1000 == 0:

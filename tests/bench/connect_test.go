@@ -264,17 +264,14 @@ func benchConnect(t *testing.T, top *topology, rep *Report) {
 			t.Fatalf("warm-up %s: %v %v", side, err, r.FirstErr)
 		}
 	}
-	var perf *perfRecorder
-	if *flagPerf != "" {
-		perf = newPerfRecorder(t, top.daemon, *flagPerf)
-	}
+	perf := newPerfRecorder(t, top.daemon)
 	for r := range rounds(5) {
 		for _, side := range order(r) {
-			if side == "cleanwall" && perf != nil {
+			if side == "cleanwall" {
 				perf.start(fmt.Sprintf("connect-round%d", r))
 			}
 			res, err := connectRound(sb[side].NS, dst, n, 1)
-			if side == "cleanwall" && perf != nil {
+			if side == "cleanwall" {
 				perf.stop()
 			}
 			if err != nil {
@@ -303,7 +300,9 @@ func benchConnect(t *testing.T, top *topology, rep *Report) {
 	}
 }
 
-// perfRecorder samples cleanwalld's stacks with perf(1) while it runs.
+// perfRecorder samples cleanwalld's stacks (user and kernel) with
+// perf(1) while the cleanwall side of a scenario runs, when -perf names a
+// directory; otherwise its methods do nothing.
 type perfRecorder struct {
 	t   *testing.T
 	pid int
@@ -311,7 +310,11 @@ type perfRecorder struct {
 	cmd *exec.Cmd
 }
 
-func newPerfRecorder(t *testing.T, d *harness.Daemon, dir string) *perfRecorder {
+func newPerfRecorder(t *testing.T, d *harness.Daemon) *perfRecorder {
+	dir := *flagPerf
+	if dir == "" {
+		return nil
+	}
 	if _, err := exec.LookPath("perf"); err != nil {
 		t.Fatalf("-perf needs perf(1): apt-get install -y linux-perf")
 	}
@@ -326,6 +329,9 @@ func newPerfRecorder(t *testing.T, d *harness.Daemon, dir string) *perfRecorder 
 }
 
 func (p *perfRecorder) start(name string) {
+	if p == nil {
+		return
+	}
 	out := filepath.Join(p.dir, name+".perf.data")
 	p.cmd = exec.Command("perf", "record", "-q", "-F", "999", "-g", "-p", strconv.Itoa(p.pid), "-o", out)
 	if err := p.cmd.Start(); err != nil {
@@ -335,6 +341,9 @@ func (p *perfRecorder) start(name string) {
 }
 
 func (p *perfRecorder) stop() {
+	if p == nil {
+		return
+	}
 	_ = p.cmd.Process.Signal(syscall.SIGINT)
 	_ = p.cmd.Wait()
 	p.t.Logf("perf: %s (perf report -i <file> --no-children)", p.cmd.Args[len(p.cmd.Args)-1])

@@ -92,9 +92,9 @@ func benchIptables(t *testing.T, rep *Report) {
 	p50 := map[int]*Comparison{}
 	p99 := map[int]*Comparison{}
 	for _, size := range sizes {
-		p50[size] = rep.addRow(&Comparison{Scenario: fmt.Sprintf("connect p50, iptables vs cleanwall, %s rules", countLabel(size)), Unit: "µs", LowerBetter: true,
+		p50[size] = rep.addRow(&Comparison{Scenario: fmt.Sprintf("connect p50, iptables vs cleanwall, %s", rulesLabel(size)), Unit: "µs", LowerBetter: true,
 			Baseline: "iptables", Cleanwall: "cleanwall", ShowAdded: true})
-		p99[size] = rep.addRow(&Comparison{Scenario: fmt.Sprintf("connect p99, iptables vs cleanwall, %s rules", countLabel(size)), Unit: "µs", LowerBetter: true,
+		p99[size] = rep.addRow(&Comparison{Scenario: fmt.Sprintf("connect p99, iptables vs cleanwall, %s", rulesLabel(size)), Unit: "µs", LowerBetter: true,
 			Baseline: "iptables", Cleanwall: "cleanwall", ShowAdded: true})
 	}
 	for _, s := range all {

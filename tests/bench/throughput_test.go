@@ -77,6 +77,7 @@ func benchThroughput(t *testing.T, top *topology, rep *Report) {
 	}
 	rep.note("throughput: %s, %d s per round after %d s omitted, receiver-side bits/s; iperf3 before 3.16 runs all streams on one thread", firstLine("iperf3", "--version"), iperfSeconds, iperfOmit)
 	sb := map[string]*harness.Sandbox{"baseline": top.direct, "cleanwall": top.cw}
+	perf := newPerfRecorder(t, top.daemon)
 	for _, streams := range []int{1, 8} {
 		c := &Comparison{Scenario: fmt.Sprintf("tcp throughput, %d stream", streams), Unit: "bit/s", Baseline: "direct", Cleanwall: "cleanwall"}
 		if streams == 1 {
@@ -87,7 +88,13 @@ func benchThroughput(t *testing.T, top *topology, rep *Report) {
 		rep.addRow(c)
 		for r := range rounds(3) {
 			for _, side := range order(r) {
+				if side == "cleanwall" {
+					perf.start(fmt.Sprintf("iperf-%dstreams-round%d", streams, r))
+				}
 				res, err := iperfRound(sb[side], streams)
+				if side == "cleanwall" {
+					perf.stop()
+				}
 				if err != nil {
 					t.Fatalf("%s round %d: %v", side, r, err)
 				}
