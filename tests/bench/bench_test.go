@@ -133,13 +133,13 @@ func hostInfo() map[string]any {
 	var u unix.Utsname
 	_ = unix.Uname(&u)
 	h := map[string]any{
-		"kernel":     unix.ByteSliceToString(u.Release[:]),
-		"cpus":       runtime.NumCPU(),
-		"go":         runtime.Version(),
-		"iperf3":     firstLine("iperf3", "--version"),
-		"iptables":   firstLine("iptables", "-V"),
-		"commit":     firstLine("git", "rev-parse", "HEAD"),
-		"dirtyFiles": strings.Count(cmdOut("git", "status", "--porcelain", "--untracked-files=no"), "\n"),
+		"kernel":   unix.ByteSliceToString(u.Release[:]),
+		"cpus":     runtime.NumCPU(),
+		"go":       runtime.Version(),
+		"iperf3":   firstLine("iperf3", "--version"),
+		"iptables": firstLine("iptables", "-V"),
+		"commit":   firstLine("git", "rev-parse", "HEAD"),
+		"modified": strings.Fields(cmdOut("git", "diff", "--name-only", "HEAD")),
 	}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {

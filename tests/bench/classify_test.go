@@ -261,23 +261,23 @@ func benchClassify(t *testing.T, rep *Report) {
 
 	const shot, ok = 2, 0
 	type kind struct {
-		key, label string
-		bridge     bool
-		frames     func(n int) [][]byte
-		repeat     uint32
-		ret        uint32
+		key, label, note string
+		bridge           bool
+		frames           func(n int) [][]byte
+		repeat           uint32
+		ret              uint32
 	}
 	kinds := []kind{
-		{"match", "SYN to a rule, ptp (ends in assign-failed drop)", false, func(n int) [][]byte { return hot[n] }, clsHotRepeat, shot},
-		{"nomatch", "SYN to no rule (drop)", false, func(int) [][]byte { return noRule }, clsHotRepeat, shot},
-		{"bridge", "SYN to a rule, bridge port (redirect verdict)", true, func(n int) [][]byte { return hot[n] }, clsHotRepeat, ok},
-		{"cold", "SYN to a rule, ptp, 2000 destinations x 1 run", false, func(n int) [][]byte { return cold[n] }, 1, shot},
+		{"match", "SYN->rule, ptp", "flow lookup, LPM rule lookup, listener lookup, then TEST_RUN's assign-failed drop", false, func(n int) [][]byte { return hot[n] }, clsHotRepeat, shot},
+		{"nomatch", "SYN->no rule", "flow lookup, LPM miss, drop", false, func(int) [][]byte { return noRule }, clsHotRepeat, shot},
+		{"bridge", "SYN->rule, bridge port", "the ptp row's lookups ending in the redirect verdict (mark + count, no assign)", true, func(n int) [][]byte { return hot[n] }, clsHotRepeat, ok},
+		{"cold", "SYN->rule, ptp, cold", "the ptp row, one run per call over 2000 distinct matching destinations", false, func(n int) [][]byte { return cold[n] }, 1, shot},
 	}
 	rows := map[string]map[int]*Comparison{}
 	for _, k := range kinds {
 		rows[k.key] = map[int]*Comparison{}
 		for _, n := range sizes[1:] {
-			c := &Comparison{Scenario: fmt.Sprintf("classify %s: %s vs 1 rule", k.label, countLabel(n)), Unit: "ns", LowerBetter: true,
+			c := &Comparison{Scenario: fmt.Sprintf("classify %s: %s vs 1 rule", k.label, countLabel(n)), Unit: "ns", LowerBetter: true, Note: k.note,
 				Baseline: "1 rule", Cleanwall: countLabel(n) + " rules"}
 			if k.key == "match" && n == 100_000 {
 				c.Target, c.Check = "<=1.30", ratioAtMost(1.30)
