@@ -62,9 +62,12 @@ func decodeRuleKey(k *datapathRuleKey) (netip.Prefix, bool) {
 	return netip.Prefix{}, false
 }
 
-// PutRules writes entries for one sandbox generation. On error, the entries
-// already written by this call are removed again and the error says why: a
-// full map wraps ErrMapFull. Never partially applied.
+// batchSize bounds one batch syscall (the kernel copies the batch in).
+const batchSize = 8192
+
+// PutRules writes entries for one sandbox generation, in batches. On error,
+// the entries already written by this call are removed again and the error
+// says why: a full map wraps ErrMapFull. Never partially applied.
 func (d *Datapath) PutRules(sandboxID uint32, generation uint8, entries []RuleEntry) error {
 	keys := make([]datapathRuleKey, len(entries))
 	vals := make([]datapathRule, len(entries))
@@ -76,25 +79,37 @@ func (d *Datapath) PutRules(sandboxID uint32, generation uint8, entries []RuleEn
 		keys[i] = k
 		vals[i] = datapathRule{RuleId: entries[i].RuleID, Mode: entries[i].Mode, Listener: entries[i].Listener, ExpiresNs: entries[i].Expires}
 	}
-	for i := range keys {
-		if err := d.objs.CwRules.Put(&keys[i], &vals[i]); err != nil {
-			d.deleteKeys(keys[:i])
+	for off := 0; off < len(keys); off += batchSize {
+		end := min(off+batchSize, len(keys))
+		n, err := d.objs.CwRules.BatchUpdate(keys[off:end], vals[off:end], nil)
+		if err != nil {
+			d.deleteKeys(keys[:off+n])
 			if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOMEM) {
-				return fmt.Errorf("writing rule entry %d of %d: %w (capacity %d entries for all sandboxes)", i+1, len(keys), ErrMapFull, d.objs.CwRules.MaxEntries())
+				return fmt.Errorf("writing rule entry %d of %d: %w (capacity %d entries for all sandboxes and both generations)", off+n+1, len(keys), ErrMapFull, d.objs.CwRules.MaxEntries())
 			}
-			return fmt.Errorf("writing rule entry %d of %d: %w", i+1, len(keys), err)
+			return fmt.Errorf("writing rule entry %d of %d: %w", off+n+1, len(keys), err)
 		}
 	}
 	return nil
 }
 
-func (d *Datapath) deleteKeys(keys []datapathRuleKey) (n int) {
-	for i := range keys {
-		if err := d.objs.CwRules.Delete(&keys[i]); err == nil {
-			n++
+// deleteKeys removes keys in batches; a key that is already gone stops a
+// batch in the kernel, so the rest of that batch is deleted one by one.
+func (d *Datapath) deleteKeys(keys []datapathRuleKey) (deleted int) {
+	for off := 0; off < len(keys); off += batchSize {
+		chunk := keys[off:min(off+batchSize, len(keys))]
+		n, err := d.objs.CwRules.BatchDelete(chunk, nil)
+		deleted += n
+		if err == nil {
+			continue
+		}
+		for i := n; i < len(chunk); i++ {
+			if d.objs.CwRules.Delete(&chunk[i]) == nil {
+				deleted++
+			}
 		}
 	}
-	return n
+	return deleted
 }
 
 // DeleteRuleEntries removes the given entries of a sandbox generation.
@@ -111,19 +126,35 @@ func (d *Datapath) DeleteRuleEntries(sandboxID uint32, generation uint8, entries
 	return nil
 }
 
+// allRules reads the whole rule map in batches, calling fn per entry.
+func (d *Datapath) allRules(fn func(k *datapathRuleKey, v *datapathRule)) error {
+	var cursor ebpf.MapBatchCursor
+	keys := make([]datapathRuleKey, batchSize)
+	vals := make([]datapathRule, batchSize)
+	for {
+		n, err := d.objs.CwRules.BatchLookup(&cursor, keys, vals, nil)
+		for i := 0; i < n; i++ {
+			fn(&keys[i], &vals[i])
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil // the end of the map
+		}
+		if err != nil {
+			return fmt.Errorf("reading rules: %w", err)
+		}
+	}
+}
+
 // DeleteRules removes every entry of a sandbox, or of one of its
 // generations when generation >= 0, by scanning the map.
 func (d *Datapath) DeleteRules(sandboxID uint32, generation int) (int, error) {
 	var keys []datapathRuleKey
-	var k datapathRuleKey
-	var v datapathRule
-	it := d.objs.CwRules.Iterate()
-	for it.Next(&k, &v) {
+	err := d.allRules(func(k *datapathRuleKey, _ *datapathRule) {
 		if k.SandboxId == sandboxID && (generation < 0 || int(k.Generation) == generation) {
-			keys = append(keys, k)
+			keys = append(keys, *k)
 		}
-	}
-	if err := it.Err(); err != nil {
+	})
+	if err != nil {
 		return 0, fmt.Errorf("scanning rules: %w", err)
 	}
 	return d.deleteKeys(keys), nil
@@ -132,23 +163,15 @@ func (d *Datapath) DeleteRules(sandboxID uint32, generation int) (int, error) {
 // SandboxRules reads back what the kernel holds for a sandbox generation.
 func (d *Datapath) SandboxRules(sandboxID uint32, generation uint8) ([]RuleEntry, error) {
 	var out []RuleEntry
-	var k datapathRuleKey
-	var v datapathRule
-	it := d.objs.CwRules.Iterate()
-	for it.Next(&k, &v) {
+	err := d.allRules(func(k *datapathRuleKey, v *datapathRule) {
 		if k.SandboxId != sandboxID || k.Generation != generation {
-			continue
+			return
 		}
-		p, ok := decodeRuleKey(&k)
-		if !ok {
-			continue
+		if p, ok := decodeRuleKey(k); ok {
+			out = append(out, RuleEntry{Prefix: p, Proto: k.Proto, Port: k.Port, RuleID: v.RuleId, Mode: v.Mode, Listener: v.Listener, Expires: v.ExpiresNs})
 		}
-		out = append(out, RuleEntry{Prefix: p, Proto: k.Proto, Port: k.Port, RuleID: v.RuleId, Mode: v.Mode, Listener: v.Listener, Expires: v.ExpiresNs})
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("reading rules: %w", err)
-	}
-	return out, nil
+	})
+	return out, err
 }
 
 // RuleCapacity is the rule map's size (entries across all sandboxes).
@@ -180,14 +203,11 @@ func (d *Datapath) LookupRule(sandboxID uint32, generation uint8, proto uint8, d
 func (d *Datapath) RuleSandboxIDs() []uint32 {
 	seen := map[uint32]bool{}
 	var out []uint32
-	var k datapathRuleKey
-	var v datapathRule
-	it := d.objs.CwRules.Iterate()
-	for it.Next(&k, &v) {
+	_ = d.allRules(func(k *datapathRuleKey, _ *datapathRule) {
 		if !seen[k.SandboxId] {
 			seen[k.SandboxId] = true
 			out = append(out, k.SandboxId)
 		}
-	}
+	})
 	return out
 }

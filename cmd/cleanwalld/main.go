@@ -41,6 +41,10 @@ func run(args []string) error {
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464); empty: off")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	check := fs.Bool("check", false, "load and pin the datapath, install routing, open the listeners, report, and exit")
+	var maxRules, maxSandboxes, maxCounters uint
+	fs.UintVar(&maxRules, "max-rules", 0, "rule map size: datapath entries across all sandboxes, both generations (0: 262144); a full map fails the ADD or apply that needs more, never the datapath")
+	fs.UintVar(&maxSandboxes, "max-sandboxes", 0, "sandbox map size (0: 4096)")
+	fs.UintVar(&maxCounters, "max-counters", 0, "counter map size (0: 65536)")
 	var tcpPort, udpPort, dnsPort uint
 	fs.UintVar(&tcpPort, "tcp-port", 0, "TCP proxy listener port (0: kernel-chosen)")
 	fs.UintVar(&udpPort, "udp-port", 0, "UDP proxy socket port (0: kernel-chosen)")
@@ -60,6 +64,7 @@ func run(args []string) error {
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.TCPPort, cfg.UDPPort, cfg.DNSPort = uint16(tcpPort), uint16(udpPort), uint16(dnsPort)
+	cfg.MaxRules, cfg.MaxSandboxes, cfg.MaxCounters = uint32(maxRules), uint32(maxSandboxes), uint32(maxCounters)
 	cfg.Version = version
 
 	d, err := daemon.New(cfg)

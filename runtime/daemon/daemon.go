@@ -280,6 +280,9 @@ func (d *Daemon) reconcile() error {
 				return err
 			}
 		}
+		// Both slots are swept once: the inactive one must be empty before
+		// the re-apply writes into it (a crash may have left entries there).
+		_, _ = d.dp.DeleteRules(rec.DatapathID, int((rec.Generation+1)%2))
 		current, _ := d.dp.SandboxRules(rec.DatapathID, uint8(rec.Generation%2))
 		sb := newSandbox(rec, compiled, current)
 		if rec.Bridge != "" {

@@ -182,10 +182,14 @@ func (d *Daemon) learn(sandboxKey, name string, addrs []netip.Addr, ttl time.Dur
 // learntEntries are the datapath entries an address learnt for name opens
 // under the policy of slot. Called with s.mu held.
 func (s *sandbox) learntEntries(slot uint8, name string, a netip.Addr, expires uint64) []bpf.RuleEntry {
-	c := s.slots[slot]
+	return s.learntEntriesUnder(s.slots[slot], s.static, name, a, expires)
+}
+
+// learntEntriesUnder computes them for a given policy and its static hosts.
+func (s *sandbox) learntEntriesUnder(c *policy.Compiled, static map[hostKey]bpf.RuleEntry, name string, a netip.Addr, expires uint64) []bpf.RuleEntry {
 	var out []bpf.RuleEntry
 	for _, e := range c.EntriesForName(name, a) {
-		if st, ok := s.static[hostKey{a, uint8(e.Proto), e.Port}]; ok && st.RuleID < e.RuleID {
+		if st, ok := static[hostKey{a, uint8(e.Proto), e.Port}]; ok && st.RuleID < e.RuleID {
 			continue // an earlier rule's identical static entry stands
 		}
 		out = append(out, ruleEntry(c, e, expires))

@@ -37,19 +37,22 @@ func (s *sandbox) removeFlow(f *flow) {
 }
 
 // closeFlows cancels every flow for which keep returns false (nil: all).
+// keep runs without s.mu held (it may look rules up).
 func (s *sandbox) closeFlows(keep func(*flow) bool, cause error) int {
 	s.mu.Lock()
-	var victims []*flow
+	flows := make([]*flow, 0, len(s.flows))
 	for f := range s.flows {
-		if keep == nil || !keep(f) {
-			victims = append(victims, f)
-		}
+		flows = append(flows, f)
 	}
 	s.mu.Unlock()
-	for _, f := range victims {
-		f.cancel(cause)
+	closed := 0
+	for _, f := range flows {
+		if keep == nil || !keep(f) {
+			f.cancel(cause)
+			closed++
+		}
 	}
-	return len(victims)
+	return closed
 }
 
 // errModeUnavailable closes flows whose rule asks for a proxy this build
@@ -348,10 +351,9 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	next := rec.Generation + 1
 	slot, old := uint8(next%2), uint8(rec.Generation%2)
 	entries := datapathEntries(compiled)
-	// A failed earlier apply may have left entries in the inactive slot.
-	if _, err := d.dp.DeleteRules(rec.DatapathID, int(slot)); err != nil {
-		return 0, err
-	}
+	// The inactive slot is empty: every apply removes the generation it
+	// replaces, a failed write removes what it wrote, and reconcile sweeps
+	// both slots of a re-adopted sandbox once.
 	if err := d.dp.PutRules(rec.DatapathID, slot, entries); err != nil {
 		return 0, fmt.Errorf("writing generation %d: %w (generation %d stays enforced)", next, err, rec.Generation)
 	}
@@ -374,11 +376,17 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	if err := d.dp.PutSandbox(rec.HostIfindex, updated.datapathEntry()); err != nil {
 		s.static = prevStatic
 		s.mu.Unlock()
-		_, _ = d.dp.DeleteRules(rec.DatapathID, int(slot))
+		_, _ = d.dp.DeleteRules(rec.DatapathID, int(slot)) // rare: sweep what this attempt wrote
 		return 0, fmt.Errorf("flipping to generation %d: %w (generation %d stays enforced)", next, err, rec.Generation)
 	}
-	// The flip happened: from here on the new policy is the truth.
-	oldEntries := s.entries
+	// The flip happened: from here on the new policy is the truth. The old
+	// generation is unreachable; remove exactly what it held.
+	stale := s.entries
+	if prev := s.slots[old]; prev != nil {
+		for k, exp := range s.learned {
+			stale = append(stale, s.learntEntriesUnder(prev, prevStatic, k.name, k.addr, exp)...)
+		}
+	}
 	s.rec = &updated
 	s.compiled = compiled
 	s.entries = entries
@@ -386,11 +394,8 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	if d.dns != nil {
 		d.dns.SetSandbox(rec.key(), dnsConfig(compiled))
 	}
-	if err := d.dp.DeleteRuleEntries(rec.DatapathID, old, oldEntries); err != nil {
+	if err := d.dp.DeleteRuleEntries(rec.DatapathID, old, stale); err != nil {
 		d.log.Warn("removing the old generation", "sandbox", rec.key(), "error", err)
-	}
-	if _, err := d.dp.DeleteRules(rec.DatapathID, int(old)); err != nil {
-		d.log.Warn("sweeping the old generation", "sandbox", rec.key(), "error", err)
 	}
 	if err := d.store.save(&updated); err != nil {
 		d.log.Error("persisting the new generation failed; a restart re-applies the previous document", "sandbox", rec.key(), "error", err)
