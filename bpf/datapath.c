@@ -566,11 +566,12 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb, struct pkt *p, str
 	if (ip->nexthdr == PROTO_ICMPV6)
 		return handle_ndp(p, sb, ip, end);
 
-	/* The sandbox's own link-local address is not a spoof (its kernel
-	 * sends MLD reports from it, behind a hop-by-hop header): such packets
-	 * drop for what they are. TCP and UDP must come from the global address. */
+	/* The sandbox's own link-local address, and the unspecified address
+	 * during duplicate address detection, are not spoofs: its kernel sends
+	 * MLD reports from them, behind a hop-by-hop header. Such packets drop
+	 * for what they are. TCP and UDP must come from the global address. */
 	int from_global = (sb->flags & SANDBOX_HAS_IPV6) && addr6_eq(p->saddr, sb->ipv6);
-	if (!from_global && !addr6_eq(p->saddr, sb->ipv6_link_local))
+	if (!from_global && !addr6_eq(p->saddr, sb->ipv6_link_local) && !addr6_is_zero(p->saddr))
 		return drop(p, REASON_SPOOFED_IP);
 	if (is_ipv6_ext(ip->nexthdr))
 		return drop(p, REASON_IPV6_EXT);

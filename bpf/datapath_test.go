@@ -370,6 +370,8 @@ func testClassifierMatrix(t *testing.T, bridge bool) {
 		{"IP options", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolTCP, dport: 8080, syn: true, options: true}), VerdictDrop, ReasonIPOptions, 0},
 		{"IPv6 destination options header", build(t, frameOpts{src: sbxIP6, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true, ipv6Next: layers.IPProtocolIPv6Destination}), VerdictDrop, ReasonIPv6Ext, 0},
 		{"MLD report from the sandbox's link-local address", build(t, frameOpts{dstMAC: net.HardwareAddr{0x33, 0x33, 0, 0, 0, 0x16}, src: sbxLL, dst: netip.MustParseAddr("ff02::16"), proto: layers.IPProtocolICMPv6, ipv6Next: layers.IPProtocolIPv6HopByHop, hopByHop: true}), VerdictDrop, ReasonIPv6Ext, 0},
+		{"MLD report during DAD (unspecified source)", build(t, frameOpts{dstMAC: net.HardwareAddr{0x33, 0x33, 0, 0, 0, 0x16}, src: netip.IPv6Unspecified(), dst: netip.MustParseAddr("ff02::16"), proto: layers.IPProtocolICMPv6, ipv6Next: layers.IPProtocolIPv6HopByHop, hopByHop: true}), VerdictDrop, ReasonIPv6Ext, 0},
+		{"TCP from the unspecified address", build(t, frameOpts{src: netip.IPv6Unspecified(), dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictDrop, ReasonSpoofedIP, 0},
 		{"TCP from the link-local address", build(t, frameOpts{src: sbxLL, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictDrop, ReasonSpoofedIP, 0},
 		{"other IP protocol (SCTP)", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolSCTP}), VerdictDrop, ReasonProtocol, 0},
 		{"ARP for the gateway", arpFrame(t, sbxMAC, sbxIP, gwIP), VerdictPass, ReasonARP, 0},
