@@ -18,6 +18,7 @@ Usage:
   cleanwall policy apply --sandbox ID FILE
   cleanwall policy show --sandbox ID
   cleanwall sandboxes
+  cleanwall attest status
   cleanwall version
 
 Commands that talk to cleanwalld take --socket (default /run/cleanwall/cleanwalld.sock).
@@ -45,6 +46,8 @@ func run(args []string) int {
 		err = cmdPolicy(args[1:])
 	case "sandboxes":
 		err = cmdSandboxes(args[1:])
+	case "attest":
+		err = cmdAttest(args[1:])
 	case "version":
 		fmt.Println("cleanwall", version)
 	case "-h", "--help", "help":

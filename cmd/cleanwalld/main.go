@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -16,6 +17,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/cleanwall/cleanwall/attest"
+	"github.com/cleanwall/cleanwall/attest/simulated"
+	"github.com/cleanwall/cleanwall/attest/snp/guest"
 
 	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/runtime/daemon"
@@ -45,6 +50,9 @@ func run(args []string) error {
 	fs.UintVar(&maxRules, "max-rules", 0, "rule map size: datapath entries across all sandboxes, both generations (0: 262144); a full map fails the ADD or apply that needs more, never the datapath")
 	fs.UintVar(&maxSandboxes, "max-sandboxes", 0, "sandbox map size (0: 4096)")
 	fs.UintVar(&maxCounters, "max-counters", 0, "counter map size (0: 65536)")
+	keyBroker := fs.String("keybroker", "", "key broker URL (https://host:port): releases the data keys of secure-mode rules to this node's attestation")
+	brokerCA := fs.String("broker-ca", "", "PEM file of the CA(s) the key broker's TLS certificate chains to (default: system roots)")
+	attestation := fs.String("attestation", "snp", "evidence for the key broker: snp (SEV-SNP guest device) or simulated (labelled fake: tests and demos only)")
 	var tcpPort, udpPort, dnsPort uint
 	fs.UintVar(&tcpPort, "tcp-port", 0, "TCP proxy listener port (0: kernel-chosen)")
 	fs.UintVar(&udpPort, "udp-port", 0, "UDP proxy socket port (0: kernel-chosen)")
@@ -67,6 +75,13 @@ func run(args []string) error {
 	cfg.MaxRules, cfg.MaxSandboxes, cfg.MaxCounters = uint32(maxRules), uint32(maxSandboxes), uint32(maxCounters)
 	cfg.Version = version
 
+	if *keyBroker != "" {
+		kb, err := keyBrokerConfig(*keyBroker, *brokerCA, *attestation)
+		if err != nil {
+			return err
+		}
+		cfg.KeyBroker = kb
+	}
 	d, err := daemon.New(cfg)
 	if err != nil {
 		return err
@@ -93,4 +108,37 @@ func run(args []string) error {
 	<-ctx.Done()
 	cfg.Logger.Info("shutting down: sandboxes stay enforced (pinned), new flows drop until restart")
 	return d.Close()
+}
+
+// keyBrokerConfig builds the attester and the broker's trust roots.
+func keyBrokerConfig(url, caFile, attestation string) (*daemon.KeyBrokerConfig, error) {
+	var roots *x509.CertPool
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--broker-ca: %w", err)
+		}
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--broker-ca %s: no PEM certificate in it", caFile)
+		}
+	}
+	var a attest.Attester
+	switch attestation {
+	case "snp":
+		g, err := guest.New()
+		if err != nil {
+			return nil, fmt.Errorf("--attestation snp: %w (on a machine without SEV-SNP, only --attestation simulated works, and only with a broker that allows simulated evidence)", err)
+		}
+		a = g
+	case "simulated":
+		s, err := simulated.New(simulated.DefaultConfig())
+		if err != nil {
+			return nil, err
+		}
+		a = s
+	default:
+		return nil, fmt.Errorf("--attestation %q: want snp or simulated", attestation)
+	}
+	return &daemon.KeyBrokerConfig{URL: url, Roots: roots, Attester: a}, nil
 }

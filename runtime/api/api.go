@@ -154,3 +154,27 @@ func (e *Error) Error() string {
 	}
 	return e.Message
 }
+
+// PathAttest reports the node's attestation and held keys.
+const PathAttest = "/v1/attest"
+
+// AttestStatus is what `cleanwall attest status` shows.
+type AttestStatus struct {
+	Configured  bool       `json:"configured"` // a key broker is configured
+	Broker      string     `json:"broker,omitempty"`
+	Evidence    string     `json:"evidence,omitempty"` // "snp", or labelled simulated
+	Simulated   bool       `json:"simulated"`
+	Measurement string     `json:"measurement,omitempty"` // hex
+	LastRelease *time.Time `json:"lastRelease,omitempty"`
+	LastError   string     `json:"lastError,omitempty"`
+	Keys        []HeldKey  `json:"keys,omitempty"`
+}
+
+// HeldKey describes a released data key (never its bytes).
+type HeldKey struct {
+	ID         string    `json:"id"`
+	Version    int       `json:"version"`
+	ReleasedAt time.Time `json:"releasedAt"`
+	NotAfter   time.Time `json:"notAfter"`
+	LastError  string    `json:"lastError,omitempty"`
+}

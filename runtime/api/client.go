@@ -145,3 +145,10 @@ func (c *Client) GC(ctx context.Context, req GCRequest) (GCResult, error) {
 	err := c.do(ctx, http.MethodPost, PathGC, req, &r)
 	return r, err
 }
+
+// Attest reports the node's attestation and held keys.
+func (c *Client) Attest(ctx context.Context) (AttestStatus, error) {
+	var s AttestStatus
+	err := c.do(ctx, http.MethodGet, PathAttest, nil, &s)
+	return s, err
+}

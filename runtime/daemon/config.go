@@ -72,6 +72,9 @@ type Config struct {
 	// UDPIdleTimeout ends a proxied UDP flow (and its reply socket).
 	UDPIdleTimeout time.Duration
 
+	// KeyBroker, when set, releases the data keys of secure-mode rules.
+	KeyBroker *KeyBrokerConfig
+
 	Logger  *slog.Logger
 	Version string
 }

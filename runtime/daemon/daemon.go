@@ -46,6 +46,7 @@ type Daemon struct {
 	dnsTCP  *tproxy.TCPListener
 	dns     *dnsproxy.Proxy
 	http    *httpproxy.Proxy
+	keys    *keyring
 	udpFlow *udpFlows
 	events  *bpf.EventReader
 	server  *http.Server
@@ -104,6 +105,12 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}
 	if d.udp, err = tproxy.ListenUDP(ctx, d.cfg.UDPPort, d.cfg.SocketMark); err != nil {
 		return fmt.Errorf("opening the UDP proxy socket: %w", err)
+	}
+	if d.cfg.KeyBroker != nil {
+		d.keys = newKeyring(d, d.cfg.KeyBroker)
+		if err := d.keys.start(ctx); err != nil {
+			return err
+		}
 	}
 	if err := d.startHTTP(); err != nil {
 		return err

@@ -324,6 +324,9 @@ func (d *Daemon) Apply(id, ifName string, doc []byte, source string) (int, *poli
 	if err != nil {
 		return 0, nil, err
 	}
+	if err := d.ensureKeys(d.ctx, compiled); err != nil {
+		return 0, nil, err
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	list := d.find(id, ifName)

@@ -296,6 +296,10 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 	if err != nil {
 		return api.Sandbox{}, err
 	}
+	// A sandbox whose secure rules have no key never starts.
+	if err := d.ensureKeys(ctx, compiled); err != nil {
+		return api.Sandbox{}, err
+	}
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -270,6 +270,7 @@ func benchConnect(t *testing.T, top *topology, rep *Report) {
 			if side == "cleanwall" {
 				perf.start(fmt.Sprintf("connect-round%d", r))
 			}
+			cpu := takeCPU(top.pid)
 			res, err := connectRound(sb[side].NS, dst, n, 1)
 			if side == "cleanwall" {
 				perf.stop()
@@ -280,13 +281,15 @@ func benchConnect(t *testing.T, top *topology, rep *Report) {
 			if res.Errors > 0 {
 				t.Errorf("%s round %d: %d of %d connections failed (first: %v)", side, r, res.Errors, n, res.FirstErr)
 			}
-			extra := map[string]float64{"conns": float64(n), "errors": float64(res.Errors), "p90us": res.p(90), "p999us": res.p(99.9), "maxus": res.p(100)}
+			extra := cpu.extra(top.pid, map[string]float64{"conns": float64(n), "errors": float64(res.Errors), "p90us": res.p(90), "p999us": res.p(99.9), "maxus": res.p(100)})
 			rate1.Add(r, side, res.rate(), extra)
 			p50.Add(r, side, res.p(50), nil)
 			p99.Add(r, side, res.p(99), nil)
-			t.Logf("round %d %-9s 1 client: %6.0f conn/s p50 %5.0f µs p99 %5.0f µs errors %d", r, side, res.rate(), res.p(50), res.p(99), res.Errors)
+			t.Logf("round %d %-9s 1 client: %6.0f conn/s p50 %5.0f µs p99 %5.0f µs errors %d (cleanwalld %.0f%% cpu, host steal %.0f%%)",
+				r, side, res.rate(), res.p(50), res.p(99), res.Errors, extra["daemonCPUPercent"], extra["hostStealPercent"])
 		}
 		for _, side := range order(r) {
+			cpu := takeCPU(top.pid)
 			res, err := connectRound(sb[side].NS, dst, n, workers)
 			if err != nil {
 				t.Fatal(err)
@@ -294,7 +297,7 @@ func benchConnect(t *testing.T, top *topology, rep *Report) {
 			if res.Errors > 0 {
 				t.Errorf("%s round %d (%d clients): %d of %d connections failed (first: %v)", side, r, workers, res.Errors, n, res.FirstErr)
 			}
-			rateN.Add(r, side, res.rate(), map[string]float64{"p50us": res.p(50), "p99us": res.p(99), "errors": float64(res.Errors)})
+			rateN.Add(r, side, res.rate(), cpu.extra(top.pid, map[string]float64{"p50us": res.p(50), "p99us": res.p(99), "errors": float64(res.Errors)}))
 			t.Logf("round %d %-9s %d clients: %6.0f conn/s p50 %5.0f µs p99 %5.0f µs", r, side, workers, res.rate(), res.p(50), res.p(99))
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -36,6 +37,7 @@ type topology struct {
 	daemon *harness.Daemon
 	direct *harness.Sandbox
 	cw     *harness.Sandbox
+	pid    int // cleanwalld's
 	notes  []string
 }
 
@@ -81,6 +83,9 @@ func newTopology(t *testing.T) *topology {
 		}
 	}
 	startConnectServer(t, env, netip.AddrPortFrom(remoteServer, connectPort))
+	if top.pid, err = daemonPID(top.daemon); err != nil {
+		t.Fatal(err)
+	}
 	// Both paths must work before anything is measured, and only the
 	// cleanwall one may show the proxy's address to the server.
 	for _, s := range []*harness.Sandbox{top.direct, top.cw} {
@@ -147,4 +152,62 @@ func waitListening(nsPath string, port int, timeout time.Duration) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// cpuSnap is the machine's CPU time (/proc/stat, all CPUs) and one
+// process's (/proc/<pid>/stat), in clock ticks.
+type cpuSnap struct {
+	at                       time.Time
+	total, idle, steal, proc uint64
+}
+
+// clockTicks is USER_HZ, 100 on every Linux architecture we build for.
+const clockTicks = 100
+
+func takeCPU(pid int) cpuSnap {
+	s := cpuSnap{at: time.Now()}
+	if b, err := os.ReadFile("/proc/stat"); err == nil {
+		line, _, _ := strings.Cut(string(b), "\n")
+		for i, f := range strings.Fields(line)[1:] {
+			v, _ := strconv.ParseUint(f, 10, 64)
+			if i < 8 { // user nice system idle iowait irq softirq steal (guest time is inside user)
+				s.total += v
+			}
+			switch i {
+			case 3, 4:
+				s.idle += v
+			case 7:
+				s.steal = v
+			}
+		}
+	}
+	if pid > 0 {
+		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			// Fields after the command name, which ends at the last ')'.
+			rest := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+1:])
+			if len(rest) > 12 {
+				u, _ := strconv.ParseUint(rest[11], 10, 64)
+				k, _ := strconv.ParseUint(rest[12], 10, 64)
+				s.proc = u + k
+			}
+		}
+	}
+	return s
+}
+
+// cpuExtra describes the interval since s: host busy and steal time in
+// percent of all CPUs, and the process's CPU in percent of one CPU.
+func (s cpuSnap) extra(pid int, into map[string]float64) map[string]float64 {
+	e := takeCPU(pid)
+	if into == nil {
+		into = map[string]float64{}
+	}
+	if dt := float64(e.total - s.total); dt > 0 {
+		into["hostBusyPercent"] = 100 * (dt - float64(e.idle-s.idle)) / dt
+		into["hostStealPercent"] = 100 * float64(e.steal-s.steal) / dt
+	}
+	if pid > 0 {
+		into["daemonCPUPercent"] = 100 * float64(e.proc-s.proc) / clockTicks / e.at.Sub(s.at).Seconds()
+	}
+	return into
 }
