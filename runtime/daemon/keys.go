@@ -225,4 +225,3 @@ func (d *Daemon) handleAttest(w http.ResponseWriter, _ *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, d.keys.status())
 }
-
