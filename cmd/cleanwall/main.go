@@ -19,6 +19,7 @@ Usage:
   cleanwall policy show --sandbox ID
   cleanwall sandboxes
   cleanwall attest status
+  cleanwall audit verify FILE
   cleanwall version
 
 Commands that talk to cleanwalld take --socket (default /run/cleanwall/cleanwalld.sock).
@@ -48,6 +49,8 @@ func run(args []string) int {
 		err = cmdSandboxes(args[1:])
 	case "attest":
 		err = cmdAttest(args[1:])
+	case "audit":
+		err = cmdAudit(args[1:])
 	case "version":
 		fmt.Println("cleanwall", version)
 	case "-h", "--help", "help":

@@ -42,6 +42,7 @@ func run(args []string) error {
 	fs.StringVar(&cfg.PinRoot, "bpf-root", daemon.DefaultPinRoot, "bpffs directory for pinned maps and links (mounted when missing)")
 	fs.StringVar(&cfg.StateDir, "state-dir", daemon.DefaultStateDir, "directory for persisted sandbox state")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", daemon.DefaultPolicyDir, "directory of named policies (CNI_ARGS CLEANWALL_POLICY=<name> selects <name>.yaml)")
+	fs.StringVar(&cfg.AuditLog, "audit-log", "", "hash-chained audit log (default <state-dir>/audit.jsonl; - disables it)")
 	fs.StringVar(&cfg.AttachMode, "attach", "auto", "auto (tcx, else legacy tc), tcx, or tc")
 	metricsAddr := fs.String("metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464); empty: off")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")

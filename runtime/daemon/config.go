@@ -72,6 +72,10 @@ type Config struct {
 	// UDPIdleTimeout ends a proxied UDP flow (and its reply socket).
 	UDPIdleTimeout time.Duration
 
+	// AuditLog is the hash-chained audit log (default <StateDir>/audit.jsonl;
+	// "-" disables it).
+	AuditLog string
+
 	// KeyBroker, when set, releases the data keys of secure-mode rules.
 	KeyBroker *KeyBrokerConfig
 
@@ -115,6 +119,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.UDPIdleTimeout == 0 {
 		c.UDPIdleTimeout = 60 * time.Second
+	}
+	if c.AuditLog == "" {
+		c.AuditLog = filepath.Join(c.StateDir, "audit.jsonl")
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

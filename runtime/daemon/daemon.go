@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/governance/audit"
 	"github.com/cleanwall/cleanwall/policy"
 	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
 	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
@@ -47,6 +48,7 @@ type Daemon struct {
 	dns     *dnsproxy.Proxy
 	http    *httpproxy.Proxy
 	keys    *keyring
+	audit   *auditor
 	udpFlow *udpFlows
 	events  *bpf.EventReader
 	server  *http.Server
@@ -94,6 +96,14 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 			d.Close()
 		}
 	}()
+	d.audit = &auditor{d: d}
+	if d.cfg.AuditLog != "-" {
+		l, err := audit.Open(d.cfg.AuditLog, audit.Options{})
+		if err != nil {
+			return fmt.Errorf("opening the audit log: %w", err)
+		}
+		d.audit.log = l
+	}
 	if d.dp, err = bpf.Load(bpf.Options{PinRoot: d.cfg.PinRoot, MaxSandboxes: d.cfg.MaxSandboxes, MaxRules: d.cfg.MaxRules, MaxCounters: d.cfg.MaxCounters}); err != nil {
 		return err
 	}
@@ -145,6 +155,8 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	d.mu.Lock()
 	d.ready = true
 	d.mu.Unlock()
+	d.audit.record(auditStart, map[string]any{"version": d.cfg.Version, "pinRoot": d.cfg.PinRoot, "sandboxes": len(d.sandboxes),
+		"keyBroker": d.cfg.KeyBroker != nil})
 	d.log.Info("cleanwalld ready", "socket", d.cfg.Socket, "pin_root", d.cfg.PinRoot,
 		"tcp_port", d.tcp.Port, "udp_port", d.udp.Port, "sandboxes", len(d.sandboxes))
 	return nil
@@ -221,6 +233,7 @@ func (d *Daemon) Close() error {
 	if d.dp != nil {
 		d.dp.Close()
 	}
+	d.audit.close()
 	return nil
 }
 

@@ -126,6 +126,7 @@ func (d *Daemon) serveDNSTCP(l *net.TCPListener) {
 
 func (d *Daemon) dnsDenied(sandbox string, ev dnsproxy.DenyEvent) {
 	d.log.Info("dns refused", "sandbox", sandbox, "reason", ev.Reason, "name", ev.Name, "qtype", ev.QType, "tcp", ev.TCP)
+	d.audit.deny(auditDenyDNS, map[string]any{"sandbox": sandbox, "reason": string(ev.Reason), "name": ev.Name, "qtype": ev.QType, "tcp": ev.TCP})
 }
 
 // hostKey identifies a host entry (an address as /32 or /128, proto, port).

@@ -24,6 +24,8 @@ func (d *Daemon) readEvents() {
 			continue
 		}
 		d.metrics.denyEvents.WithLabelValues(ev.Reason.String()).Inc()
+		d.audit.deny(auditDenyDatapath, map[string]any{"sandbox": d.sandboxName(ev.SandboxID), "reason": ev.Reason.String(),
+			"proto": ev.Proto, "src": ev.Src.String(), "dst": ev.Dst.String()})
 		if now := time.Now(); now.Sub(window) >= time.Second {
 			if suppressed > 0 {
 				d.log.Info("deny events suppressed", "count", suppressed)

@@ -68,6 +68,8 @@ func (d *Daemon) startHTTP() error {
 		OnDeny: func(f httpproxy.Flow, den httpproxy.Denial) {
 			d.log.Info("http request refused", "sandbox", f.Sandbox, "rule", f.Rule, "dst", f.Dst,
 				"reason", den.Reason, "status", den.Status, "method", den.Method, "path", den.Path)
+			d.audit.deny(auditDenyHTTP, map[string]any{"sandbox": f.Sandbox, "rule": f.Rule, "dst": f.Dst.String(),
+				"reason": string(den.Reason), "status": den.Status, "method": den.Method, "path": den.Path})
 		},
 	}
 	return nil

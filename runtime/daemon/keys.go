@@ -137,6 +137,7 @@ func (k *keyring) release(ctx context.Context, id string) (*heldKey, error) {
 			h.lastError = err.Error()
 		}
 		k.d.log.Warn("key release refused", "key", id, "error", err)
+		k.d.audit.record(auditKeyRefuse, map[string]any{"key": id, "broker": k.url, "simulated": k.attester.Simulated(), "error": err.Error()})
 		return nil, err
 	}
 	h := &heldKey{id: id, version: key.Version, bytes: key.Bytes, releasedAt: time.Now(), notAfter: key.NotAfter}
@@ -146,6 +147,8 @@ func (k *keyring) release(ctx context.Context, id string) (*heldKey, error) {
 	k.keys[id] = h
 	k.lastRelease, k.lastError = h.releasedAt, ""
 	k.d.log.Info("key released", "key", id, "version", key.Version, "not_after", key.NotAfter, "simulated", key.Evidence.Simulated)
+	k.d.audit.record(auditKeyRelease, map[string]any{"key": id, "version": key.Version, "broker": k.url,
+		"notAfter": key.NotAfter.Format(time.RFC3339), "simulated": key.Evidence.Simulated, "measurement": k.measurement})
 	return h, nil
 }
 

@@ -492,6 +492,7 @@ func (d *Daemon) teardown(s *sandbox) error {
 		d.releaseBridge(rec.Bridge)
 	}
 	d.log.Info("sandbox detached", "sandbox", rec.key())
+	d.audit.record(auditSandboxDelete, map[string]any{"sandbox": rec.key(), "policy": rec.PolicyName})
 	return errors.Join(errs...)
 }
 

@@ -120,9 +120,12 @@ func (d *Daemon) handleAdd(w http.ResponseWriter, r *http.Request) {
 	sb, err := d.Add(r.Context(), req)
 	if err != nil {
 		d.log.Warn("sandbox add refused", "sandbox", attachmentKey(req.ContainerID, req.IfName), "error", err)
+		d.audit.record(auditSandboxRefuse, map[string]any{"sandbox": attachmentKey(req.ContainerID, req.IfName), "error": err.Error()})
 		writeError(w, err)
 		return
 	}
+	d.audit.record(auditSandboxAdd, map[string]any{"sandbox": attachmentKey(sb.ID, sb.IfName), "policy": sb.PolicyName,
+		"policyHash": sb.PolicyHash, "rules": sb.Rules, "netns": sb.Netns, "interface": sb.HostInterface})
 	writeJSON(w, http.StatusCreated, sb)
 }
 
@@ -186,9 +189,12 @@ func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
 	id, ifName := r.PathValue("id"), r.URL.Query().Get("ifName")
 	closed, compiled, err := d.Apply(id, ifName, req.Policy, req.PolicySource)
 	if err != nil {
+		d.audit.record(auditPolicyRefuse, map[string]any{"sandbox": attachmentKey(id, ifName), "source": req.PolicySource, "error": err.Error()})
 		writeError(w, err)
 		return
 	}
+	d.audit.record(auditPolicyApply, map[string]any{"sandbox": attachmentKey(id, ifName), "policy": compiled.Name,
+		"policyHash": compiled.Hash, "source": req.PolicySource, "closedFlows": closed})
 	d.mu.RLock()
 	list := d.find(id, ifName)
 	d.mu.RUnlock()
