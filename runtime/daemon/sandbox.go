@@ -48,12 +48,6 @@ func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry)
 	return s
 }
 
-func (s *sandbox) policy() *policy.Compiled {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.compiled
-}
-
 // badRequest is an API error naming the request field at fault.
 func badRequest(field, format string, args ...any) error {
 	return &api.Error{Field: field, Message: fmt.Sprintf(format, args...)}
