@@ -15,7 +15,7 @@ FUZZTIME     ?= 30s
 
 # Debian packages the tests need, as "command-or-file:package".
 TEST_DEPS := ip:iproute2 /usr/lib/cni/ptp:containernetworking-plugins bpftool:bpftool \
-             curl:curl dnsmasq:dnsmasq-base nginx:nginx-light iperf3:iperf3 wrk:wrk
+             curl:curl nginx:nginx-light iperf3:iperf3 wrk:wrk prometheus:prometheus setpriv:util-linux jq:jq
 DEMO_DEPS := curl:curl ping:iputils-ping
 GEN_DEPS  := $(CLANG):clang-19 llvm-strip-19:llvm-19 /usr/include/bpf/bpf_helpers.h:libbpf-dev \
              /usr/include/linux/bpf.h:linux-libc-dev
