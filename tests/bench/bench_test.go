@@ -74,6 +74,14 @@ func TestBench(t *testing.T) {
 			"scenarios": *flagScenarios, "roundsOverride": *flagRounds, "conns": *flagConns,
 		},
 	}
+	// Other work on the machine widens every spread: say so up front.
+	idle := takeCPU(0)
+	time.Sleep(2 * time.Second)
+	busy := idle.extra(0, nil)["hostBusyPercent"]
+	rep.Host["busyBeforeStartPercent"] = busy
+	if busy > 10 {
+		rep.note("the machine was %.0f%% busy with other work before the suite started: expect wide spreads (per-round host busy time is in the JSON)", busy)
+	}
 	out := *flagOut
 	if out == "" {
 		out = filepath.Join("results", rep.Started.Format("20060102T150405Z")+".json")
