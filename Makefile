@@ -15,7 +15,8 @@ FUZZTIME     ?= 30s
 
 # Debian packages the tests need, as "command-or-file:package".
 TEST_DEPS := ip:iproute2 /usr/lib/cni/ptp:containernetworking-plugins bpftool:bpftool \
-             curl:curl nginx:nginx-light iperf3:iperf3 wrk:wrk prometheus:prometheus setpriv:util-linux jq:jq
+             curl:curl prometheus:prometheus setpriv:util-linux jq:jq
+BENCH_DEPS := iperf3:iperf3 iptables-restore:iptables ss:iproute2 nginx:nginx-light wrk:wrk
 DEMO_DEPS := curl:curl ping:iputils-ping
 GEN_DEPS  := $(CLANG):clang-19 llvm-strip-19:llvm-19 /usr/include/bpf/bpf_helpers.h:libbpf-dev \
              /usr/include/linux/bpf.h:linux-libc-dev
@@ -76,6 +77,7 @@ deps-generate:
 test: deps check-generated
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
+	$(GO) vet -tags bench ./tests/bench/
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 
 unit:
@@ -84,6 +86,7 @@ unit:
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+	$(GO) vet -tags bench ./tests/bench/
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
 # Each fuzz target for FUZZTIME (go test -fuzz runs one target at a time).
@@ -93,6 +96,13 @@ fuzz:
 	    echo "fuzz: $$pkg $$target"; $(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg; \
 	  done; \
 	done
+
+# Benchmarks: each scenario against its baseline, side by side, interleaved;
+# a table of ratios and tests/bench/results/<time>.json. Needs root.
+BENCH_ARGS ?=
+bench: deps
+	$(call install_missing,$(BENCH_DEPS))
+	$(GO) test -tags bench -count=1 -timeout 20m -run '^TestBench$$' -v ./tests/bench/ $(if $(BENCH_ARGS),-args $(BENCH_ARGS))
 
 clean:
 	rm -rf $(BIN)

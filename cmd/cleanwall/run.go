@@ -243,11 +243,20 @@ func cmdRun(args []string) error {
 	if att.IPv6.IsValid() {
 		addrs = append(addrs, att.IPv6.String())
 	}
+	// Take over signal handling before announcing the command: a signal
+	// from here on is queued and forwarded to it once it runs; one that
+	// arrived during the setup aborts the run.
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2)
+	defer signal.Stop(sigs)
+	if setupCtx.Err() != nil { // interrupted during the setup
+		return &exitError{130}
+	}
+	stopSetup() // (it cancels setupCtx too: check first)
 	fmt.Fprintf(os.Stderr, "cleanwall: sandbox %s (%s) enforcing policy %q: %d egress rule(s); running %s\n",
 		o.name, strings.Join(addrs, ", "), compiled.Name, len(compiled.Rules), strings.Join(o.command, " "))
-	stopSetup()
 
-	status := runCommand(nsPath, o.command)
+	status := runCommand(nsPath, o.command, sigs)
 
 	if sb, err := client.Get(context.Background(), containerID, "eth0"); err == nil {
 		printSummary(os.Stderr, o.name, o.command, status, sb)
@@ -345,7 +354,7 @@ func serveMetrics(addr string, d *daemon.Daemon) (func() error, error) {
 // runCommand runs the command inside the sandbox namespace with the
 // terminal's stdio, forwards signals, and returns its exit status (128+n
 // for a signal, as shells do).
-func runCommand(nsPath string, argv []string) int {
+func runCommand(nsPath string, argv []string, sigs <-chan os.Signal) int {
 	path, err := exec.LookPath(argv[0])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cleanwall: %v\n", err)
@@ -354,9 +363,6 @@ func runCommand(nsPath string, argv []string) int {
 	cmd := exec.Command(path, argv[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.Env = append(os.Environ(), "CLEANWALL_SANDBOX=1")
-	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2)
-	defer signal.Stop(sigs)
 	// The child forks from a thread inside the namespace and inherits it.
 	if err := netns.Do(nsPath, cmd.Start); err != nil {
 		fmt.Fprintf(os.Stderr, "cleanwall: starting %s: %v\n", argv[0], err)

@@ -352,22 +352,5 @@ func (p *perfRecorder) stop() {
 	p.t.Logf("perf: %s (perf report -i <file> --no-children)", p.cmd.Args[len(p.cmd.Args)-1])
 }
 
-// daemonPID finds the cleanwalld process serving d's socket.
-func daemonPID(d *harness.Daemon) (int, error) {
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(string(b), "\x00")
-		if len(args) > 0 && filepath.Base(args[0]) == "cleanwalld" && slices.Contains(args, d.Socket) {
-			return pid, nil
-		}
-	}
-	return 0, fmt.Errorf("no cleanwalld process serves %s", d.Socket)
-}
+// daemonPID is the cleanwalld process of d.
+func daemonPID(d *harness.Daemon) (int, error) { return d.Pid(), nil }

@@ -31,7 +31,7 @@ func benchIptables(t *testing.T, rep *Report) {
 	startDaemon(env)
 	startConnectServer(t, env, netip.AddrPortFrom(remoteServer, connectPort))
 
-	ref, err := env.AddDirectSandbox("nofw", harness.SandboxOptions{NoIPv6: true})
+	ref, err := env.AddSandbox("nofw", harness.SandboxOptions{Direct: true, NoIPv6: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +41,7 @@ func benchIptables(t *testing.T, rep *Report) {
 	rules.WriteString("*filter\n:FORWARD ACCEPT [0:0]\n")
 	for _, n := range sizes {
 		set := withRemoteLast(uint64(200+n), n)
-		s, err := env.AddDirectSandbox(fmt.Sprintf("ipt%d", n), harness.SandboxOptions{NoIPv6: true})
+		s, err := env.AddSandbox(fmt.Sprintf("ipt%d", n), harness.SandboxOptions{Direct: true, NoIPv6: true})
 		if err != nil {
 			t.Fatal(err)
 		}

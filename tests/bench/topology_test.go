@@ -73,7 +73,7 @@ func newTopology(t *testing.T) *topology {
 	top := &topology{env: env, daemon: startDaemon(env)}
 	pol := policyYAML("bench", []netip.Prefix{netip.PrefixFrom(remoteServer, 32)}, connectPort, iperfPort)
 	var err error
-	if top.direct, err = env.AddDirectSandbox("direct", harness.SandboxOptions{NoIPv6: true}); err != nil {
+	if top.direct, err = env.AddSandbox("direct", harness.SandboxOptions{Direct: true, NoIPv6: true}); err != nil {
 		t.Fatalf("direct sandbox: %v", err)
 	}
 	top.cw = env.MustAddSandbox("cw", harness.SandboxOptions{NoIPv6: true, Policy: string(pol)})

@@ -78,7 +78,7 @@ func TestRunEndToEnd(t *testing.T) {
 	srv := env.HTTPServer("198.51.100.10:8080", nil)
 	env.HTTPServer("198.51.100.10:8081", nil)
 	pol := writePolicy(t, env, "run.yaml", policyOpen)
-	res := cleanwallRun(t, env, "--policy", pol, "--name", "e2e-run", "--",
+	res := cleanwallRun(t, env, "--policy", pol, "--name", runName("e2e-run"), "--",
 		"sh", "-c", `curl -sS -m 3 http://198.51.100.10:8080/from-run && ! curl -sS -m 2 http://198.51.100.10:8081/ && exit 7`)
 	if res.code != 7 {
 		t.Fatalf("exit status %d, want the command's 7\nstdout: %s\nstderr: %s", res.code, res.stdout, res.stderr)
@@ -94,7 +94,7 @@ func TestRunEndToEnd(t *testing.T) {
 			t.Errorf("summary lacks %q:\n%s", want, res.stderr)
 		}
 	}
-	runLeftovers(t, env, "e2e-run")
+	runLeftovers(t, env, runName("e2e-run"))
 }
 
 func TestRunConcurrentSandboxes(t *testing.T) {
@@ -108,7 +108,7 @@ func TestRunConcurrentSandboxes(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			// Overlapping lifetimes: each fetches, waits for the other to be up, fetches again.
-			results[i] = cleanwallRun(t, env, "--policy", pol, "--name", fmt.Sprintf("conc-%d", i), "--",
+			results[i] = cleanwallRun(t, env, "--policy", pol, "--name", runName(fmt.Sprintf("conc-%d", i)), "--",
 				"sh", "-c", fmt.Sprintf(`curl -sS -m 3 http://198.51.100.10:8080/a%d && sleep 2 && curl -sS -m 3 http://198.51.100.10:8080/b%d`, i, i))
 		}()
 	}
@@ -124,8 +124,8 @@ func TestRunConcurrentSandboxes(t *testing.T) {
 	if n := len(srv.Requests()); n != 4 {
 		t.Fatalf("server got %d requests, want 4", n)
 	}
-	runLeftovers(t, env, "conc-0")
-	runLeftovers(t, env, "conc-1")
+	runLeftovers(t, env, runName("conc-0"))
+	runLeftovers(t, env, runName("conc-1"))
 }
 
 // Bad input: one clear line, a non-zero exit, the command never started,
@@ -151,7 +151,7 @@ func TestRunBadInput(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			args := append([]string{}, c.args...)
 			if c.name != "no command" {
-				args = append(args, "--name", "bad", "--", "touch", marker)
+				args = append(args, "--name", runName("bad"), "--", "touch", marker)
 			}
 			var res runResult
 			if c.user {
@@ -177,7 +177,7 @@ func TestRunBadInput(t *testing.T) {
 			if _, err := os.Stat(marker); err == nil {
 				t.Fatal("the command ran")
 			}
-			runLeftovers(t, env, "bad")
+			runLeftovers(t, env, runName("bad"))
 		})
 	}
 }
@@ -187,7 +187,7 @@ func TestRunBadInput(t *testing.T) {
 func TestRunInterruptTearsDown(t *testing.T) {
 	env := harness.New(t)
 	pol := writePolicy(t, env, "run.yaml", policyOpen)
-	cmd := runCmd(env, "--policy", pol, "--name", "intr", "--", "sleep", "60")
+	cmd := runCmd(env, "--policy", pol, "--name", runName("intr"), "--", "sleep", "60")
 	var errb syncBuffer
 	cmd.Stderr = &errb
 	if err := cmd.Start(); err != nil {
@@ -210,8 +210,12 @@ func TestRunInterruptTearsDown(t *testing.T) {
 		cmd.Process.Kill()
 		t.Fatal("cleanwall run did not end after SIGINT")
 	}
-	runLeftovers(t, env, "intr")
+	runLeftovers(t, env, runName("intr"))
 }
+
+// runName makes a sandbox name unique to this test process: sandbox
+// namespaces live on the machine, and test processes may run side by side.
+func runName(base string) string { return fmt.Sprintf("%s-%d", base, os.Getpid()) }
 
 type syncBuffer struct {
 	mu sync.Mutex

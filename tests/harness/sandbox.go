@@ -38,6 +38,11 @@ type SandboxOptions struct {
 	NoIPv6 bool
 	// Bridge names the bridge (ChainBridge); default cwbr0.
 	Bridge string
+	// Direct leaves cleanwall-cni out of the chain: the node simply forwards
+	// the sandbox's traffic (forwarding is on, the remote routes 10.0.0.0/8
+	// back). For benchmark baselines only: a test must never use a direct
+	// sandbox to show that something is enforced.
+	Direct bool
 }
 
 // Sandbox is a network namespace attached through the CNI chain.
@@ -58,7 +63,7 @@ type Sandbox struct {
 func (e *Env) ChainOptions(o SandboxOptions, policyFile string) cnichain.Options {
 	c := cnichain.Options{
 		Name: e.Name, Chain: string(o.Chain), Bridge: o.Bridge,
-		Subnet: e.SandboxNet, Cleanwall: true, PolicyFile: policyFile,
+		Subnet: e.SandboxNet, Cleanwall: !o.Direct, PolicyFile: policyFile,
 		Socket: o.Socket, ExtraConf: o.ExtraConf, PluginDirs: e.CNIPaths,
 		CacheDir: filepath.Join(e.Dir, "cni-cache"), IPAMDir: filepath.Join(e.Dir, "ipam"),
 	}
