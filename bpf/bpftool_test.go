@@ -22,10 +22,11 @@ func TestBpftoolDumpShowsFieldNames(t *testing.T) {
 		testutil.Skip(t, "bpftool not installed (make deps)")
 	}
 	want := map[string][]string{
-		MapSandboxes: {"ifindex", "sandbox_id", "generation", "gateway_mac", "name"},
+		MapSandboxes: {"ifindex", "sandbox_id", "generation", "epoch", "gateway_mac", "name"},
 		MapRules:     {"prefixlen", "sandbox_id", "generation", "proto", "port", "addr", "rule_id", "listener", "expires_ns"},
 		MapConfig:    {"redirect_mark", "socket_mark", "ports"},
 		MapCounters:  {"sandbox_id", "rule_id", "verdict", "reason", "packets", "bytes", "flows"},
+		MapVerdicts:  {"sandbox_id", "epoch", "port", "addr", "rule_id", "listener", "expires_ns"},
 	}
 	for m, fields := range want {
 		out, err := exec.Command(bpftool, "-j", "map", "dump", "pinned", filepath.Join(env.dp.PinRoot(), "maps", m)).CombinedOutput()

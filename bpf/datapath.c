@@ -62,6 +62,14 @@ struct {
 } cw_rules SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct verdict_cache_key);
+	__type(value, struct cached_verdict);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cw_verdicts SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32); /* array maps keep BTF only with an int key */
 	__type(value, struct config);
@@ -354,6 +362,48 @@ static __always_inline struct bpf_sock *established_sock(struct __sk_buff *skb, 
 	return sk;
 }
 
+/* The rule verdict for a new flow: from the verdict cache when this
+ * sandbox's current rule epoch has seen the destination, else from the
+ * LPM trie (the cost of which grows with the depth of the trie), cached.
+ * Returns 0 only if the cache could not be consulted at all. */
+static __always_inline int rule_verdict(struct pkt *p, struct sandbox *sb, struct cached_verdict *out)
+{
+	struct verdict_cache_key vk = {
+		.sandbox_id = p->sandbox_id,
+		.family = p->family,
+		.proto = p->proto,
+		.port = p->dport,
+		.epoch = sb->epoch,
+	};
+	__builtin_memcpy(vk.addr, p->daddr, 16);
+	struct cached_verdict *cached = bpf_map_lookup_elem(&cw_verdicts, &vk);
+	if (cached) {
+		*out = *cached;
+		return 1;
+	}
+	struct rule_key key = {
+		.prefixlen = RULE_KEY_FIXED_BITS + (p->family == 4 ? 32 : 128),
+		.sandbox_id = p->sandbox_id,
+		.generation = (__u8)sb->generation,
+		.family = p->family,
+		.proto = p->proto,
+		.port = p->dport,
+	};
+	__builtin_memcpy(key.addr, p->daddr, 16);
+	struct cached_verdict v = {};
+	struct rule *r = bpf_map_lookup_elem(&cw_rules, &key);
+	if (r) {
+		v.rule_id = r->rule_id;
+		v.mode = r->mode;
+		v.listener = r->listener;
+		v.expires_ns = r->expires_ns;
+	}
+	/* A full cache only evicts: the verdict above stands either way. */
+	bpf_map_update_elem(&cw_verdicts, &vk, &v, BPF_ANY);
+	*out = v;
+	return 1;
+}
+
 static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, struct sandbox *sb, void *l4,
 				       void *end)
 {
@@ -392,22 +442,13 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 	__u8 listener = default_listener(p);
 	__u8 reason = REASON_DNS;
 	if (p->dport != 53) {
-		struct rule_key key = {
-			.prefixlen = RULE_KEY_FIXED_BITS + (p->family == 4 ? 32 : 128),
-			.sandbox_id = p->sandbox_id,
-			.generation = (__u8)sb->generation,
-			.family = p->family,
-			.proto = p->proto,
-			.port = p->dport,
-		};
-		__builtin_memcpy(key.addr, p->daddr, 16);
-		struct rule *r = bpf_map_lookup_elem(&cw_rules, &key);
-		if (!r)
+		struct cached_verdict v;
+		if (!rule_verdict(p, sb, &v) || !v.rule_id)
 			return drop(p, REASON_NO_RULE);
-		if (r->expires_ns && bpf_ktime_get_ns() > r->expires_ns)
+		if (v.expires_ns && bpf_ktime_get_ns() > v.expires_ns)
 			return drop(p, REASON_EXPIRED);
-		rule_id = r->rule_id;
-		listener = r->listener;
+		rule_id = v.rule_id;
+		listener = v.listener;
 		reason = REASON_RULE;
 	}
 

@@ -31,6 +31,7 @@ const (
 	MapConfig    = "cw_config"
 	MapCounters  = "cw_counters"
 	MapEvents    = "cw_events"
+	MapVerdicts  = "cw_verdicts"
 )
 
 // Listener kinds: which proxy socket a redirected flow is assigned to.
@@ -55,6 +56,8 @@ type Options struct {
 	MaxSandboxes uint32
 	MaxRules     uint32
 	MaxCounters  uint32
+	// MaxVerdicts sizes the verdict cache (LRU; default 65536).
+	MaxVerdicts uint32
 	// EventRingBytes is the deny-event ring buffer size (power of two).
 	EventRingBytes uint32
 }
@@ -90,6 +93,7 @@ func Load(opts Options) (*Datapath, error) {
 		MapRules:     opts.MaxRules,
 		MapCounters:  opts.MaxCounters,
 		MapEvents:    opts.EventRingBytes,
+		MapVerdicts:  opts.MaxVerdicts,
 	} {
 		if size != 0 {
 			spec.Maps[name].MaxEntries = size
@@ -206,8 +210,12 @@ func (d *Datapath) ReadConfig() (Config, error) {
 
 // Sandbox is what the datapath knows about one sandbox interface.
 type Sandbox struct {
-	ID                   uint32
-	Generation           uint32
+	ID         uint32
+	Generation uint32
+	// Epoch must move forward on every change of the sandbox's rules
+	// (cached verdicts are keyed by it). CLOCK_MONOTONIC ns is used: it only
+	// grows within a boot, across daemon restarts and sandbox id reuse.
+	Epoch                uint64
 	Bridge               bool
 	MAC                  net.HardwareAddr
 	GatewayMAC           net.HardwareAddr
@@ -230,6 +238,7 @@ func (s Sandbox) encode() (datapathSandbox, error) {
 	}
 	v.SandboxId = s.ID
 	v.Generation = s.Generation
+	v.Epoch = s.Epoch
 	copy(v.Mac[:], s.MAC)
 	copy(v.GatewayMac[:], s.GatewayMAC)
 	if s.IPv4.IsValid() {
@@ -269,6 +278,7 @@ func decodeSandbox(v *datapathSandbox) Sandbox {
 	s := Sandbox{
 		ID:         v.SandboxId,
 		Generation: v.Generation,
+		Epoch:      v.Epoch,
 		Bridge:     v.Flags&uint32(datapathSandboxFlagsSANDBOX_BRIDGE_PORT) != 0,
 		MAC:        net.HardwareAddr(append([]byte(nil), v.Mac[:]...)),
 		GatewayMAC: net.HardwareAddr(append([]byte(nil), v.GatewayMac[:]...)),
@@ -358,6 +368,7 @@ func OpenPinned(pinRoot string) (*Datapath, error) {
 		MapConfig:    &d.objs.CwConfig,
 		MapCounters:  &d.objs.CwCounters,
 		MapEvents:    &d.objs.CwEvents,
+		MapVerdicts:  &d.objs.CwVerdicts,
 	}
 	for name, dst := range maps {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(pinRoot, "maps", name), nil)

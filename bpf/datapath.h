@@ -72,6 +72,11 @@ struct sandbox {
 	__u32 sandbox_id; /* daemon-assigned, never 0 */
 	__u32 generation; /* active rule generation (0 or 1) */
 	__u32 flags;
+	__u32 pad0;
+	/* Rule epoch: moves forward (CLOCK_MONOTONIC ns, strictly increasing)
+	 * on every change of the sandbox's rules, so cached verdicts of older
+	 * rule sets never match again. */
+	__u64 epoch;
 	__u8 mac[6];          /* the sandbox's own MAC */
 	__u8 gateway_mac[6];  /* host-side veth or bridge MAC */
 	__u8 ipv4[4];
@@ -104,6 +109,25 @@ struct rule {
 	__u8 listener; /* enum listener */
 	__u16 flags;
 	__u64 expires_ns; /* 0: static (cidr); else CLOCK_MONOTONIC ns (fqdn entries) */
+};
+
+/* Verdict cache (LRU): what the rule lookup answered for a destination,
+ * under one rule epoch of one sandbox. rule_id 0 caches "no rule". */
+struct verdict_cache_key {
+	__u32 sandbox_id;
+	__u8 family;
+	__u8 proto;
+	__u16 port;
+	__u64 epoch;
+	__u8 addr[16];
+};
+
+struct cached_verdict {
+	__u32 rule_id;
+	__u8 mode;
+	__u8 listener;
+	__u16 pad;
+	__u64 expires_ns;
 };
 
 struct config {

@@ -13,6 +13,15 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type datapathCachedVerdict struct {
+	_         structs.HostLayout
+	RuleId    uint32
+	Mode      uint8
+	Listener  uint8
+	Pad       uint16
+	ExpiresNs uint64
+}
+
 type datapathConfig struct {
 	_            structs.HostLayout
 	RedirectMark uint32
@@ -119,6 +128,8 @@ type datapathSandbox struct {
 	SandboxId            uint32
 	Generation           uint32
 	Flags                uint32
+	Pad0                 uint32
+	Epoch                uint64
 	Mac                  [6]uint8
 	GatewayMac           [6]uint8
 	Ipv4                 [4]uint8
@@ -128,6 +139,7 @@ type datapathSandbox struct {
 	GatewayIpv6          [16]uint8
 	GatewayIpv6LinkLocal [16]uint8
 	Name                 [64]int8
+	_                    [4]byte
 }
 
 type datapathSandboxFlags uint32
@@ -151,6 +163,16 @@ const (
 	datapathVerdictVERDICT_PASS     datapathVerdict = 3
 )
 
+type datapathVerdictCacheKey struct {
+	_         structs.HostLayout
+	SandboxId uint32
+	Family    uint8
+	Proto     uint8
+	Port      uint16
+	Epoch     uint64
+	Addr      [16]uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -160,6 +182,7 @@ const (
 	datapathMapCwEvents           = "cw_events"
 	datapathMapCwRules            = "cw_rules"
 	datapathMapCwSandboxes        = "cw_sandboxes"
+	datapathMapCwVerdicts         = "cw_verdicts"
 	datapathProgBridgeIngress     = "bridge_ingress"
 	datapathProgSandboxEgress     = "sandbox_egress"
 	datapathVarUnusedDenyEvent    = "unused_deny_event"
@@ -224,6 +247,7 @@ type datapathMapSpecs struct {
 	CwEvents    *ebpf.MapSpec `ebpf:"cw_events"`
 	CwRules     *ebpf.MapSpec `ebpf:"cw_rules"`
 	CwSandboxes *ebpf.MapSpec `ebpf:"cw_sandboxes"`
+	CwVerdicts  *ebpf.MapSpec `ebpf:"cw_verdicts"`
 }
 
 // datapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -262,6 +286,7 @@ type datapathMaps struct {
 	CwEvents    *ebpf.Map `ebpf:"cw_events"`
 	CwRules     *ebpf.Map `ebpf:"cw_rules"`
 	CwSandboxes *ebpf.Map `ebpf:"cw_sandboxes"`
+	CwVerdicts  *ebpf.Map `ebpf:"cw_verdicts"`
 }
 
 func (m *datapathMaps) Close() error {
@@ -271,6 +296,7 @@ func (m *datapathMaps) Close() error {
 		m.CwEvents,
 		m.CwRules,
 		m.CwSandboxes,
+		m.CwVerdicts,
 	)
 }
 

@@ -487,3 +487,63 @@ func TestDenyEventsAreReported(t *testing.T) {
 		t.Fatalf("unexpected event %+v", ev)
 	}
 }
+
+// The verdict cache answers for a destination only under the rule epoch it
+// was filled in: a new epoch makes every older verdict unreachable, and a
+// cached verdict's expiry is still enforced.
+func TestVerdictCacheFollowsTheEpoch(t *testing.T) {
+	env := newTestEnv(t)
+	env.listen(t, testSocketMark)
+	sb, err := env.dp.Sandbox(env.ifindex)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sb.Bridge = true // the full redirect verdict (see TestClassifierMatrix)
+	sb.Epoch = 100
+	if err := env.dp.PutSandbox(env.ifindex, sb); err != nil {
+		t.Fatal(err)
+	}
+	frame := build(t, syn4(remote, 8080))
+	if ret, _ := env.run(t, frame); ret != actOK {
+		t.Fatalf("allowed SYN: %d", ret)
+	}
+	// Remove the rules behind the cache's back: the epoch has not moved, so
+	// the cached verdict still answers (that is what the cache is for)...
+	if _, err := env.dp.DeleteRules(testSandboxID, -1); err != nil {
+		t.Fatal(err)
+	}
+	if ret, _ := env.run(t, frame); ret != actOK {
+		t.Fatalf("cached verdict not used: %d", ret)
+	}
+	// ...and once the epoch moves, nothing older is trusted.
+	sb.Epoch = 101
+	if err := env.dp.PutSandbox(env.ifindex, sb); err != nil {
+		t.Fatal(err)
+	}
+	before := env.counter(t, 0, VerdictDrop, ReasonNoRule)
+	if ret, _ := env.run(t, frame); ret != actShot {
+		t.Fatalf("a stale verdict passed after the epoch moved: %d", ret)
+	}
+	if env.counter(t, 0, VerdictDrop, ReasonNoRule).Packets != before.Packets+1 {
+		t.Fatal("drop not counted")
+	}
+	// A cached "no rule" is dropped without a rule lookup, and a rule added
+	// under a new epoch is seen at once.
+	if err := env.dp.PutRules(testSandboxID, 0, []RuleEntry{{Prefix: netip.MustParsePrefix("198.51.100.10/32"), Proto: 6, Port: 8080, RuleID: 9, Listener: ListenerTCP,
+		Expires: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	sb.Epoch = 102
+	if err := env.dp.PutSandbox(env.ifindex, sb); err != nil {
+		t.Fatal(err)
+	}
+	// The entry expired long ago (1 ns after boot): cached or not, it drops.
+	for i := 0; i < 2; i++ {
+		if ret, _ := env.run(t, frame); ret != actShot {
+			t.Fatalf("expired entry passed (run %d)", i)
+		}
+	}
+	if c := env.counter(t, 0, VerdictDrop, ReasonExpired); c.Packets != 2 {
+		t.Fatalf("expired drops = %d, want 2 (the second from the cache)", c.Packets)
+	}
+}

@@ -75,7 +75,8 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	prevStatic := s.static
 	s.static = staticHosts(entries)
 	d.relearn(s, slot) // fqdn addresses learnt so far, under the new policy
-	if err := d.dp.PutSandbox(rec.HostIfindex, updated.datapathEntry()); err != nil {
+	epoch := nextEpoch(s.epoch)
+	if err := d.dp.PutSandbox(rec.HostIfindex, updated.datapathEntry(epoch)); err != nil {
 		s.static = prevStatic
 		s.mu.Unlock()
 		_, _ = d.dp.DeleteRules(rec.DatapathID, int(slot)) // rare: sweep what this attempt wrote
@@ -90,6 +91,7 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 		}
 	}
 	s.rec = &updated
+	s.epoch = epoch
 	s.compiled = compiled
 	s.entries = entries
 	s.mu.Unlock()

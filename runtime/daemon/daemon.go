@@ -304,7 +304,11 @@ func (d *Daemon) reconcile() error {
 		// the re-apply writes into it (a crash may have left entries there).
 		_, _ = d.dp.DeleteRules(rec.DatapathID, int((rec.Generation+1)%2))
 		current, _ := d.dp.SandboxRules(rec.DatapathID, uint8(rec.Generation%2))
-		sb := newSandbox(rec, compiled, current)
+		var epoch uint64
+		if cur, err := d.dp.Sandbox(rec.HostIfindex); err == nil && cur.ID == rec.DatapathID {
+			epoch = cur.Epoch // continue from it: the re-apply moves it forward
+		}
+		sb := newSandbox(rec, compiled, current, epoch)
 		if rec.Bridge != "" {
 			if err := d.ensureBridge(rec.Bridge, rec.BridgeIfindex); err != nil {
 				return err

@@ -164,6 +164,7 @@ func (d *Daemon) learn(sandboxKey, name string, addrs []netip.Addr, ttl time.Dur
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	slot := uint8(s.rec.Generation % 2)
+	changed := false
 	for _, a := range addrs {
 		entries := s.learntEntries(slot, name, a, expires)
 		if len(entries) == 0 {
@@ -173,9 +174,17 @@ func (d *Daemon) learn(sandboxKey, name string, addrs []netip.Addr, ttl time.Dur
 			d.log.Warn("learning an fqdn address failed: its flows drop", "sandbox", sandboxKey, "name", name, "addr", a, "error", err)
 			continue
 		}
+		changed = true
 		k := learnKey{name, a}
 		if exp, ok := s.learned[k]; !ok || exp < expires {
 			s.learned[k] = expires
+		}
+	}
+	// Cached verdicts ("no rule" for this address, or a broader rule's)
+	// are stale now.
+	if changed {
+		if err := d.bumpEpoch(s); err != nil {
+			d.log.Warn("moving the rule epoch failed: the learnt address may stay refused until the next change", "sandbox", sandboxKey, "error", err)
 		}
 	}
 }
@@ -226,10 +235,12 @@ func (d *Daemon) sweepLearnt() {
 	for _, s := range list {
 		s.mu.Lock()
 		slot := uint8(s.rec.Generation % 2)
+		changed := false
 		for k, exp := range s.learned {
 			if exp > now {
 				continue
 			}
+			changed = true
 			delete(s.learned, k)
 			for _, e := range s.slots[slot].EntriesForName(k.name, k.addr) {
 				got, ok, err := d.dp.LookupRule(s.rec.DatapathID, slot, uint8(e.Proto), k.addr, e.Port)
@@ -242,6 +253,9 @@ func (d *Daemon) sweepLearnt() {
 					_ = d.dp.DeleteRuleEntries(s.rec.DatapathID, slot, []bpf.RuleEntry{got})
 				}
 			}
+		}
+		if changed {
+			_ = d.bumpEpoch(s) // a restored static entry must not hide behind a cached verdict
 		}
 		s.mu.Unlock()
 	}

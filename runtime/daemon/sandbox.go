@@ -39,10 +39,12 @@ type sandbox struct {
 	http    map[*policy.Rule]*httpproxy.Rules // open HTTP rules of both slots' policies
 	learned map[learnKey]uint64               // fqdn addresses: expiry (CLOCK_MONOTONIC ns)
 	flows   map[*flow]struct{}
+	// epoch is the rule epoch in the datapath entry (see bpf.Sandbox.Epoch).
+	epoch uint64
 }
 
-func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry) *sandbox {
-	s := &sandbox{rec: rec, compiled: compiled, entries: entries, static: staticHosts(entries),
+func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry, epoch uint64) *sandbox {
+	s := &sandbox{epoch: epoch, rec: rec, compiled: compiled, entries: entries, static: staticHosts(entries),
 		http: httpRulesOf(compiled, nil), learned: map[learnKey]uint64{}, flows: map[*flow]struct{}{}}
 	s.slots[rec.Generation%2] = compiled
 	return s
@@ -261,8 +263,27 @@ func (e storedEntry) decode(id uint32, slot uint32, bridge bool, name string) bp
 	}
 }
 
-func (r *record) datapathEntry() bpf.Sandbox {
-	return r.Entry.decode(r.DatapathID, uint32(r.Generation%2), r.Bridge != "", r.ContainerID)
+func (r *record) datapathEntry(epoch uint64) bpf.Sandbox {
+	e := r.Entry.decode(r.DatapathID, uint32(r.Generation%2), r.Bridge != "", r.ContainerID)
+	e.Epoch = epoch
+	return e
+}
+
+// nextEpoch is the rule epoch after prev: CLOCK_MONOTONIC, which only grows
+// within a boot (across daemon restarts and sandbox id reuse alike), and
+// at least prev+1.
+func nextEpoch(prev uint64) uint64 { return max(monotonicNow(), prev+1) }
+
+// bumpEpoch moves the sandbox's rule epoch forward after its rules changed
+// outside a flip (a learnt fqdn entry, an expiry): verdicts the datapath
+// cached under the old rules become unreachable. Called with s.mu held.
+func (d *Daemon) bumpEpoch(s *sandbox) error {
+	next := nextEpoch(s.epoch)
+	if err := d.dp.PutSandbox(s.rec.HostIfindex, s.rec.datapathEntry(next)); err != nil {
+		return err
+	}
+	s.epoch = next
+	return nil
 }
 
 // undo collects rollback steps, run in reverse unless disarmed.
@@ -334,6 +355,7 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 		return api.Sandbox{}, err
 	}
 	entry.ID = id
+	entry.Epoch = nextEpoch(0)
 
 	rec := &record{
 		ContainerID: req.ContainerID, IfName: req.IfName, Netns: req.Netns,
@@ -386,7 +408,7 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 	}
 	rollback = nil // committed
 
-	sb := newSandbox(rec, compiled, entries)
+	sb := newSandbox(rec, compiled, entries, entry.Epoch)
 	d.register(sb)
 	d.log.Info("sandbox attached", "sandbox", rec.key(), "interface", rec.HostInterface,
 		"datapath_id", id, "policy", compiled.Name, "rules", len(entries), "attach", att.Mode)
@@ -549,7 +571,9 @@ func (d *Daemon) check(s *sandbox) error {
 	if err != nil {
 		return fmt.Errorf("datapath entry: %w", err)
 	}
-	want := rec.datapathEntry()
+	s.mu.Lock()
+	want := rec.datapathEntry(s.epoch)
+	s.mu.Unlock()
 	if got.ID != want.ID || got.Generation != want.Generation || got.MAC.String() != want.MAC.String() ||
 		got.IPv4 != want.IPv4 || got.IPv6 != want.IPv6 || got.GatewayMAC.String() != want.GatewayMAC.String() {
 		return fmt.Errorf("datapath entry differs: have %+v, want %+v", got, want)
