@@ -18,32 +18,14 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/cleanwall/cleanwall/attest"
 	"github.com/cleanwall/cleanwall/attest/broker/client"
 	"github.com/cleanwall/cleanwall/attest/simulated"
+	"github.com/cleanwall/cleanwall/internal/testutil"
 )
-
-// syncBuffer is a bytes.Buffer safe for a writer and a poller.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func TestHelpListsOnlyOurFlags(t *testing.T) {
 	var out, errOut bytes.Buffer
@@ -162,7 +144,7 @@ func TestKeyCreateAndServe(t *testing.T) {
 	}
 
 	// Serve with --allow-simulated-tee (the file says false) and release over loopback.
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan int, 1)
 	go func() {

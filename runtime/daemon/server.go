@@ -165,15 +165,22 @@ func (d *Daemon) handleList(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
-func (d *Daemon) handleGet(w http.ResponseWriter, r *http.Request) {
+// one returns the (first) attachment a request names, or answers 404.
+func (d *Daemon) one(w http.ResponseWriter, r *http.Request) *sandbox {
 	d.mu.RLock()
 	list := d.find(r.PathValue("id"), r.URL.Query().Get("ifName"))
 	d.mu.RUnlock()
 	if len(list) == 0 {
 		writeJSON(w, http.StatusNotFound, &api.Error{Message: "no sandbox " + r.PathValue("id")})
-		return
+		return nil
 	}
-	writeJSON(w, http.StatusOK, d.view(list[0], true))
+	return list[0]
+}
+
+func (d *Daemon) handleGet(w http.ResponseWriter, r *http.Request) {
+	if s := d.one(w, r); s != nil {
+		writeJSON(w, http.StatusOK, d.view(s, true))
+	}
 }
 
 func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
@@ -211,14 +218,10 @@ func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
 // handlePolicyShow reads the sandbox's active generation back from the
 // kernel's maps, not from the daemon's memory.
 func (d *Daemon) handlePolicyShow(w http.ResponseWriter, r *http.Request) {
-	d.mu.RLock()
-	list := d.find(r.PathValue("id"), r.URL.Query().Get("ifName"))
-	d.mu.RUnlock()
-	if len(list) == 0 {
-		writeJSON(w, http.StatusNotFound, &api.Error{Message: "no sandbox " + r.PathValue("id")})
+	s := d.one(w, r)
+	if s == nil {
 		return
 	}
-	s := list[0]
 	s.mu.Lock()
 	rec, compiled := s.rec, s.compiled
 	s.mu.Unlock()

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cleanwall/cleanwall/internal/netns"
+	"github.com/cleanwall/cleanwall/internal/testutil"
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
 
@@ -188,7 +189,7 @@ func TestRunInterruptTearsDown(t *testing.T) {
 	env := harness.New(t)
 	pol := writePolicy(t, env, "run.yaml", policyOpen)
 	cmd := runCmd(env, "--policy", pol, "--name", runName("intr"), "--", "sleep", "60")
-	var errb syncBuffer
+	var errb testutil.SyncBuffer
 	cmd.Stderr = &errb
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -216,20 +217,3 @@ func TestRunInterruptTearsDown(t *testing.T) {
 // runName makes a sandbox name unique to this test process: sandbox
 // namespaces live on the machine, and test processes may run side by side.
 func runName(base string) string { return fmt.Sprintf("%s-%d", base, os.Getpid()) }
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}

@@ -197,34 +197,10 @@ func (d *Daemon) Metrics() (string, error) {
 	return string(b), err
 }
 
-// MetricValue returns the value of the first sample whose line starts with
-// name and contains every label pair given ("key=\"value\"").
-func MetricValue(metrics, name string, labels ...string) (float64, bool) {
-	for _, line := range strings.Split(metrics, "\n") {
-		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
-			continue
-		}
-		ok := true
-		for _, l := range labels {
-			if !strings.Contains(line, l) {
-				ok = false
-				break
-			}
-		}
-		if !ok {
-			continue
-		}
-		var v float64
-		if _, err := fmt.Sscan(line[strings.LastIndex(line, " ")+1:], &v); err == nil {
-			return v, true
-		}
-	}
-	return 0, false
-}
-
-// MetricSum sums every sample of name whose line contains every label pair.
-func MetricSum(metrics, name string, labels ...string) float64 {
-	var sum float64
+// samples returns the values of every sample of name whose line contains
+// every label pair given ("key=\"value\"").
+func samples(metrics, name string, labels ...string) []float64 {
+	var out []float64
 	for _, line := range strings.Split(metrics, "\n") {
 		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
 			continue
@@ -238,8 +214,25 @@ func MetricSum(metrics, name string, labels ...string) float64 {
 		}
 		var v float64
 		if _, err := fmt.Sscan(line[strings.LastIndex(line, " ")+1:], &v); ok && err == nil {
-			sum += v
+			out = append(out, v)
 		}
+	}
+	return out
+}
+
+// MetricValue returns the value of the first matching sample.
+func MetricValue(metrics, name string, labels ...string) (float64, bool) {
+	if s := samples(metrics, name, labels...); len(s) > 0 {
+		return s[0], true
+	}
+	return 0, false
+}
+
+// MetricSum sums every matching sample.
+func MetricSum(metrics, name string, labels ...string) float64 {
+	var sum float64
+	for _, v := range samples(metrics, name, labels...) {
+		sum += v
 	}
 	return sum
 }
