@@ -169,8 +169,8 @@ func formatValue(v float64, unit string) string {
 		return fmt.Sprintf("%.0f µs", v)
 	case "ns":
 		return fmt.Sprintf("%.0f ns", v)
-	case "conn/s":
-		return fmt.Sprintf("%.0f conn/s", v)
+	case "conn/s", "q/s", "req/s":
+		return fmt.Sprintf("%.0f %s", v, unit)
 	}
 	return fmt.Sprintf("%.3g %s", v, unit)
 }
