@@ -305,6 +305,7 @@ func benchDNS(t *testing.T, top *proxyTopology, rep *Report) {
 		}
 	}
 	refused := 0
+	perf := newPerfRecorder(t, top.daemon)
 	for r := range rounds(3) {
 		for _, w := range []string{"miss", "hit"} {
 			row := missRate
@@ -316,8 +317,14 @@ func benchDNS(t *testing.T, top *proxyTopology, rep *Report) {
 				if w == "miss" {
 					name = func(c, i int) string { return fmt.Sprintf("m%d-%s-%d-%d.%s.", r, side[:2], c, i, benchZone) }
 				}
+				if side == "cleanwall" {
+					perf.start(fmt.Sprintf("dns-rate-%s-round%d", w, r))
+				}
 				cpu := takeCPU(top.pid)
 				res, err := dnsRateRound(sb[side].NS, server, dnsClients, dnsRateOmit, dnsRateWindow, name)
+				if side == "cleanwall" {
+					perf.stop()
+				}
 				if err != nil {
 					t.Fatal(err)
 				}

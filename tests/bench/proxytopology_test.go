@@ -20,6 +20,7 @@ import (
 
 	"github.com/miekg/dns"
 
+	"github.com/cleanwall/cleanwall/internal/netns"
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
 
@@ -292,6 +293,39 @@ func childPIDs(pid int) []int {
 		}
 	}
 	return out
+}
+
+// tcpRetransmits sums the TCP segments retransmitted in namespaces
+// (RetransSegs of /proc/net/snmp, read from a thread inside each).
+func tcpRetransmits(nsPaths ...string) float64 {
+	var sum float64
+	for _, ns := range nsPaths {
+		_ = netns.Do(ns, func() error {
+			b, err := os.ReadFile("/proc/thread-self/net/snmp")
+			if err != nil {
+				return err
+			}
+			var head []string
+			for _, l := range strings.Split(string(b), "\n") {
+				f := strings.Fields(l)
+				if len(f) == 0 || f[0] != "Tcp:" {
+					continue
+				}
+				if head == nil {
+					head = f
+					continue
+				}
+				for i, name := range head {
+					if name == "RetransSegs" && i < len(f) {
+						v, _ := strconv.ParseFloat(f[i], 64)
+						sum += v
+					}
+				}
+			}
+			return nil
+		})
+	}
+	return sum
 }
 
 // cpuTicks is the CPU time (user + system, clock ticks) of processes.
