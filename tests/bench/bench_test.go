@@ -22,11 +22,11 @@ import (
 
 // Flags go after -args: go test -tags bench ./tests/bench -run TestBench -v -args -scenarios=connect
 var (
-	flagScenarios = flag.String("scenarios", "throughput,connect,apply,classify,iptables", "comma-separated scenarios to run")
+	flagScenarios = flag.String("scenarios", "throughput,connect,apply,classify,iptables,dns,http,release", "comma-separated scenarios to run")
 	flagRounds    = flag.Int("rounds", 0, "rounds per side of every scenario (0: each scenario's default)")
 	flagConns     = flag.Int("conns", 2000, "connections per round in the connect and iptables scenarios")
 	flagOut       = flag.String("out", "", "JSON result file (default results/<UTC timestamp>.json)")
-	flagPerf      = flag.String("perf", "", "directory: record cleanwalld with perf(1) during the cleanwall rounds of throughput, connect and apply")
+	flagPerf      = flag.String("perf", "", "directory: record cleanwalld with perf(1) during the cleanwall rounds of throughput, connect, apply, http and the dns rate rounds")
 )
 
 func TestMain(m *testing.M) {
@@ -123,6 +123,20 @@ func TestBench(t *testing.T) {
 	}
 	if want["iptables"] {
 		t.Run("iptables", func(t *testing.T) { benchIptables(t, rep) })
+	}
+	if want["dns"] || want["http"] {
+		t.Run("proxies", func(t *testing.T) {
+			top := newProxyTopology(t, want["http"])
+			if want["dns"] {
+				t.Run("dns", func(t *testing.T) { benchDNS(t, top, rep) })
+			}
+			if want["http"] {
+				t.Run("http", func(t *testing.T) { benchHTTP(t, top, rep) })
+			}
+		})
+	}
+	if want["release"] {
+		t.Run("release", func(t *testing.T) { benchRelease(t, rep) })
 	}
 }
 
