@@ -59,6 +59,10 @@ type Config struct {
 	FQDNMinTTL, FQDNMaxTTL time.Duration
 	// DNSRefuseNXDomain answers refused names with NXDOMAIN, not REFUSED.
 	DNSRefuseNXDomain bool
+	// DNSQueriesPerSecond is each sandbox's DNS query rate (token bucket,
+	// burst twice the rate); 0: the DNS proxy's default (100); negative:
+	// unlimited.
+	DNSQueriesPerSecond float64
 	// ListenersPerFamily sizes the SO_REUSEPORT group (0: one per CPU).
 	ListenersPerFamily int
 

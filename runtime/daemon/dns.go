@@ -60,8 +60,9 @@ func (d *Daemon) startDNS(ctx context.Context) error {
 		Logger:  d.log.With("proxy", "dns"),
 		Metrics: metrics,
 		Limits: dnsproxy.Limits{
-			LearnMinTTL: d.cfg.FQDNMinTTL,
-			LearnMaxTTL: d.cfg.FQDNMaxTTL,
+			LearnMinTTL:      d.cfg.FQDNMinTTL,
+			LearnMaxTTL:      d.cfg.FQDNMaxTTL,
+			QueriesPerSecond: d.cfg.DNSQueriesPerSecond,
 		},
 	}
 	if d.cfg.DNSRefuseNXDomain {
@@ -125,7 +126,9 @@ func (d *Daemon) serveDNSTCP(l *net.TCPListener) {
 }
 
 func (d *Daemon) dnsDenied(sandbox string, ev dnsproxy.DenyEvent) {
-	d.log.Info("dns refused", "sandbox", sandbox, "reason", ev.Reason, "name", ev.Name, "qtype", ev.QType, "tcp", ev.TCP)
+	// Debug: a sandbox can make refusals as fast as it sends queries; the
+	// metrics count them all and the audit trail records them (rate-limited).
+	d.log.Debug("dns refused", "sandbox", sandbox, "reason", ev.Reason, "name", ev.Name, "qtype", ev.QType, "tcp", ev.TCP)
 	d.audit.deny(auditDenyDNS, map[string]any{"sandbox": sandbox, "reason": string(ev.Reason), "name": ev.Name, "qtype": ev.QType, "tcp": ev.TCP})
 }
 

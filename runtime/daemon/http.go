@@ -66,7 +66,7 @@ func (d *Daemon) startHTTP() error {
 		Logger:  d.log.With("proxy", "http"),
 		Metrics: m,
 		OnDeny: func(f httpproxy.Flow, den httpproxy.Denial) {
-			d.log.Info("http request refused", "sandbox", f.Sandbox, "rule", f.Rule, "dst", f.Dst,
+			d.log.Debug("http request refused", "sandbox", f.Sandbox, "rule", f.Rule, "dst", f.Dst,
 				"reason", den.Reason, "status", den.Status, "method", den.Method, "path", den.Path)
 			d.audit.deny(auditDenyHTTP, map[string]any{"sandbox": f.Sandbox, "rule": f.Rule, "dst": f.Dst.String(),
 				"reason": string(den.Reason), "status": den.Status, "method": den.Method, "path": den.Path})
