@@ -302,3 +302,39 @@ func TestPolicyCheckCLI(t *testing.T) {
 }
 
 func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+// cleanwall sandboxes lists each sandbox with its netns, interface,
+// addresses, policy, generation and counters.
+func TestSandboxesCLI(t *testing.T) {
+	env := harness.New(t)
+	d := env.StartDaemon()
+	env.TCPServer("198.51.100.10:8080")
+	sb := env.MustAddSandbox("list", harness.SandboxOptions{Policy: policyOpen, NoIPv6: true})
+	if c, err := sb.Dial("tcp4", "198.51.100.10:8080", 5*time.Second); err == nil {
+		c.Close()
+	}
+	if c, err := sb.Dial("tcp4", "198.51.100.10:8081", time.Second); err == nil {
+		c.Close()
+	}
+	if _, err := apply(t, d, sb, policyPorts("listed", 8080)); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(env.Bin, "cleanwall"), "sandboxes", "--socket", d.Socket).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("want a header and one sandbox:\n%s", out)
+	}
+	row := strings.Fields(lines[1])
+	want := []string{sb.ContainerID, sb.NS, sb.HostVeth(), sb.IP.String(), "listed", "1", "1"}
+	for i, w := range want {
+		if i >= len(row) || row[i] != w {
+			t.Fatalf("column %d: want %q in:\n%s", i, w, out)
+		}
+	}
+	if !strings.Contains(lines[1], "1 flows") || strings.Contains(lines[1], " 0 pkts") {
+		t.Fatalf("counters missing (a redirected flow and dropped packets):\n%s", out)
+	}
+}
