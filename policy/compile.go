@@ -283,6 +283,12 @@ func (l *linter) dns(d *DNSSpec) {
 		} else {
 			seen[a] = i
 		}
+		if suffix, ok := cutWildcard(a); ok {
+			// A reviewer should know: the labels before the suffix are the
+			// sandbox's to choose, and the resolver carries them on.
+			l.add("spec.dns.allow["+strconv.Itoa(i)+"]",
+				"wildcard: the sandbox chooses the labels under %s, so every query can carry data in them to that domain's name servers (bounded by the DNS rate limit); list exact names where you can", suffix)
+		}
 	}
 	seenType := map[string]int{}
 	for i, t := range d.QueryTypes {

@@ -87,17 +87,21 @@ func TestPolicyMDExample(t *testing.T) {
 		t.Errorf("query types %v", c.DNS.QueryTypes)
 	}
 
-	// Exactly two things in the example can never work, and Compile says so.
+	// Exactly two things in the example can never work, and Compile says
+	// so; its wildcard DNS entry gets the reviewer's warning.
 	var got []string
 	for _, w := range c.Warnings {
 		got = append(got, w.Path)
 	}
-	wantPaths := []string{"spec.egress[1].to[0].fqdn", "spec.egress[1].trusted.tls.spkiSHA256[0]"}
+	wantPaths := []string{"spec.dns.allow[1]", "spec.egress[1].to[0].fqdn", "spec.egress[1].trusted.tls.spkiSHA256[0]"}
 	if !slices.Equal(got, wantPaths) {
 		t.Fatalf("warnings %v, want %v", c.Warnings, wantPaths)
 	}
-	if !strings.Contains(c.Warnings[0].Msg, "partner.example.test is not in spec.dns.allow") || !strings.Contains(c.Warnings[0].Msg, "the rule is unreachable") {
+	if !strings.Contains(c.Warnings[0].Msg, "wildcard: the sandbox chooses the labels under store.example.test") {
 		t.Errorf("warning: %v", c.Warnings[0])
+	}
+	if !strings.Contains(c.Warnings[1].Msg, "partner.example.test is not in spec.dns.allow") || !strings.Contains(c.Warnings[1].Msg, "the rule is unreachable") {
+		t.Errorf("warning: %v", c.Warnings[1])
 	}
 	eq(t, c.Warnings[0].Line, 36)
 	if _, err := c.Rules[1].Spec.Trusted.TLS.Pins(); err == nil {
@@ -185,6 +189,7 @@ func TestCompileWarnings(t *testing.T) {
 	))
 	for _, tt := range []struct{ path, msg string }{
 		{"spec.dns.allow[1]", "duplicate of allow[0] (a.test)"},
+		{"spec.dns.allow[2]", "wildcard: the sandbox chooses the labels under b.test"},
 		{"spec.dns.queryTypes[1]", "duplicate of queryTypes[0] (A)"},
 		{"spec.egress[0].to[1]", "duplicate of to[0] (cidr 10.0.0.0/8)"},
 		{"spec.egress[0].to[3]", "duplicate of to[2] (fqdn x.b.test)"},
@@ -202,8 +207,8 @@ func TestCompileWarnings(t *testing.T) {
 	if ws := warningsAt(c, "spec.egress[2].to[1].fqdn"); len(ws) == 1 && strings.Contains(ws[0], "unreachable") {
 		t.Errorf("rule with a learnable name called unreachable: %q", ws)
 	}
-	if len(c.Warnings) != 8 {
-		t.Errorf("%d warnings, want 8: %v", len(c.Warnings), c.Warnings)
+	if len(c.Warnings) != 9 {
+		t.Errorf("%d warnings, want 9: %v", len(c.Warnings), c.Warnings)
 	}
 }
 
