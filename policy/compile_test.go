@@ -103,7 +103,7 @@ func TestPolicyMDExample(t *testing.T) {
 	if !strings.Contains(c.Warnings[1].Msg, "partner.example.test is not in spec.dns.allow") || !strings.Contains(c.Warnings[1].Msg, "the rule is unreachable") {
 		t.Errorf("warning: %v", c.Warnings[1])
 	}
-	eq(t, c.Warnings[0].Line, 36)
+	eq(t, c.Warnings[1].Line, 36)
 	if _, err := c.Rules[1].Spec.Trusted.TLS.Pins(); err == nil {
 		t.Error("the placeholder pin decoded")
 	}
