@@ -84,6 +84,14 @@ type Limits struct {
 	LearnMinTTL, LearnMaxTTL time.Duration
 	// UpstreamTimeout bounds one exchange with the upstream; default 2s.
 	UpstreamTimeout time.Duration
+	// UpstreamSocketUses is how many UDP exchanges one upstream socket
+	// carries, one at a time, before it is closed and its successor gets a
+	// new random source port; default 100. 1 gives every query a socket of
+	// its own. See the package documentation (Upstream sockets).
+	UpstreamSocketUses int
+	// UpstreamSocketMaxAge retires an upstream UDP socket this long after it
+	// was opened, however few exchanges it carried; default 5s.
+	UpstreamSocketMaxAge time.Duration
 	// TCPIdleTimeout closes a TCP connection on which no complete query
 	// arrived for this long; default 10s (RFC 7766 6.2.3: seconds).
 	TCPIdleTimeout time.Duration
@@ -125,6 +133,12 @@ func (l Limits) withDefaults() Limits {
 	l.LearnMaxTTL = max(l.LearnMaxTTL, l.LearnMinTTL)
 	if l.UpstreamTimeout <= 0 {
 		l.UpstreamTimeout = 2 * time.Second
+	}
+	if l.UpstreamSocketUses <= 0 {
+		l.UpstreamSocketUses = 100
+	}
+	if l.UpstreamSocketMaxAge <= 0 {
+		l.UpstreamSocketMaxAge = 5 * time.Second
 	}
 	if l.TCPIdleTimeout <= 0 {
 		l.TCPIdleTimeout = 10 * time.Second

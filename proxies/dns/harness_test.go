@@ -21,6 +21,7 @@ type upstreamQuery struct {
 	TCP   bool
 	EDNS  bool
 	Opts  []uint16 // EDNS option codes
+	From  string   // the proxy's source address and port
 }
 
 // authServer is a real DNS server on loopback (UDP and TCP on one port) that
@@ -127,7 +128,7 @@ func (s *authServer) queries() []upstreamQuery {
 
 func (s *authServer) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	_, tcp := w.LocalAddr().(*net.TCPAddr)
-	e := upstreamQuery{TCP: tcp}
+	e := upstreamQuery{TCP: tcp, From: w.RemoteAddr().String()}
 	if len(r.Question) > 0 {
 		e.Name, e.QType = r.Question[0].Name, r.Question[0].Qtype
 	}

@@ -48,9 +48,10 @@ const maxChain = 16
 // methods are safe for concurrent use.
 type Proxy struct {
 	// Exchange sends m to the upstream and returns its response. nil means
-	// a miekg dns.Client (a new socket per exchange, so a random source
-	// port) bounded by Limits.UpstreamTimeout. The proxy tries UDP first and
-	// TCP when the UDP answer is truncated. Exchange may not keep m.
+	// the proxy's own: UDP over a pool of connected sockets (see the package
+	// documentation, Upstream sockets), TCP over a new connection per
+	// exchange, bounded by Limits.UpstreamTimeout. The proxy tries UDP first
+	// and TCP when the UDP answer is truncated. Exchange may not keep m.
 	Exchange func(ctx context.Context, upstream netip.AddrPort, m *dns.Msg, tcp bool) (*dns.Msg, error)
 
 	// OnLearn, when set, is told the addresses that an answer gives to a name
@@ -95,7 +96,8 @@ type Proxy struct {
 	denyRcode int
 	log       *slog.Logger
 	cache     *answerCache
-	udp, tcp  *dns.Client
+	udp       *upstreamPool
+	tcp       *dns.Client
 
 	mu        sync.RWMutex
 	sandboxes map[string]*sandboxState
@@ -137,7 +139,7 @@ func (p *Proxy) init() {
 			p.log.Warn("dns proxy: unsupported DenyRcode, using REFUSED", logRcode, p.DenyRcode)
 		}
 		p.cache = newAnswerCache(p.lim.CacheEntries, p.Metrics.cacheSize)
-		p.udp = &dns.Client{Net: "udp", Timeout: p.lim.UpstreamTimeout, UDPSize: uint16(p.lim.MaxUDPSize)}
+		p.udp = newUpstreamPool(p.lim)
 		p.tcp = &dns.Client{Net: "tcp", Timeout: p.lim.UpstreamTimeout}
 		p.sandboxes = make(map[string]*sandboxState)
 		p.noPolicy.reset(p.lim, p.now())
@@ -332,10 +334,23 @@ func (p *Proxy) resolve(ctx context.Context, r *request, pol *policy, now time.T
 // forward asks the upstream, over UDP and then TCP if the answer was
 // truncated, and reduces its answer to what may be cached.
 func (p *Proxy) forward(ctx context.Context, up netip.AddrPort, q *query) (*upstreamAnswer, error) {
-	ctx, cancel := context.WithTimeout(ctx, p.lim.UpstreamTimeout)
+	deadline := time.Now().Add(p.lim.UpstreamTimeout)
+	if p.Exchange == nil {
+		a, truncated, err := p.exchangeUDP(ctx, up, q, deadline)
+		if err != nil || !truncated {
+			return a, err
+		}
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	resp, err := p.exchangeOnce(ctx, up, q, false)
-	if err == nil && resp.Truncated {
+	var (
+		resp *dns.Msg
+		err  error
+	)
+	if p.Exchange != nil {
+		resp, err = p.exchangeOnce(ctx, up, q, false)
+	}
+	if p.Exchange == nil || (err == nil && resp.Truncated) {
 		resp, err = p.exchangeOnce(ctx, up, q, true)
 	}
 	if err != nil {
@@ -344,23 +359,36 @@ func (p *Proxy) forward(ctx context.Context, up netip.AddrPort, q *query) (*upst
 	a := &upstreamAnswer{rcode: resp.Rcode, stored: p.now()}
 	for _, rr := range resp.Answer {
 		h := rr.Header()
-		if h.Class == dns.ClassINET && (h.Rrtype == q.qtype || h.Rrtype == dns.TypeCNAME) {
+		if keepAnswer(h.Rrtype, h.Class, q.qtype) {
 			a.answer = append(a.answer, rr)
 		}
 	}
 	for _, rr := range resp.Ns {
-		if h := rr.Header(); h.Class == dns.ClassINET && h.Rrtype == dns.TypeSOA {
+		if h := rr.Header(); keepAuthority(h.Rrtype, h.Class) {
 			a.ns = append(a.ns, rr)
 		}
 	}
 	return a, nil
 }
 
-// exchangeOnce sends a query that the proxy builds itself: a fresh random ID,
-// the canonical (lower-case) name, no client flags and no client EDNS
-// options, so nothing but the allowed name and type leaves the sandbox.
+// keepAnswer and keepAuthority say which records of an upstream answer are
+// kept: IN records of the question's type or CNAME in the answer section,
+// IN SOA records in the authority section.
+func keepAnswer(rrtype, class, qtype uint16) bool {
+	return class == dns.ClassINET && (rrtype == qtype || rrtype == dns.TypeCNAME)
+}
+
+func keepAuthority(rrtype, class uint16) bool {
+	return class == dns.ClassINET && rrtype == dns.TypeSOA
+}
+
+// exchangeOnce sends a query that the proxy builds itself through the
+// Exchange hook or over TCP (exchangeUDP builds the same query): a fresh
+// random ID, the canonical (lower-case) name, no client flags and no client
+// EDNS options, so nothing but the allowed name and type leaves the
+// sandbox.
 func (p *Proxy) exchangeOnce(ctx context.Context, up netip.AddrPort, q *query, tcp bool) (*dns.Msg, error) {
-	id := dns.Id()
+	id := randomID()
 	m := &dns.Msg{
 		MsgHdr:   dns.MsgHdr{Id: id, Opcode: dns.OpcodeQuery, RecursionDesired: true},
 		Question: []dns.Question{{Name: q.canon, Qtype: q.qtype, Qclass: dns.ClassINET}},
@@ -374,11 +402,7 @@ func (p *Proxy) exchangeOnce(ctx context.Context, up netip.AddrPort, q *query, t
 	if p.Exchange != nil {
 		resp, err = p.Exchange(ctx, up, m, tcp)
 	} else {
-		c := p.udp
-		if tcp {
-			c = p.tcp
-		}
-		resp, _, err = c.ExchangeContext(ctx, m, up.String())
+		resp, _, err = p.tcp.ExchangeContext(ctx, m, up.String())
 	}
 	p.Metrics.observeUpstream(tcp, time.Since(start).Seconds())
 	if err != nil {
@@ -393,6 +417,40 @@ func (p *Proxy) exchangeOnce(ctx context.Context, up netip.AddrPort, q *query, t
 		return nil, fmt.Errorf("exchanging with %s: %w: %s", up, ErrUpstreamRcode, dns.RcodeToString[resp.Rcode])
 	}
 	return resp, nil
+}
+
+// exchangeUDP asks the upstream over a pooled UDP socket the query that
+// exchangeOnce would send, and reads its answer with readAnswer. truncated
+// reports an answer with TC set, to be asked again over TCP.
+func (p *Proxy) exchangeUDP(ctx context.Context, up netip.AddrPort, q *query, deadline time.Time) (a *upstreamAnswer, truncated bool, err error) {
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	start := time.Now()
+	s, err := p.udp.get(up, start)
+	if err != nil {
+		return nil, false, fmt.Errorf("exchanging with %s: %w", up, err)
+	}
+	id := randomID()
+	bp := p.udp.buffer()
+	defer p.udp.putBuffer(bp)
+	msg, err := s.exchange(appendQuery((*bp)[:0], id, q.canon, q.qtype, p.lim.MaxUDPSize), id, deadline, *bp)
+	if err == nil {
+		a, truncated, err = readAnswer(msg, q)
+	}
+	p.Metrics.observeUpstream(false, time.Since(start).Seconds())
+	// The socket carries another query only after an answer that matched
+	// this one: anything else may mean that datagrams are on their way.
+	if err == nil || errors.Is(err, ErrUpstreamRcode) {
+		p.udp.put(up, s, time.Now())
+	} else {
+		_ = s.conn.Close()
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("exchanging with %s: %w", up, err)
+	}
+	a.stored = p.now()
+	return a, truncated, nil
 }
 
 // view is a sandbox's view of an upstream answer.
