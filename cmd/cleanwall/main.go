@@ -18,6 +18,7 @@ Usage:
   cleanwall policy apply --sandbox ID FILE
   cleanwall policy show --sandbox ID
   cleanwall sandboxes
+  cleanwall observe [--sandbox ID] [--json]
   cleanwall attest status
   cleanwall audit verify FILE
   cleanwall version
@@ -51,6 +52,8 @@ func run(args []string) int {
 		err = cmdAttest(args[1:])
 	case "audit":
 		err = cmdAudit(args[1:])
+	case "observe":
+		err = cmdObserve(args[1:])
 	case "version":
 		fmt.Println("cleanwall", version)
 	case "-h", "--help", "help":

@@ -178,3 +178,22 @@ type HeldKey struct {
 	NotAfter   time.Time `json:"notAfter"`
 	LastError  string    `json:"lastError,omitempty"`
 }
+
+// PathEvents streams deny events as JSON lines (GET, ?sandbox=ID filters).
+const PathEvents = "/v1/events"
+
+// DenyEvent is one denial: a packet the datapath dropped, a DNS query or an
+// HTTP request a proxy refused.
+type DenyEvent struct {
+	Time    time.Time `json:"time"`
+	Sandbox string    `json:"sandbox"` // containerID/ifName, or "unknown"
+	Source  string    `json:"source"`  // datapath, dns or http
+	Reason  string    `json:"reason"`
+	Proto   string    `json:"proto,omitempty"`
+	Src     string    `json:"src,omitempty"`
+	Dst     string    `json:"dst,omitempty"`
+	Name    string    `json:"name,omitempty"`   // DNS: the (truncated, escaped) name
+	Method  string    `json:"method,omitempty"` // HTTP
+	Path    string    `json:"path,omitempty"`   // HTTP: without the query
+	Status  int       `json:"status,omitempty"` // HTTP
+}

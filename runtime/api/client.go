@@ -152,3 +152,39 @@ func (c *Client) Attest(ctx context.Context) (AttestStatus, error) {
 	err := c.do(ctx, http.MethodGet, PathAttest, nil, &s)
 	return s, err
 }
+
+// Events streams deny events (of one sandbox when sandbox is set) to fn
+// until ctx ends or fn returns an error.
+func (c *Client) Events(ctx context.Context, sandbox string, fn func(DenyEvent) error) error {
+	path := PathEvents
+	if sandbox != "" {
+		path += "?sandbox=" + url.QueryEscape(sandbox)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://cleanwalld"+path, nil)
+	if err != nil {
+		return err
+	}
+	// A stream has no overall timeout: use a client without one.
+	hc := &http.Client{Transport: c.http.Transport}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.Socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("cleanwalld: %s", resp.Status)
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var ev DenyEvent
+		if err := dec.Decode(&ev); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+		if err := fn(ev); err != nil {
+			return err
+		}
+	}
+}

@@ -41,22 +41,24 @@ type Daemon struct {
 	sandboxes map[string]*sandbox // by container ID + "/" + ifName
 	byIP      map[netip.Addr]*sandbox
 
-	tcp     *tproxy.TCPListener
-	udp     *tproxy.UDPSocket
-	dnsUDP  *tproxy.UDPSocket
-	dnsTCP  *tproxy.TCPListener
-	dns     *dnsproxy.Proxy
-	http    *httpproxy.Proxy
-	keys    *keyring
-	audit   *auditor
-	udpFlow *udpFlows
-	events  *bpf.EventReader
-	server  *http.Server
-	sock    net.Listener
-	metrics *metrics
-	started time.Time
-	ready   bool
-	wg      sync.WaitGroup
+	tcp    *tproxy.TCPListener
+	udp    *tproxy.UDPSocket
+	dnsUDP *tproxy.UDPSocket
+	dnsTCP *tproxy.TCPListener
+	dns    *dnsproxy.Proxy
+	http   *httpproxy.Proxy
+	keys   *keyring
+	audit  *auditor
+
+	observers observers
+	udpFlow   *udpFlows
+	events    *bpf.EventReader
+	server    *http.Server
+	sock      net.Listener
+	metrics   *metrics
+	started   time.Time
+	ready     bool
+	wg        sync.WaitGroup
 }
 
 // New validates cfg; nothing is touched until Start.

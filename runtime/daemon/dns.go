@@ -13,6 +13,7 @@ import (
 	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
+	"github.com/cleanwall/cleanwall/runtime/api"
 )
 
 // maxDNSInflight bounds the UDP queries being answered at once (each may
@@ -129,6 +130,8 @@ func (d *Daemon) dnsDenied(sandbox string, ev dnsproxy.DenyEvent) {
 	// Debug: a sandbox can make refusals as fast as it sends queries; the
 	// metrics count them all and the audit trail records them (rate-limited).
 	d.log.Debug("dns refused", "sandbox", sandbox, "reason", ev.Reason, "name", ev.Name, "qtype", ev.QType, "tcp", ev.TCP)
+	d.observers.publish(api.DenyEvent{Time: now(), Sandbox: sandbox, Source: "dns", Reason: string(ev.Reason), Name: ev.Name,
+		Proto: map[bool]string{true: "TCP", false: "UDP"}[ev.TCP]})
 	d.audit.deny(auditDenyDNS, map[string]any{"sandbox": sandbox, "reason": string(ev.Reason), "name": ev.Name, "qtype": ev.QType, "tcp": ev.TCP})
 }
 

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/runtime/api"
 )
 
 // readEvents drains the deny-event ring buffer: every event is counted;
@@ -24,6 +25,10 @@ func (d *Daemon) readEvents() {
 			continue
 		}
 		d.metrics.denyEvents.WithLabelValues(ev.Reason.String()).Inc()
+		if d.observers.active() {
+			d.observers.publish(api.DenyEvent{Time: now(), Sandbox: d.sandboxName(ev.SandboxID), Source: "datapath",
+				Reason: ev.Reason.String(), Proto: protoName(ev.Proto), Src: ev.Src.String(), Dst: ev.Dst.String()})
+		}
 		d.audit.deny(auditDenyDatapath, map[string]any{"sandbox": d.sandboxName(ev.SandboxID), "reason": ev.Reason.String(),
 			"proto": ev.Proto, "src": ev.Src.String(), "dst": ev.Dst.String()})
 		if now := time.Now(); now.Sub(window) >= time.Second {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cleanwall/cleanwall/policy"
 	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
+	"github.com/cleanwall/cleanwall/runtime/api"
 )
 
 // httpRules translates an open-mode HTTP rule for the HTTP proxy. The policy
@@ -68,6 +69,8 @@ func (d *Daemon) startHTTP() error {
 		OnDeny: func(f httpproxy.Flow, den httpproxy.Denial) {
 			d.log.Debug("http request refused", "sandbox", f.Sandbox, "rule", f.Rule, "dst", f.Dst,
 				"reason", den.Reason, "status", den.Status, "method", den.Method, "path", den.Path)
+			d.observers.publish(api.DenyEvent{Time: now(), Sandbox: f.Sandbox, Source: "http", Reason: string(den.Reason),
+				Dst: f.Dst.String(), Method: den.Method, Path: den.Path, Status: den.Status, Proto: "TCP"})
 			d.audit.deny(auditDenyHTTP, map[string]any{"sandbox": f.Sandbox, "rule": f.Rule, "dst": f.Dst.String(),
 				"reason": string(den.Reason), "status": den.Status, "method": den.Method, "path": den.Path})
 		},

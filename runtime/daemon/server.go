@@ -54,6 +54,7 @@ func (d *Daemon) serveAPI() error {
 	mux.HandleFunc("PUT "+api.PathPolicy, d.handleApply)
 	mux.HandleFunc("POST "+api.PathGC, d.handleGC)
 	mux.HandleFunc("GET "+api.PathAttest, d.handleAttest)
+	mux.HandleFunc("GET "+api.PathEvents, d.handleEvents)
 	d.server = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	d.goBackground(func() {
 		if err := d.server.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
