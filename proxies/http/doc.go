@@ -170,8 +170,10 @@
 // HeaderTimeout from a request's first byte to its last head byte,
 // IdleTimeout between requests, BodyIdleTimeout for any stall of a body in
 // either direction, ResponseHeaderTimeout from the request's last byte to
-// the response head, DialTimeout; at most 8 informational (1xx) responses
-// precede a final one. A failure while a body streams (the sandbox stalls,
+// the response head (these four fire between their duration and a
+// sixteenth more: deadlines are moved lazily, not on every request),
+// DialTimeout; at most 8 informational (1xx) responses precede a final
+// one. A failure while a body streams (the sandbox stalls,
 // the upstream stops reading) closes both connections: the upstream is left
 // with an incomplete request, which it discards, as it would had the
 // sandbox been connected directly. An upgraded connection has no idle

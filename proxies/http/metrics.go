@@ -59,6 +59,10 @@ type flowMetrics struct {
 	m             *Metrics
 	sandbox, rule string
 	bytesOut      prometheus.Counter
+	// allowed and allowedDuration are the series of allowed requests,
+	// looked up at the first one: most requests of a connection are.
+	allowed         prometheus.Counter
+	allowedDuration prometheus.Observer
 }
 
 func newFlowMetrics(m *Metrics, f Flow) flowMetrics {
@@ -70,6 +74,15 @@ func newFlowMetrics(m *Metrics, f Flow) flowMetrics {
 
 func (fm *flowMetrics) request(decision, reason string, d time.Duration) {
 	if fm.m == nil {
+		return
+	}
+	if decision == decisionAllow && reason == reasonNone {
+		if fm.allowed == nil {
+			fm.allowed = fm.m.requests.WithLabelValues(fm.sandbox, fm.rule, decision, reason)
+			fm.allowedDuration = fm.m.duration.WithLabelValues(fm.sandbox, fm.rule, decision)
+		}
+		fm.allowed.Inc()
+		fm.allowedDuration.Observe(d.Seconds())
 		return
 	}
 	fm.m.requests.WithLabelValues(fm.sandbox, fm.rule, decision, reason).Inc()

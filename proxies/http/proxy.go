@@ -2,6 +2,7 @@ package httpproxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -236,21 +237,32 @@ func (c *conn) serve() error {
 
 // await waits for the first byte of the next request: up to HeaderTimeout
 // for the first request (it is part of the head), IdleTimeout for the
-// following ones, which then get HeaderTimeout for their head.
+// following ones, which then get HeaderTimeout for the rest of their head
+// unless it is buffered already.
 func (c *conn) await(first bool) error {
 	wait := c.lim.IdleTimeout
 	if first {
 		wait = c.lim.HeaderTimeout
 	}
-	c.client.setReadDeadline(time.Now().Add(wait))
+	c.client.setReadTimeout(wait)
 	if _, err := c.cr.Peek(1); err != nil {
 		return err
 	}
-	if !first {
-		c.client.setReadDeadline(time.Now().Add(c.lim.HeaderTimeout))
+	if !first && !headBuffered(c.cr) {
+		c.client.setReadTimeout(c.lim.HeaderTimeout)
 	}
 	return nil
 }
+
+// headBuffered reports whether r holds a whole request head (its lines up
+// to the empty one) already: reading it then takes nothing from the
+// connection, and no head timeout is needed.
+func headBuffered(r *bufio.Reader) bool {
+	b, _ := r.Peek(r.Buffered())
+	return bytes.Contains(b, crlfcrlf)
+}
+
+var crlfcrlf = []byte("\r\n\r\n")
 
 // handle decides one request whose head was read, and forwards it when
 // allowed. It reports whether the connection may carry another request.

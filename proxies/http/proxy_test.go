@@ -353,6 +353,39 @@ func TestPipelined(t *testing.T) {
 	}
 }
 
+// TestPipelinedBodies: Content-Length bodies that arrive with their heads
+// are forwarded with them, and what follows each body is the next request,
+// inspected on its own.
+func TestPipelinedBodies(t *testing.T) {
+	rules := &Rules{Rules: []RequestRule{{Methods: []string{"GET", "POST"}, Paths: []string{"/v1/**"}}}, MaxBodyBytes: 1 << 20}
+	h := newHarness(t, rules)
+	post := func(body string) string {
+		return h.raw("POST /v1/results HTTP/1.1\r\nHost: {host}\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body)
+	}
+	// The second body holds what would be a request, were it not a body.
+	reqs := []string{post(`{"a":1}`), post("GET /admin HTTP/1.1\r\nHost: x\r\n\r\n"), h.raw("GET /admin HTTP/1.1\r\nHost: {host}\r\n\r\n"), post(strings.Repeat("x", 3000))}
+	status := []int{200, 200, 403, 200}
+	c, err := net.Dial("tcp", h.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, strings.Join(reqs, "")); err != nil { // one write: pipelined
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	for i, st := range status {
+		resp, _ := readResponseT(t, br, "POST")
+		if resp.StatusCode != st {
+			t.Fatalf("response %d: %d, want %d", i, resp.StatusCode, st)
+		}
+	}
+	if in, want := h.up.rawIn(), reqs[0]+reqs[1]+reqs[3]; in != want {
+		t.Fatalf("upstream received\n%q\nwant exactly the allowed requests\n%q", in, want)
+	}
+}
+
 // TestSmuggledRequestIsInspected: bytes after a chunked body's end are a
 // request of their own, and get inspected as one.
 func TestSmuggledRequestIsInspected(t *testing.T) {

@@ -15,9 +15,10 @@ import (
 )
 
 // forward sends an allowed request to the upstream and relays the response.
-// A held body is sent from memory; a Content-Length body that needs no
-// holding is streamed by a goroutine while the response is awaited, so an
-// upstream that answers early is relayed at once.
+// A held body is sent from memory, and so is a Content-Length body that
+// arrived whole with the head; a Content-Length body still on its way is
+// streamed by a goroutine while the response is awaited, so an upstream
+// that answers early is relayed at once.
 func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 	reused := c.up != nil
 	if !reused {
@@ -37,10 +38,19 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		}
 	}
 	stream := !hold && q.contentLength > 0
+	if stream && int64(c.cr.Buffered()) >= q.contentLength {
+		// The whole body came with the head: it goes with it, in the same
+		// write, and the exchange is sequential (no goroutine to stream it).
+		body, _ := c.cr.Peek(int(q.contentLength))
+		_, _ = c.uw.Write(body)
+		_, _ = c.cr.Discard(len(body))
+		sent += int64(len(body))
+		stream = false
+	}
 	var bodyDone chan bodyResult
 	if stream {
 		// The response head timeout starts once the body is sent.
-		c.up.setReadDeadline(time.Time{})
+		c.up.setReadTimeout(0)
 		bodyDone = make(chan bodyResult, 1)
 		c.bodySent.Store(false)
 		go func() { bodyDone <- c.streamBody(q.contentLength) }()
@@ -48,7 +58,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		if err := c.uw.Flush(); err != nil {
 			return c.upstreamFailed(q, start, err)
 		}
-		c.up.setReadDeadline(time.Now().Add(c.lim.ResponseHeaderTimeout))
+		c.up.setReadTimeout(c.lim.ResponseHeaderTimeout)
 	}
 
 	status, keep, err := c.relay(q)
@@ -169,7 +179,7 @@ func (c *conn) streamBody(n int64) (res bodyResult) {
 		return bodyResult{n: res.n, err: err}
 	}
 	c.bodySent.Store(true)
-	c.up.setReadDeadline(time.Now().Add(c.lim.ResponseHeaderTimeout))
+	c.up.setReadTimeout(c.lim.ResponseHeaderTimeout)
 	return res
 }
 
@@ -217,7 +227,7 @@ func (c *conn) relay(q *request) (status int, keep bool, err error) {
 			if err := c.writeClient(c.respHead, true); err != nil {
 				return 0, false, err
 			}
-			c.up.setReadDeadline(time.Now().Add(c.lim.ResponseHeaderTimeout))
+			c.up.setReadTimeout(c.lim.ResponseHeaderTimeout)
 			continue
 		}
 		if err := c.writeClient(c.respHead, false); err != nil {
@@ -426,15 +436,38 @@ func (c *conn) dial() error {
 // Read (Write) first moves the deadline that far ahead. abortRead makes
 // reads fail for good, abort reads and writes, even one racing with a
 // deadline refresh.
+//
+// Deadlines are moved lazily (see lazyDeadline): a timeout fires between
+// its duration and 1/16 more after the event it times, and a keep-alive
+// connection's deadlines cost nothing on most requests (each move is a
+// runtime timer update).
 type timedConn struct {
 	net.Conn
 
 	mu                        sync.Mutex
 	readIdle, writeIdle       time.Duration
 	readAborted, writeAborted bool
+	readDL, writeDL           time.Time // as set on Conn; zero: none
 }
 
 var errAborted = errors.New("connection aborted")
+
+// lazyDeadline returns the deadline to set on a connection whose deadline
+// is cur, for a timeout d from now (d <= 0: no deadline), and whether it
+// must be set at all: a deadline already between now+d and now+d+d/16
+// stays. A deadline that moves is set d/16 beyond now+d, so that the moves
+// of the next d/16 cost nothing.
+func lazyDeadline(cur time.Time, d time.Duration) (time.Time, bool) {
+	if d <= 0 {
+		return time.Time{}, !cur.IsZero()
+	}
+	want := time.Now().Add(d)
+	slack := d / 16
+	if !cur.IsZero() && !cur.Before(want) && cur.Sub(want) <= slack {
+		return cur, false
+	}
+	return want.Add(slack), true
+}
 
 func (t *timedConn) Read(p []byte) (int, error) {
 	t.mu.Lock()
@@ -443,7 +476,7 @@ func (t *timedConn) Read(p []byte) (int, error) {
 		return 0, errAborted
 	}
 	if t.readIdle > 0 {
-		_ = t.Conn.SetReadDeadline(time.Now().Add(t.readIdle))
+		t.setReadDeadlineLocked(t.readIdle)
 	}
 	t.mu.Unlock()
 	return t.Conn.Read(p)
@@ -455,8 +488,9 @@ func (t *timedConn) Write(p []byte) (int, error) {
 		t.mu.Unlock()
 		return 0, errAborted
 	}
-	if t.writeIdle > 0 {
-		_ = t.Conn.SetWriteDeadline(time.Now().Add(t.writeIdle))
+	if dl, ok := lazyDeadline(t.writeDL, t.writeIdle); ok && t.writeIdle > 0 {
+		_ = t.Conn.SetWriteDeadline(dl)
+		t.writeDL = dl
 	}
 	t.mu.Unlock()
 	return t.Conn.Write(p)
@@ -468,12 +502,21 @@ func (t *timedConn) setReadIdle(d time.Duration) {
 	t.mu.Unlock()
 }
 
-func (t *timedConn) setReadDeadline(d time.Time) {
+// setReadTimeout makes reads fail once d passed from now (d <= 0: never),
+// within the slack of lazyDeadline.
+func (t *timedConn) setReadTimeout(d time.Duration) {
 	t.mu.Lock()
 	if !t.readAborted {
-		_ = t.Conn.SetReadDeadline(d)
+		t.setReadDeadlineLocked(d)
 	}
 	t.mu.Unlock()
+}
+
+func (t *timedConn) setReadDeadlineLocked(d time.Duration) {
+	if dl, ok := lazyDeadline(t.readDL, d); ok {
+		_ = t.Conn.SetReadDeadline(dl)
+		t.readDL = dl
+	}
 }
 
 // abortRead unblocks and fails every read through t; writes still work
