@@ -77,7 +77,10 @@ func ListenTCP(ctx context.Context, port uint16, n int, mark uint32) (*TCPListen
 	if n < 1 {
 		n = 1
 	}
-	lc := net.ListenConfig{Control: SocketOptions(mark, true, false)}
+	// No TCP keepalive on accepted connections: every proxy bounds a flow
+	// with idle timeouts of its own, and Go's default probe settings cost
+	// four system calls per accepted connection.
+	lc := net.ListenConfig{Control: SocketOptions(mark, true, false), KeepAlive: -1}
 	t := &TCPListener{Port: port}
 	fail := func(err error) (*TCPListener, error) {
 		t.Close()
