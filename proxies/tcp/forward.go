@@ -1,8 +1,14 @@
 // Package tcpproxy is the L4 proxy of open mode for TCP without a protocol
 // parser: it connects to the flow's original destination and copies bytes
-// both ways with splice, half-closing each direction on EOF, counting bytes,
-// enforcing an optional outbound byte budget and an idle timeout. It never
-// imports bpf, policy or attest.
+// both ways, half-closing each direction on EOF, counting bytes, enforcing
+// an optional outbound byte budget and an idle timeout. It never imports
+// bpf, policy or attest.
+//
+// A direction starts by copying through a pooled buffer, taken only once
+// its source is readable (an idle flow holds no buffer): most flows are a
+// few small messages each way, for which read and write cost fewer and
+// cheaper system calls than splice. The first read that fills the buffer
+// marks a bulk transfer, and the direction splices from then on.
 package tcpproxy
 
 import (
@@ -15,17 +21,24 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Defaults for a zero Forwarder.
 const (
 	DefaultIdleTimeout = 5 * time.Minute
 	DefaultDialTimeout = 10 * time.Second
-	// DefaultChunk is how many bytes one splice round may move before the
-	// counters, the budget and the idle deadline are updated.
-	DefaultChunk = 256 << 10
+	// DefaultChunk is the pipe size of a spliced direction: the most one
+	// splice call moves.
+	DefaultChunk = 1 << 20
 )
+
+// CopyBufferSize is the buffer a direction copies through; a read that
+// fills it switches the direction to splice.
+const CopyBufferSize = 32 << 10
 
 // ErrBudgetExceeded ends a flow that tried to send more than MaxBytesOut.
 var ErrBudgetExceeded = errors.New("outbound byte budget exceeded")
@@ -36,13 +49,15 @@ var ErrIdle = errors.New("flow idle")
 // Forwarder copies flows to their original destinations.
 type Forwarder struct {
 	// Dial opens the upstream connection. Nil: a net.Dialer with
-	// DefaultDialTimeout. The returned conn must be a *net.TCPConn for
-	// splice; other conns work through plain copies.
-	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// DefaultDialTimeout and no TCP keepalive. The client and the returned
+	// conn must be *net.TCPConn for splice and for reads that hold no
+	// buffer while they wait; other conns work through plain copies.
+	Dial func(ctx context.Context, dst netip.AddrPort) (net.Conn, error)
 	// IdleTimeout closes a flow idle in both directions. Zero: DefaultIdleTimeout.
 	IdleTimeout time.Duration
-	// Chunk bounds one splice round. Zero: DefaultChunk.
-	Chunk int64
+	// Chunk is the pipe size of a spliced direction (rounded up by the
+	// kernel to a power of two pages). Zero: DefaultChunk.
+	Chunk int
 }
 
 // Flow says where a client connection goes and under which limits.
@@ -57,9 +72,24 @@ type Stats struct {
 	BytesIn  atomic.Int64 // upstream -> sandbox
 }
 
+// dialer is the default upstream dialer. Keepalive probes are off: the
+// idle timeout bounds a flow, and each probe setting is a system call
+// per connection.
+var dialer = net.Dialer{Timeout: DefaultDialTimeout, KeepAlive: -1}
+
+// dialTCP dials dst by its string: Dialer.DialTCP would skip the parsing,
+// but binds the socket to the zero local address it is given (go.dev/issue/81620),
+// an extra system call that also takes the ephemeral port at bind time.
+func dialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	return dialer.DialContext(ctx, "tcp", dst.String())
+}
+
 // Forward dials the destination and copies until both directions end, the
 // budget is exceeded, the flow idles out or ctx is cancelled (which closes
 // both connections: a policy change uses this). It closes client.
+//
+// The sandbox-to-destination direction runs on the caller's goroutine,
+// the other on one goroutine of its own.
 func (f *Forwarder) Forward(ctx context.Context, client net.Conn, flow Flow, stats *Stats) error {
 	defer client.Close()
 	if stats == nil {
@@ -67,10 +97,9 @@ func (f *Forwarder) Forward(ctx context.Context, client net.Conn, flow Flow, sta
 	}
 	dial := f.Dial
 	if dial == nil {
-		d := net.Dialer{Timeout: DefaultDialTimeout}
-		dial = d.DialContext
+		dial = dialTCP
 	}
-	up, err := dial(ctx, "tcp", flow.Dst.String())
+	up, err := dial(ctx, flow.Dst)
 	if err != nil {
 		if ctx.Err() != nil {
 			return context.Cause(ctx)
@@ -87,95 +116,359 @@ func (f *Forwarder) Forward(ctx context.Context, client net.Conn, flow Flow, sta
 	if chunk <= 0 {
 		chunk = DefaultChunk
 	}
-	var once sync.Once
-	closeBoth := func() {
-		once.Do(func() {
-			client.Close()
-			up.Close()
-		})
-	}
-	stop := context.AfterFunc(ctx, closeBoth)
-	defer stop()
+	s := &session{client: client, up: up, idle: idle}
+	s.touch()
+	s.out.init(s, client, up, &stats.BytesOut, flow.MaxBytesOut, chunk)
+	s.in.init(s, up, client, &stats.BytesIn, 0, chunk)
 
-	var last atomic.Int64 // unix nanos of the last byte moved in either direction
-	last.Store(time.Now().UnixNano())
-	p := pump{idle: idle, chunk: chunk, last: &last}
+	stop := context.AfterFunc(ctx, s.closeBoth)
+	s.mu.Lock()
+	s.timer = time.AfterFunc(idle, s.checkIdle)
+	s.mu.Unlock()
 
-	errc := make(chan error, 2)
-	go func() { errc <- p.copy(up, client, &stats.BytesOut, flow.MaxBytesOut) }()
-	go func() { errc <- p.copy(client, up, &stats.BytesIn, 0) }()
-	var first error
-	for i := 0; i < 2; i++ {
-		if err := <-errc; err != nil && first == nil {
-			first = err
-			closeBoth() // an error in one direction ends the flow
-		}
-	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.in.run()
+	}()
+	s.out.run()
+	s.wg.Wait()
+
+	s.mu.Lock()
+	s.finished = true
+	s.timer.Stop()
+	first := s.err
+	s.mu.Unlock()
+	stop()
 	if ctx.Err() != nil {
 		return context.Cause(ctx)
 	}
 	return first
 }
 
-type pump struct {
-	idle  time.Duration
-	chunk int64
-	last  *atomic.Int64
+// epoch anchors the monotonic activity clock of every flow.
+var epoch = time.Now()
+
+// session is one forwarded flow: both directions, the idle timer and the
+// first error, which ends the flow.
+type session struct {
+	client, up net.Conn
+	idle       time.Duration
+	last       atomic.Int64 // time.Since(epoch) of the last byte moved either way
+	closed     atomic.Bool
+	ended      atomic.Int32 // directions that ended at EOF
+	out, in    pump
+	wg         sync.WaitGroup
+
+	mu       sync.Mutex
+	timer    *time.Timer
+	err      error
+	finished bool
 }
 
-// copy moves src to dst in bounded splice rounds until EOF, then half-closes
-// dst. A read deadline bounds each round; when it fires, the flow only
-// counts as idle if the other direction was idle too.
-func (p pump) copy(dst, src net.Conn, counter *atomic.Int64, budget int64) error {
-	for {
-		n := p.chunk
-		if budget > 0 {
-			left := budget - counter.Load()
-			if left <= 0 {
-				if err := p.overBudget(src); err != nil {
-					return err
-				}
-				closeWrite(dst)
-				return nil
-			}
-			n = min(n, left)
+func (s *session) touch() { s.last.Store(int64(time.Since(epoch))) }
+
+// checkIdle runs on the idle timer: it ends a flow on which nothing moved
+// for the idle timeout, and otherwise waits for the rest of it.
+func (s *session) checkIdle() {
+	quiet := time.Since(epoch) - time.Duration(s.last.Load())
+	if quiet >= s.idle {
+		s.fail(ErrIdle)
+		return
+	}
+	s.mu.Lock()
+	if !s.finished {
+		s.timer.Reset(s.idle - quiet)
+	}
+	s.mu.Unlock()
+}
+
+// fail records the flow's first error and ends the flow.
+func (s *session) fail(err error) {
+	s.mu.Lock()
+	if s.finished {
+		s.mu.Unlock()
+		return
+	}
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+	s.closeBoth()
+}
+
+func (s *session) closeBoth() {
+	if s.closed.CompareAndSwap(false, true) {
+		s.client.Close()
+		s.up.Close()
+	}
+}
+
+// pump moves one direction of a flow.
+type pump struct {
+	s        *session
+	src, dst net.Conn
+	counter  *atomic.Int64
+	budget   int64 // 0: unlimited
+	chunk    int
+
+	// Raw access for reads that take a buffer only once src is readable,
+	// and for splice; nil for conns that are not TCP sockets.
+	srcRaw, dstRaw syscall.RawConn
+	splice         bool // both ends are TCP sockets
+
+	// State of one raw operation (the callbacks are bound once, so a
+	// round allocates nothing).
+	buf     *[CopyBufferSize]byte
+	lim     int
+	n       int
+	err     error
+	pipe    *pipe
+	readFn  func(uintptr) bool
+	drainFn func(uintptr) bool
+	pumpFn  func(uintptr) bool
+}
+
+func (p *pump) init(s *session, src, dst net.Conn, counter *atomic.Int64, budget int64, chunk int) {
+	p.s, p.src, p.dst, p.counter, p.budget, p.chunk = s, src, dst, counter, budget, chunk
+	// Only a *net.TCPConn is read through its socket: a conn of another
+	// type may hold bytes of its own that the socket does not.
+	if sc, ok := src.(*net.TCPConn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			p.srcRaw, p.readFn = rc, p.rawRead
 		}
-		_ = src.SetReadDeadline(time.Now().Add(p.idle))
-		moved, err := io.Copy(dst, &io.LimitedReader{R: src, N: n})
-		if moved > 0 {
-			counter.Add(moved)
-			p.last.Store(time.Now().UnixNano())
-		}
-		switch {
-		case err == nil && moved < n:
-			closeWrite(dst) // EOF from src
-			return nil
-		case err == nil:
-			continue
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			if time.Since(time.Unix(0, p.last.Load())) < p.idle {
-				continue
-			}
-			return ErrIdle
-		default:
-			return err
+	}
+	if dc, ok := dst.(*net.TCPConn); ok && p.srcRaw != nil {
+		if rc, err := dc.SyscallConn(); err == nil {
+			p.dstRaw, p.splice = rc, true
 		}
 	}
 }
+
+// run moves src to dst until EOF, then half-closes dst. Any other end
+// ends the whole flow.
+func (p *pump) run() {
+	err := p.copy()
+	p.release()
+	if p.pipe != nil {
+		p.pipe.put()
+		p.pipe = nil
+	}
+	if err != nil {
+		p.s.fail(err)
+		return
+	}
+	// The first direction to end half-closes; after the second, Forward
+	// closes both sockets at once, which sends the same FIN (both receive
+	// queues are empty: each was read to its EOF).
+	if p.s.ended.Add(1) == 1 {
+		closeWrite(p.dst)
+	}
+}
+
+// moved accounts for n bytes that reached dst.
+func (p *pump) moved(n int) {
+	if n > 0 {
+		p.counter.Add(int64(n))
+		p.s.touch()
+	}
+}
+
+// left is what the budget still allows (a positive number) and whether
+// anything is left at all.
+func (p *pump) left(want int) (int, bool) {
+	if p.budget <= 0 {
+		return want, true
+	}
+	left := p.budget - p.counter.Load()
+	if left <= 0 {
+		return 0, false
+	}
+	return int(min(int64(want), left)), true
+}
+
+// copy moves bytes through the pooled buffer until a read fills it, then
+// splices. It returns nil at EOF.
+func (p *pump) copy() error {
+	for {
+		lim, ok := p.left(CopyBufferSize)
+		if !ok {
+			return p.overBudget()
+		}
+		n, err := p.read(lim)
+		if n > 0 {
+			w, werr := p.dst.Write(p.buf[:n])
+			p.release()
+			p.moved(w)
+			if werr != nil {
+				return werr
+			}
+		}
+		switch {
+		case err != nil:
+			return err
+		case n == 0:
+			return nil
+		case n == CopyBufferSize && p.splice:
+			return p.spliceAll()
+		}
+	}
+}
+
+// read reads at most lim bytes into p.buf (taken from the pool once src
+// is readable). n == 0 with a nil error is EOF.
+func (p *pump) read(lim int) (int, error) {
+	if p.srcRaw == nil {
+		p.buf = bufPool.Get().(*[CopyBufferSize]byte)
+		for {
+			n, err := p.src.Read(p.buf[:lim])
+			if errors.Is(err, io.EOF) {
+				err = nil
+				if n == 0 {
+					return 0, nil
+				}
+			}
+			if n > 0 || err != nil {
+				return n, err
+			}
+		}
+	}
+	p.lim, p.n, p.err = lim, 0, nil
+	if err := p.srcRaw.Read(p.readFn); err != nil {
+		return 0, err
+	}
+	return p.n, p.err
+}
+
+// rawRead is the read callback: false means "not readable yet, wait".
+func (p *pump) rawRead(fd uintptr) bool {
+	if p.buf == nil {
+		p.buf = bufPool.Get().(*[CopyBufferSize]byte)
+	}
+	for {
+		n, err := unix.Read(int(fd), p.buf[:p.lim])
+		switch err {
+		case nil:
+			p.n = n
+			return true
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			p.release() // no buffer held while waiting
+			return false
+		default:
+			p.err = os.NewSyscallError("read", err)
+			return true
+		}
+	}
+}
+
+func (p *pump) release() {
+	if p.buf != nil {
+		bufPool.Put(p.buf)
+		p.buf = nil
+	}
+}
+
+var bufPool = sync.Pool{New: func() any { return new([CopyBufferSize]byte) }}
 
 // overBudget waits for one more byte: a clean EOF ends the direction, any
 // byte beyond the budget ends the flow without forwarding it.
-func (p pump) overBudget(src net.Conn) error {
-	_ = src.SetReadDeadline(time.Now().Add(p.idle))
-	var b [1]byte
-	n, err := src.Read(b[:])
-	if n > 0 {
+func (p *pump) overBudget() error {
+	n, err := p.read(1)
+	p.release()
+	switch {
+	case n > 0:
 		return ErrBudgetExceeded
+	case err != nil:
+		return err
 	}
-	if errors.Is(err, io.EOF) {
-		return nil
+	return nil
+}
+
+// spliceAll moves the rest of the direction through a pipe: socket to
+// pipe, then pipe to socket, counting every splice. Without a pipe it
+// keeps copying.
+func (p *pump) spliceAll() error {
+	pp, err := getPipe(p.chunk)
+	if err != nil {
+		p.splice = false
+		return p.copy()
 	}
-	return err
+	p.pipe = pp
+	p.drainFn, p.pumpFn = p.drain, p.pumpOut
+	for first := true; ; first = false {
+		max, ok := p.left(pp.size)
+		if !ok {
+			return p.overBudget()
+		}
+		p.lim, p.n, p.err = max, 0, nil
+		if err := p.srcRaw.Read(p.drainFn); err != nil {
+			return err
+		}
+		if first && errors.Is(p.err, unix.EINVAL) {
+			// This kernel cannot splice from the socket; nothing was
+			// consumed: keep copying.
+			p.pipe.put()
+			p.pipe, p.splice = nil, false
+			return p.copy()
+		}
+		if p.err != nil {
+			return p.err
+		}
+		if p.n == 0 {
+			return nil // EOF
+		}
+		pp.data = p.n
+		p.err = nil
+		if err := p.dstRaw.Write(p.pumpFn); err != nil {
+			return err
+		}
+		if p.err != nil {
+			return p.err
+		}
+	}
+}
+
+// drain is the splice callback from the source socket into the (empty)
+// pipe: EAGAIN can only mean the socket has nothing to read.
+func (p *pump) drain(fd uintptr) bool {
+	for {
+		n, err := unix.Splice(int(fd), nil, p.pipe.w, nil, p.lim, unix.SPLICE_F_NONBLOCK)
+		switch err {
+		case nil:
+			p.n = int(n)
+			return true
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		default:
+			p.err = os.NewSyscallError("splice", err)
+			return true
+		}
+	}
+}
+
+// pumpOut is the splice callback from the pipe into the destination
+// socket, until the pipe is empty: EAGAIN means the socket's send buffer
+// is full.
+func (p *pump) pumpOut(fd uintptr) bool {
+	for p.pipe.data > 0 {
+		n, err := unix.Splice(p.pipe.r, nil, int(fd), nil, p.pipe.data, unix.SPLICE_F_NONBLOCK)
+		switch err {
+		case nil:
+			p.pipe.data -= int(n)
+			p.moved(int(n))
+		case unix.EINTR:
+		case unix.EAGAIN:
+			return false
+		default:
+			p.err = os.NewSyscallError("splice", err)
+			return true
+		}
+	}
+	return true
 }
 
 func closeWrite(c net.Conn) {

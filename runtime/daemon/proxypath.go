@@ -174,7 +174,7 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 	if o := rule.Spec.Open; o != nil && o.Protocol == "http" {
 		err = d.serveHTTP(ctx, c, f, learnt, budget)
 	} else {
-		fwd := tcpproxy.Forwarder{IdleTimeout: d.cfg.IdleTimeout, Dial: d.dialUpstream}
+		fwd := tcpproxy.Forwarder{IdleTimeout: d.cfg.IdleTimeout, Dial: d.dialUpstreamTCP}
 		err = fwd.Forward(ctx, c, tcpproxy.Flow{Dst: dst, MaxBytesOut: budget}, &st)
 	}
 	d.metrics.bytes.WithLabelValues(append(labels, "out")...).Add(float64(st.BytesOut.Load()))
@@ -196,11 +196,23 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 		"bytes_out", st.BytesOut.Load(), "bytes_in", st.BytesIn.Load(), "result", result, "error", err)
 }
 
-// dialUpstream opens the proxy's own connection to a destination, from
-// the node namespace, without the proxy socket mark.
+// upstreamDialer opens the proxy's own connections to destinations, from
+// the node namespace, without the proxy socket mark. No TCP keepalive:
+// the proxies have idle timeouts of their own, and the probe settings
+// cost four system calls per connection.
+var upstreamDialer = net.Dialer{Timeout: tcpproxy.DefaultDialTimeout, KeepAlive: -1}
+
+// dialUpstream is upstreamDialer for proxies that dial by address string.
 func (d *Daemon) dialUpstream(ctx context.Context, network, addr string) (net.Conn, error) {
-	dl := net.Dialer{Timeout: tcpproxy.DefaultDialTimeout}
-	return dl.DialContext(ctx, network, addr)
+	return upstreamDialer.DialContext(ctx, network, addr)
+}
+
+// dialUpstreamTCP dials a flow's original destination. Not through
+// Dialer.DialTCP: it binds the socket to the zero local address it is
+// given (go.dev/issue/81620), an extra system call that also takes the
+// ephemeral port at bind time.
+func (d *Daemon) dialUpstreamTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	return upstreamDialer.DialContext(ctx, "tcp", dst.String())
 }
 
 func (d *Daemon) refuseFlow(sb *sandbox, rule *policy.Rule, proto string, src, dst netip.AddrPort, reason string) {
