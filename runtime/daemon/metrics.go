@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"fmt"
+	"sync"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -18,6 +20,70 @@ type metrics struct {
 	activeFlows *prometheus.GaugeVec
 	bytes       *prometheus.CounterVec
 	denyEvents  *prometheus.CounterVec
+
+	// flowSets caches the children of each (sandbox, rule, mode) label
+	// set (flowKey -> *flowMetrics), so that a flow hashes no labels. An
+	// entry lives as long as the series it points to: the vecs never
+	// delete a series today; whatever starts deleting a sandbox's series
+	// must drop its entries here too.
+	flowSets sync.Map
+}
+
+type flowKey struct{ sandbox, rule, mode string }
+
+// flowResult is how a proxied flow ended (the result label).
+type flowResult int
+
+const (
+	resultClosed flowResult = iota
+	resultBudgetExceeded
+	resultIdle
+	resultPolicyClosed
+	resultError
+	numFlowResults
+)
+
+var flowResultNames = [numFlowResults]string{"closed", "budget-exceeded", "idle", "policy-closed", "error"}
+
+func (r flowResult) String() string { return flowResultNames[r] }
+
+// flowMetrics are the series of one label set that every flow updates.
+type flowMetrics struct {
+	m                 *metrics
+	key               flowKey
+	accepted          prometheus.Counter
+	active            prometheus.Gauge
+	bytesOut, bytesIn prometheus.Counter
+	// results are created on first use, so that only results that
+	// happened are exported (as without the cache).
+	results [numFlowResults]atomic.Pointer[prometheus.Counter]
+}
+
+// flowSet returns the cached series of a flow's labels.
+func (m *metrics) flowSet(sb *sandbox, rule *policy.Rule) *flowMetrics {
+	k := flowKeyOf(sb, rule)
+	if fm, ok := m.flowSets.Load(k); ok {
+		return fm.(*flowMetrics)
+	}
+	fm := &flowMetrics{m: m, key: k,
+		accepted: m.flows.WithLabelValues(k.sandbox, k.rule, k.mode, "accepted"),
+		active:   m.activeFlows.WithLabelValues(k.sandbox, k.rule, k.mode),
+		bytesOut: m.bytes.WithLabelValues(k.sandbox, k.rule, k.mode, "out"),
+		bytesIn:  m.bytes.WithLabelValues(k.sandbox, k.rule, k.mode, "in"),
+	}
+	got, _ := m.flowSets.LoadOrStore(k, fm)
+	return got.(*flowMetrics)
+}
+
+// ended counts a flow's result.
+func (fm *flowMetrics) ended(r flowResult) {
+	c := fm.results[r].Load()
+	if c == nil {
+		nc := fm.m.flows.WithLabelValues(fm.key.sandbox, fm.key.rule, fm.key.mode, r.String())
+		fm.results[r].CompareAndSwap(nil, &nc)
+		c = fm.results[r].Load()
+	}
+	(*c).Inc()
 }
 
 func newMetrics(d *Daemon) *metrics {
@@ -47,14 +113,19 @@ func newMetrics(d *Daemon) *metrics {
 }
 
 func (m *metrics) flowLabels(sb *sandbox, rule *policy.Rule) []string {
-	s, r, mode := "unknown", "none", "none"
+	k := flowKeyOf(sb, rule)
+	return []string{k.sandbox, k.rule, k.mode}
+}
+
+func flowKeyOf(sb *sandbox, rule *policy.Rule) flowKey {
+	k := flowKey{"unknown", "none", "none"}
 	if sb != nil {
-		s = sb.rec.ContainerID
+		k.sandbox = sb.rec.ContainerID
 	}
 	if rule != nil {
-		r, mode = rule.Name, rule.Mode.String()
+		k.rule, k.mode = rule.Name, rule.Mode.String()
 	}
-	return []string{s, r, mode}
+	return k
 }
 
 // datapathCollector reads the per-CPU BPF counters at scrape time.

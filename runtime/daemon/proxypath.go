@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -160,10 +161,10 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 	sb.addFlow(f)
 	defer sb.removeFlow(f)
 
-	labels := d.metrics.flowLabels(sb, rule)
-	d.metrics.flows.WithLabelValues(append(labels, "accepted")...).Inc()
-	d.metrics.activeFlows.WithLabelValues(labels...).Inc()
-	defer d.metrics.activeFlows.WithLabelValues(labels...).Dec()
+	m := d.metrics.flowSet(sb, rule)
+	m.accepted.Inc()
+	m.active.Inc()
+	defer m.active.Dec()
 
 	var budget int64
 	if o := rule.Spec.Open; o != nil && o.TCP != nil && o.TCP.MaxBytesOut != nil {
@@ -177,23 +178,25 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 		fwd := tcpproxy.Forwarder{IdleTimeout: d.cfg.IdleTimeout, Dial: d.dialUpstreamTCP}
 		err = fwd.Forward(ctx, c, tcpproxy.Flow{Dst: dst, MaxBytesOut: budget}, &st)
 	}
-	d.metrics.bytes.WithLabelValues(append(labels, "out")...).Add(float64(st.BytesOut.Load()))
-	d.metrics.bytes.WithLabelValues(append(labels, "in")...).Add(float64(st.BytesIn.Load()))
-	result := "closed"
+	m.bytesOut.Add(float64(st.BytesOut.Load()))
+	m.bytesIn.Add(float64(st.BytesIn.Load()))
+	result := resultClosed
 	switch {
 	case err == nil:
 	case errors.Is(err, tcpproxy.ErrBudgetExceeded), errors.Is(err, errBudget):
-		result = "budget-exceeded"
+		result = resultBudgetExceeded
 	case errors.Is(err, tcpproxy.ErrIdle):
-		result = "idle"
+		result = resultIdle
 	case errors.Is(err, errPolicyChanged), errors.Is(err, errSandboxDeleted):
-		result = "policy-closed"
+		result = resultPolicyClosed
 	default:
-		result = "error"
+		result = resultError
 	}
-	d.metrics.flows.WithLabelValues(append(labels, result)...).Inc()
-	d.log.Debug("flow ended", "sandbox", sb.rec.key(), "rule", rule.Name, "dst", dst,
-		"bytes_out", st.BytesOut.Load(), "bytes_in", st.BytesIn.Load(), "result", result, "error", err)
+	m.ended(result)
+	if d.log.Enabled(ctx, slog.LevelDebug) { // the arguments alone cost allocations per flow
+		d.log.Debug("flow ended", "sandbox", sb.rec.key(), "rule", rule.Name, "dst", dst,
+			"bytes_out", st.BytesOut.Load(), "bytes_in", st.BytesIn.Load(), "result", result.String(), "error", err)
+	}
 }
 
 // upstreamDialer opens the proxy's own connections to destinations, from
@@ -237,6 +240,7 @@ type udpFlows struct {
 
 type udpFlow struct {
 	f    *flow
+	m    *flowMetrics
 	up   *net.UDPConn
 	last time.Time
 }
@@ -245,19 +249,18 @@ func (u *udpFlows) handle(dg tproxy.Datagram) {
 	k := [2]netip.AddrPort{dg.Src, dg.OrigDst}
 	u.mu.Lock()
 	uf := u.m[k]
+	if uf != nil {
+		uf.last = time.Now()
+	}
 	u.mu.Unlock()
 	if uf == nil {
 		var err error
-		if uf, err = u.open(dg); err != nil {
+		if uf, err = u.open(dg); err != nil { // a new flow starts with last = now
 			return
 		}
 	}
-	u.mu.Lock()
-	uf.last = time.Now()
-	u.mu.Unlock()
 	if _, err := uf.up.Write(dg.Payload); err == nil {
-		labels := u.d.metrics.flowLabels(uf.f.sb, uf.f.rule)
-		u.d.metrics.bytes.WithLabelValues(append(labels, "out")...).Add(float64(len(dg.Payload)))
+		uf.m.bytesOut.Add(float64(len(dg.Payload)))
 	}
 }
 
@@ -275,14 +278,14 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 	}
 	ctx, cancel := context.WithCancelCause(d.ctx)
 	f := &flow{sb: sb, rule: rule, proto: policy.ProtoUDP, src: dg.Src, dst: dg.OrigDst, cancel: cancel}
-	uf := &udpFlow{f: f, up: conn, last: time.Now()}
+	m := d.metrics.flowSet(sb, rule)
+	uf := &udpFlow{f: f, m: m, up: conn, last: time.Now()}
 	k := [2]netip.AddrPort{dg.Src, dg.OrigDst}
 	u.mu.Lock()
 	u.m[k] = uf
 	u.mu.Unlock()
 	sb.addFlow(f)
-	labels := d.metrics.flowLabels(sb, rule)
-	d.metrics.flows.WithLabelValues(append(labels, "accepted")...).Inc()
+	m.accepted.Inc()
 	context.AfterFunc(ctx, func() {
 		conn.Close()
 		u.mu.Lock()
@@ -308,7 +311,7 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 				continue
 			}
 			if err := u.sock.Reply(dg.OrigDst, dg.Src, buf[:n]); err == nil {
-				d.metrics.bytes.WithLabelValues(append(labels, "in")...).Add(float64(n))
+				m.bytesIn.Add(float64(n))
 			}
 		}
 	}()
