@@ -115,6 +115,9 @@ func (u *upstream) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		u.reqs = append(u.reqs, rec)
 	}
 	u.mu.Unlock()
+	if strings.HasPrefix(r.URL.Path, "/v1/slow") {
+		time.Sleep(50 * time.Millisecond) // the sandbox's next bytes arrive meanwhile
+	}
 
 	switch {
 	case strings.HasPrefix(r.URL.Path, "/v1/results/download"):
@@ -221,6 +224,7 @@ type harness struct {
 	proxy   *Proxy
 	reg     *prometheus.Registry
 	flow    Flow
+	wrap    func(net.Conn) net.Conn // applied to accepted connections
 	mu      sync.Mutex
 	denials []Denial
 	errs    []error
@@ -232,6 +236,24 @@ type harnessOption func(*harness)
 func withLimits(l Limits) harnessOption { return func(h *harness) { h.proxy.Limits = l } }
 
 func withDst(dst netip.AddrPort) harnessOption { return func(h *harness) { h.flow.Dst = dst } }
+
+// withWrappedConns hides the *net.TCPConn of both of the proxy's
+// connections behind a wrapper, as the daemon's byte budget does: the proxy
+// then reads them through their Read.
+func withWrappedConns() harnessOption {
+	return func(h *harness) {
+		h.wrap = func(c net.Conn) net.Conn { return wrappedConn{c} }
+		h.proxy.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return wrappedConn{c}, nil
+		}
+	}
+}
+
+type wrappedConn struct{ net.Conn }
 
 func newHarness(t testing.TB, rules *Rules, opts ...harnessOption) *harness {
 	t.Helper()
@@ -270,6 +292,9 @@ func newHarness(t testing.TB, rules *Rules, opts ...harnessOption) *harness {
 			c, err := ln.Accept()
 			if err != nil {
 				return
+			}
+			if h.wrap != nil {
+				c = h.wrap(c)
 			}
 			h.done.Add(1)
 			go func() {

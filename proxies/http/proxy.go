@@ -150,7 +150,7 @@ func (p *Proxy) ServeConn(ctx context.Context, client net.Conn, flow Flow, rules
 		p: p, ctx: ctx, flow: flow, rules: rules, lim: lim, hosts: hosts,
 		log:    p.logger().With(logSandbox, flow.Sandbox, logRule, flow.Rule, logDst, flow.Dst.String()),
 		fm:     newFlowMetrics(p.Metrics, flow),
-		client: &timedConn{Conn: client, writeIdle: lim.BodyIdleTimeout},
+		client: &timedConn{Conn: client, writeIdle: lim.BodyIdleTimeout, rc: rawConnOf(client)},
 	}
 	c.cr = getReader(c.client, max(minClientReader, lim.MaxLineBytes+2))
 	c.cw = getWriter(c.client)
@@ -186,6 +186,10 @@ type conn struct {
 	cw     *bufio.Writer
 	rr     requestReader
 	req    request
+	// parsed: req was read by serveArrived, at parsedAt, and is for the
+	// blocking path to handle.
+	parsed   bool
+	parsedAt time.Time
 
 	mu      sync.Mutex // guards up and aborted against abort
 	up      *timedConn
@@ -209,30 +213,45 @@ type conn struct {
 // serve runs the request loop.
 func (c *conn) serve() error {
 	for first := true; ; first = false {
-		if err := c.await(first); err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, os.ErrDeadlineExceeded) || c.isAborted() {
-				return nil // the sandbox closed or idled out between requests
+		if !first && c.client.rc != nil && !c.parsed {
+			if done, err := c.serveArrived(); done {
+				return err
 			}
-			return fmt.Errorf("waiting for a request: %w", err)
 		}
-		start := time.Now()
 		q := &c.req
-		if err := c.rr.read(q); err != nil {
-			var rf *refusal
-			switch {
-			case errors.As(err, &rf):
-				c.refuse(q, rf, start, false)
-				return nil
-			case errors.Is(err, os.ErrDeadlineExceeded):
-				c.refuse(q, refuse(ReasonTimeout, "request head not complete in %v", c.lim.HeaderTimeout), start, false)
+		start := c.parsedAt
+		if !c.parsed {
+			if err := c.await(first); err != nil {
+				if errors.Is(err, io.EOF) || errors.Is(err, os.ErrDeadlineExceeded) || c.isAborted() {
+					return nil // the sandbox closed or idled out between requests
+				}
+				return fmt.Errorf("waiting for a request: %w", err)
 			}
-			return fmt.Errorf("reading a request head: %w", err)
+			start = time.Now()
+			if err := c.rr.read(q); err != nil {
+				return c.headFailed(q, err, start)
+			}
 		}
+		c.parsed = false
 		keep, err := c.handle(q, start)
 		if err != nil || !keep {
 			return err
 		}
 	}
+}
+
+// headFailed answers a request whose head was refused or not read, and
+// returns what serve returns.
+func (c *conn) headFailed(q *request, err error, start time.Time) error {
+	var rf *refusal
+	switch {
+	case errors.As(err, &rf):
+		c.refuse(q, rf, start, false)
+		return nil
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		c.refuse(q, refuse(ReasonTimeout, "request head not complete in %v", c.lim.HeaderTimeout), start, false)
+	}
+	return fmt.Errorf("reading a request head: %w", err)
 }
 
 // await waits for the first byte of the next request: up to HeaderTimeout

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -383,6 +384,77 @@ func TestPipelinedBodies(t *testing.T) {
 	}
 	if in, want := h.up.rawIn(), reqs[0]+reqs[1]+reqs[3]; in != want {
 		t.Fatalf("upstream received\n%q\nwant exactly the allowed requests\n%q", in, want)
+	}
+}
+
+// TestRequestsArrivingAnyTime: on a keep-alive connection, the next
+// request may arrive while the previous one is with the upstream, in
+// pieces, with its body later, or after a pause; every one is served. The
+// proxy waits for a plain TCP connection's bytes without reading it first
+// (poll.go) and reads a wrapped one through its Read: both are checked.
+func TestRequestsArrivingAnyTime(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts []harnessOption
+	}{{"tcp", nil}, {"wrapped", []harnessOption{withWrappedConns()}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			rules := &Rules{Rules: []RequestRule{{Methods: []string{"GET", "POST"}, Paths: []string{"/v1/**"}}}, MaxBodyBytes: 1 << 20}
+			h := newHarness(t, rules, tc.opts...)
+			c, err := net.Dial("tcp", h.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+			br := bufio.NewReader(c)
+			send := func(parts ...string) {
+				for i, p := range parts {
+					if i > 0 {
+						time.Sleep(20 * time.Millisecond)
+					}
+					if _, err := io.WriteString(c, h.raw(p)); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			expect := func(uris ...string) {
+				t.Helper()
+				for _, uri := range uris {
+					resp, body := readResponseT(t, br, "GET")
+					if resp.StatusCode != 200 || !strings.Contains(string(body), strconv.Quote(uri)) {
+						t.Fatalf("response for %s: %d %s", uri, resp.StatusCode, body)
+					}
+				}
+			}
+			get := func(path string) string { return "GET " + path + " HTTP/1.1\r\nHost: {host}\r\n\r\n" }
+
+			send(get("/v1/slow/1"), get("/v1/2")) // the second arrives while the first is upstream
+			expect("/v1/slow/1", "/v1/2")
+			send(get("/v1/3")[:20], get("/v1/3")[20:]) // a head in two pieces
+			expect("/v1/3")
+			send("POST /v1/4 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\n0123", "456789") // the body later
+			expect("/v1/4")
+			time.Sleep(30 * time.Millisecond)
+			send(get("/v1/5") + get("/v1/slow/6") + get("/v1/7")) // pipelined
+			expect("/v1/5", "/v1/slow/6", "/v1/7")
+			send(get("/v1/slow/8"), "POST /v1/9 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 3\r\n\r\n", "abc")
+			expect("/v1/slow/8", "/v1/9")
+
+			var got []string
+			for _, r := range h.up.requests() {
+				got = append(got, r.Method+" "+r.RequestURI+" "+string(r.Body))
+			}
+			want := []string{"GET /v1/slow/1 ", "GET /v1/2 ", "GET /v1/3 ", "POST /v1/4 0123456789", "GET /v1/5 ", "GET /v1/slow/6 ", "GET /v1/7 ", "GET /v1/slow/8 ", "POST /v1/9 abc"}
+			if !slices.Equal(got, want) {
+				t.Fatalf("upstream got\n%q\nwant\n%q", got, want)
+			}
+			h.up.mu.Lock()
+			conns := h.up.conns
+			h.up.mu.Unlock()
+			if conns != 1 {
+				t.Fatalf("%d upstream connections, want 1", conns)
+			}
+		})
 	}
 }
 

@@ -54,6 +54,10 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		bodyDone = make(chan bodyResult, 1)
 		c.bodySent.Store(false)
 		go func() { bodyDone <- c.streamBody(q.contentLength) }()
+	} else if c.up.rc != nil && c.ur.Buffered() == 0 {
+		// relay's first read sends the request (readAfterFlush).
+		c.up.setReadTimeout(c.lim.ResponseHeaderTimeout)
+		c.up.flushFirst = c.uw
 	} else {
 		if err := c.uw.Flush(); err != nil {
 			return c.upstreamFailed(q, start, err)
@@ -201,7 +205,8 @@ func (c *conn) relay(q *request) (status int, keep bool, err error) {
 			return 0, false, refuse(ReasonBadUpstreamResponse, "more than %d informational responses", maxInformational)
 		}
 		if _, err := c.ur.Peek(1); err != nil {
-			if informational == 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+			var fe *flushError
+			if informational == 0 && !errors.As(err, &fe) && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
 				return 0, false, errStaleUpstream
 			}
 			return 0, false, err
@@ -426,7 +431,7 @@ func (c *conn) dial() error {
 		_ = nc.Close()
 		return context.Cause(c.ctx)
 	}
-	c.up = &timedConn{Conn: nc, writeIdle: c.lim.BodyIdleTimeout}
+	c.up = &timedConn{Conn: nc, writeIdle: c.lim.BodyIdleTimeout, rc: rawConnOf(nc)}
 	c.ur = getReader(c.up, upstreamReaderSize)
 	c.uw = getWriter(c.up)
 	return nil
@@ -448,6 +453,15 @@ type timedConn struct {
 	readIdle, writeIdle       time.Duration
 	readAborted, writeAborted bool
 	readDL, writeDL           time.Time // as set on Conn; zero: none
+
+	// Reading without an empty read first (poll.go); used by the
+	// connection's own goroutine only. rc is nil unless Conn is a
+	// *net.TCPConn.
+	rc         syscall.RawConn
+	raw        bool          // inside rc.Read's callback: Read reads fd, never waits
+	fd         int           // the socket, while raw
+	drained    bool          // the last raw read emptied the socket
+	flushFirst *bufio.Writer // written by the next Read, before it waits
 }
 
 var errAborted = errors.New("connection aborted")
@@ -479,6 +493,14 @@ func (t *timedConn) Read(p []byte) (int, error) {
 		t.setReadDeadlineLocked(t.readIdle)
 	}
 	t.mu.Unlock()
+	switch {
+	case t.raw:
+		return t.readRaw(p)
+	case t.flushFirst != nil:
+		w := t.flushFirst
+		t.flushFirst = nil
+		return t.readAfterFlush(w, p)
+	}
 	return t.Conn.Read(p)
 }
 

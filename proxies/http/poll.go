@@ -1,0 +1,170 @@
+package httpproxy
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"time"
+)
+
+// Waiting for readiness instead of reading an empty socket.
+//
+// A Read on a Go net.Conn first reads the socket and, when it is empty
+// (EAGAIN), waits for the poller and reads again. On a keep-alive exchange
+// the socket is empty every time: the upstream cannot have answered a
+// request that was just written, and the sandbox's next request cannot
+// have arrived before its answer was written. That is a system call per
+// read for nothing, two per request, which on our machines cost as much as
+// parsing and inspecting the request. syscall.RawConn.Read lets us wait
+// first, but it forgets readiness that the poller recorded before it was
+// called, so it is only used where nothing can be missed:
+//
+//   - Upstream: the request is written inside the upstream's RawConn.Read
+//     callback, after the readiness was reset; the answer cannot arrive
+//     before its request, so its arrival is seen (readAfterFlush).
+//   - Sandbox: one RawConn.Read spans the requests that arrive whole
+//     (serveArrived): the callback reads what arrived, serves it, and
+//     waits for more only after a read that drained the socket, so the
+//     readiness of anything that arrived after that read is kept.
+//
+// Only a *net.TCPConn is read this way: a wrapper (the daemon's byte
+// budget) keeps its own Read.
+
+// errWouldBlock: a read inside a RawConn.Read callback found the socket
+// empty; the callback returns false to wait.
+var errWouldBlock = errors.New("socket empty")
+
+// rawConnOf is c's raw socket when c is a plain TCP connection, else nil.
+func rawConnOf(c net.Conn) syscall.RawConn {
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// readRaw reads the socket once without waiting (inside a RawConn.Read
+// callback) and records whether it drained it: TCP returns less than asked
+// only when its receive queue ran empty.
+func (t *timedConn) readRaw(p []byte) (int, error) {
+	for {
+		n, err := syscall.Read(t.fd, p)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return 0, errWouldBlock
+		case err != nil:
+			return 0, os.NewSyscallError("read", err)
+		case n == 0 && len(p) > 0:
+			return 0, io.EOF
+		}
+		t.drained = n < len(p)
+		return n, nil
+	}
+}
+
+// flushError is a failed write of the request that readAfterFlush sends.
+type flushError struct{ err error }
+
+func (e *flushError) Error() string { return "sending the request: " + e.err.Error() }
+func (e *flushError) Unwrap() error { return e.err }
+
+// readAfterFlush writes what w holds to the connection and reads the
+// answer into p, waiting for it before reading (see above).
+func (t *timedConn) readAfterFlush(w *bufio.Writer, p []byte) (n int, err error) {
+	flushed := false
+	var ferr error
+	rerr := t.rc.Read(func(fd uintptr) bool {
+		if !flushed {
+			flushed = true
+			if ferr = w.Flush(); ferr != nil {
+				return true
+			}
+			return false
+		}
+		t.fd = int(fd)
+		n, err = t.readRaw(p)
+		return !errors.Is(err, errWouldBlock)
+	})
+	switch {
+	case ferr != nil:
+		return 0, &flushError{ferr}
+	case rerr != nil:
+		return 0, rerr
+	}
+	return n, err
+}
+
+// serveArrived serves the requests of a keep-alive connection that arrive
+// whole and need nothing more from the sandbox: a head, and its
+// Content-Length body if any, read at once, no upgrade, no Expect, not
+// chunked. It runs inside one RawConn.Read of the sandbox's socket, so that
+// between requests it waits instead of reading an empty socket (see above).
+// done reports that the connection is over (err as serve returns it);
+// otherwise the next request needs the blocking path, its head buffered or
+// parsed already (c.parsed).
+func (c *conn) serveArrived() (done bool, err error) {
+	cl := c.client
+	cl.drained = false
+	cl.setReadTimeout(c.lim.IdleTimeout)
+	rerr := cl.rc.Read(func(fd uintptr) bool {
+		cl.raw, cl.fd = true, int(fd)
+		defer func() { cl.raw = false }()
+		for {
+			if !headBuffered(c.cr) {
+				switch {
+				case c.cr.Buffered() > 0:
+					return true // the rest of the head: read under HeaderTimeout
+				case cl.drained:
+					cl.drained = false
+					return false
+				}
+				_, perr := c.cr.Peek(1)
+				switch {
+				case errors.Is(perr, errWouldBlock):
+					return false
+				case errors.Is(perr, io.EOF) || c.isAborted():
+					done = true // the sandbox closed between requests
+					return true
+				case perr != nil:
+					done, err = true, fmt.Errorf("waiting for a request: %w", perr)
+					return true
+				}
+				continue
+			}
+			start := time.Now()
+			q := &c.req
+			if rerr := c.rr.read(q); rerr != nil {
+				done, err = true, c.headFailed(q, rerr, start)
+				return true
+			}
+			if q.upgrade != "" || q.expect != "" || q.chunked || int64(c.cr.Buffered()) < q.contentLength {
+				c.parsed, c.parsedAt = true, start
+				return true
+			}
+			keep, herr := c.handle(q, start)
+			if herr != nil || !keep {
+				done, err = true, herr
+				return true
+			}
+			cl.setReadTimeout(c.lim.IdleTimeout)
+		}
+	})
+	if rerr != nil && !done {
+		// The wait failed: idle timeout, the sandbox or ctx closed.
+		if errors.Is(rerr, os.ErrDeadlineExceeded) || errors.Is(rerr, net.ErrClosed) || c.isAborted() {
+			return true, nil
+		}
+		return true, fmt.Errorf("waiting for a request: %w", rerr)
+	}
+	return done, err
+}
