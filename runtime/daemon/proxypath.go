@@ -31,6 +31,21 @@ func (s *sandbox) addFlow(f *flow) {
 	s.mu.Unlock()
 }
 
+// addFlowDecidedAt registers a flow whose rule was decided under record
+// rec, unless an apply replaced the record since: apply closes the flows
+// its new policy does not allow, from a list taken after the flip, so a
+// flow decided before the flip and registered after it would escape. The
+// caller decides again.
+func (s *sandbox) addFlowDecidedAt(f *flow, rec *record) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.rec != rec {
+		return false
+	}
+	s.flows[f] = struct{}{}
+	return true
+}
+
 func (s *sandbox) removeFlow(f *flow) {
 	s.mu.Lock()
 	delete(s.flows, f)
@@ -76,59 +91,76 @@ func (d *Daemon) sandboxByIP(a netip.Addr) *sandbox {
 }
 
 // resolveFlow finds the sandbox and rule of a redirected flow by asking
-// the kernel's own rule map (the active generation, read from the
-// sandbox's datapath entry), so the proxy decides exactly what the
-// datapath decided: cidr and learnt fqdn entries alike, expiry included.
-// If the policy flipped since the packet was classified, the newer policy
-// decides, which can only close flows.
+// the kernel's own rule map (the active generation), so the proxy decides
+// exactly what the datapath decided: cidr and learnt fqdn entries alike,
+// expiry included. If the policy flipped since the packet was classified,
+// the newer policy decides, which can only close flows.
 func (d *Daemon) resolveFlow(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, string) {
-	sb, rule, _, refusal := d.resolveFlowLearnt(src, dst, proto)
+	sb, rule, _, refusal, _ := d.resolveFlowLearnt(src, dst, proto)
 	return sb, rule, refusal
 }
 
 // resolveFlowLearnt also says whether the kernel entry was learnt through
-// DNS (an fqdn destination) rather than written from a cidr.
-func (d *Daemon) resolveFlowLearnt(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, bool, string) {
+// DNS (an fqdn destination) rather than written from a cidr, and under
+// which record of the sandbox the rule was decided.
+func (d *Daemon) resolveFlowLearnt(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, bool, string, *record) {
 	sb := d.sandboxByIP(src.Addr())
 	if sb == nil {
-		return nil, nil, false, "unknown-source"
+		return nil, nil, false, "unknown-source", nil
 	}
-	rule, learnt, refusal := d.kernelRule(sb, dst, proto)
+	rule, learnt, refusal, rec := d.kernelRuleAt(sb, dst, proto)
 	if refusal != "" {
-		return sb, rule, learnt, refusal
+		return sb, rule, learnt, refusal, rec
 	}
 	if err := d.proxyFor(rule); err != nil {
-		return sb, rule, learnt, "mode-unavailable"
+		return sb, rule, learnt, "mode-unavailable", rec
 	}
-	return sb, rule, learnt, ""
+	return sb, rule, learnt, "", rec
 }
 
 // kernelRule looks a destination up in the sandbox's active generation.
 func (d *Daemon) kernelRule(sb *sandbox, dst netip.AddrPort, proto policy.Protocol) (*policy.Rule, bool, string) {
-	entry, err := d.dp.Sandbox(sb.rec.HostIfindex)
-	if err != nil || entry.ID != sb.rec.DatapathID {
-		return nil, false, "no-sandbox-entry"
-	}
-	slot := uint8(entry.Generation)
-	e, ok, err := d.dp.LookupRule(entry.ID, slot, uint8(proto), dst.Addr().Unmap(), dst.Port())
+	rule, learnt, refusal, _ := d.kernelRuleAt(sb, dst, proto)
+	return rule, learnt, refusal
+}
+
+// kernelRuleAt is kernelRule, also returning the sandbox record it read.
+//
+// The active generation's slot comes from the sandbox's record, read under
+// s.mu, rather than from a second system call reading the sandbox's
+// kernel entry: they are the same value. Only the daemon writes that
+// entry, and every write of a registered sandbox's entry happens under
+// s.mu with the record's generation: apply's flip (PutSandbox and the new
+// record in one critical section; a failed update changes neither) and
+// the rule-epoch bumps (bumpEpoch, which rewrites the record's own
+// generation). Add writes the entry before the sandbox is registered (no
+// flow can find it before), reconcile re-applies with d.mu held (flows
+// wait in sandboxByIP), and teardown deletes the entry and then the rules
+// of both slots, so a flow looked up after that finds no rule. Whatever
+// writes the entry in another way must keep this true or read it here
+// again. The rule itself is always the kernel's own entry.
+func (d *Daemon) kernelRuleAt(sb *sandbox, dst netip.AddrPort, proto policy.Protocol) (*policy.Rule, bool, string, *record) {
+	sb.mu.Lock()
+	rec := sb.rec
+	slot := uint8(rec.Generation % 2)
+	compiled := sb.slots[slot]
+	sb.mu.Unlock()
+	e, ok, err := d.dp.LookupRule(rec.DatapathID, slot, uint8(proto), dst.Addr().Unmap(), dst.Port())
 	if err != nil || !ok {
-		return nil, false, "no-rule"
+		return nil, false, "no-rule", rec
 	}
 	learnt := e.Expires != 0
 	if learnt && e.Expires <= monotonicNow() {
-		return nil, learnt, "expired"
+		return nil, learnt, "expired", rec
 	}
-	sb.mu.Lock()
-	compiled := sb.slots[slot]
-	sb.mu.Unlock()
 	if compiled == nil {
-		return nil, learnt, "no-rule"
+		return nil, learnt, "no-rule", rec
 	}
 	rule := compiled.Rule(e.RuleID)
 	if rule == nil {
-		return nil, learnt, "no-rule"
+		return nil, learnt, "no-rule", rec
 	}
-	return rule, learnt, ""
+	return rule, learnt, "", rec
 }
 
 func (d *Daemon) serveTCP(l *net.TCPListener) {
@@ -148,17 +180,34 @@ func (d *Daemon) serveTCP(l *net.TCPListener) {
 
 func (d *Daemon) handleTCP(c *net.TCPConn) {
 	src, dst := tproxy.OriginalDst(c)
-	sb, rule, learnt, refusal := d.resolveFlowLearnt(src, dst, policy.ProtoTCP)
-	if refusal != "" {
-		d.refuseFlow(sb, rule, "tcp", src, dst, refusal)
-		c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
-		c.Close()
-		return
+	var (
+		sb     *sandbox
+		rule   *policy.Rule
+		learnt bool
+		f      *flow
+		ctx    context.Context
+		cancel context.CancelCauseFunc
+	)
+	for {
+		var refusal string
+		var rec *record
+		sb, rule, learnt, refusal, rec = d.resolveFlowLearnt(src, dst, policy.ProtoTCP)
+		if refusal != "" {
+			d.refuseFlow(sb, rule, "tcp", src, dst, refusal)
+			c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
+			c.Close()
+			return
+		}
+		if ctx == nil {
+			ctx, cancel = context.WithCancelCause(d.ctx)
+			defer cancel(nil)
+		}
+		f = &flow{sb: sb, rule: rule, proto: policy.ProtoTCP, src: src, dst: dst, cancel: cancel}
+		if sb.addFlowDecidedAt(f, rec) {
+			break
+		}
+		// An apply flipped the policy since the decision: decide again.
 	}
-	ctx, cancel := context.WithCancelCause(d.ctx)
-	defer cancel(nil)
-	f := &flow{sb: sb, rule: rule, proto: policy.ProtoTCP, src: src, dst: dst, cancel: cancel}
-	sb.addFlow(f)
 	defer sb.removeFlow(f)
 
 	m := d.metrics.flowSet(sb, rule)
