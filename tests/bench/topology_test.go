@@ -155,10 +155,14 @@ func waitListening(nsPath string, port int, timeout time.Duration) error {
 }
 
 // cpuSnap is the machine's CPU time (/proc/stat, all CPUs) and one
-// process's (/proc/<pid>/stat), in clock ticks.
+// process's (/proc/<pid>/stat), in clock ticks; and the process's on-CPU
+// time in nanoseconds and context switches, summed over its threads
+// (/proc/<pid>/task/*/schedstat and status): per connection, a tick is
+// too coarse, and on a virtual machine a switch is a cost of its own.
 type cpuSnap struct {
 	at                       time.Time
 	total, idle, steal, proc uint64
+	runNs, switches          uint64
 }
 
 // clockTicks is USER_HZ, 100 on every Linux architecture we build for.
@@ -191,6 +195,24 @@ func takeCPU(pid int) cpuSnap {
 				s.proc = u + k
 			}
 		}
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*", pid))
+		for _, task := range tasks {
+			if b, err := os.ReadFile(task + "/schedstat"); err == nil {
+				if f := strings.Fields(string(b)); len(f) > 0 {
+					v, _ := strconv.ParseUint(f[0], 10, 64)
+					s.runNs += v
+				}
+			}
+			if b, err := os.ReadFile(task + "/status"); err == nil {
+				for _, line := range strings.Split(string(b), "\n") {
+					k, v, _ := strings.Cut(line, ":")
+					if k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches" {
+						n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+						s.switches += n
+					}
+				}
+			}
+		}
 	}
 	return s
 }
@@ -208,6 +230,8 @@ func (s cpuSnap) extra(pid int, into map[string]float64) map[string]float64 {
 	}
 	if pid > 0 {
 		into["daemonCPUPercent"] = 100 * float64(e.proc-s.proc) / clockTicks / e.at.Sub(s.at).Seconds()
+		into["daemonRunNs"] = float64(e.runNs - s.runNs)
+		into["daemonSwitches"] = float64(e.switches - s.switches)
 	}
 	return into
 }
