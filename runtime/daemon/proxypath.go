@@ -25,12 +25,6 @@ type flow struct {
 	cancel context.CancelCauseFunc
 }
 
-func (s *sandbox) addFlow(f *flow) {
-	s.mu.Lock()
-	s.flows[f] = struct{}{}
-	s.mu.Unlock()
-}
-
 // addFlowDecidedAt registers a flow whose rule was decided under record
 // rec, unless an apply replaced the record since: apply closes the flows
 // its new policy does not allow, from a list taken after the flip, so a
@@ -90,20 +84,15 @@ func (d *Daemon) sandboxByIP(a netip.Addr) *sandbox {
 	return d.byIP[a.Unmap()]
 }
 
-// resolveFlow finds the sandbox and rule of a redirected flow by asking
-// the kernel's own rule map (the active generation), so the proxy decides
-// exactly what the datapath decided: cidr and learnt fqdn entries alike,
-// expiry included. If the policy flipped since the packet was classified,
-// the newer policy decides, which can only close flows.
-func (d *Daemon) resolveFlow(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, string) {
-	sb, rule, _, refusal, _ := d.resolveFlowLearnt(src, dst, proto)
-	return sb, rule, refusal
-}
-
-// resolveFlowLearnt also says whether the kernel entry was learnt through
-// DNS (an fqdn destination) rather than written from a cidr, and under
-// which record of the sandbox the rule was decided.
-func (d *Daemon) resolveFlowLearnt(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, bool, string, *record) {
+// resolveFlow finds the sandbox and rule of a redirected flow by
+// asking the kernel's own rule map (the active generation), so the proxy
+// decides exactly what the datapath decided: cidr and learnt fqdn entries
+// alike, expiry included. If the policy flipped since the packet was
+// classified, the newer policy decides, which can only close flows. It
+// also says whether the kernel entry was learnt through DNS (an fqdn
+// destination) rather than written from a cidr, and under which record of
+// the sandbox the rule was decided (for addFlowDecidedAt).
+func (d *Daemon) resolveFlow(src, dst netip.AddrPort, proto policy.Protocol) (*sandbox, *policy.Rule, bool, string, *record) {
 	sb := d.sandboxByIP(src.Addr())
 	if sb == nil {
 		return nil, nil, false, "unknown-source", nil
@@ -191,7 +180,7 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 	for {
 		var refusal string
 		var rec *record
-		sb, rule, learnt, refusal, rec = d.resolveFlowLearnt(src, dst, policy.ProtoTCP)
+		sb, rule, learnt, refusal, rec = d.resolveFlow(src, dst, policy.ProtoTCP)
 		if refusal != "" {
 			d.refuseFlow(sb, rule, "tcp", src, dst, refusal)
 			c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
@@ -315,25 +304,46 @@ func (u *udpFlows) handle(dg tproxy.Datagram) {
 
 func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 	d := u.d
-	sb, rule, refusal := d.resolveFlow(dg.Src, dg.OrigDst, policy.ProtoUDP)
-	if refusal != "" {
-		d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, refusal)
-		return nil, errors.New(refusal)
+	var (
+		sb     *sandbox
+		rule   *policy.Rule
+		f      *flow
+		ctx    context.Context
+		cancel context.CancelCauseFunc
+	)
+	for {
+		var refusal string
+		var rec *record
+		sb, rule, _, refusal, rec = d.resolveFlow(dg.Src, dg.OrigDst, policy.ProtoUDP)
+		if refusal != "" {
+			if cancel != nil {
+				cancel(nil)
+			}
+			d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, refusal)
+			return nil, errors.New(refusal)
+		}
+		if ctx == nil {
+			ctx, cancel = context.WithCancelCause(d.ctx)
+		}
+		f = &flow{sb: sb, rule: rule, proto: policy.ProtoUDP, src: dg.Src, dst: dg.OrigDst, cancel: cancel}
+		if sb.addFlowDecidedAt(f, rec) {
+			break
+		}
+		// An apply flipped the policy since the decision: decide again.
 	}
 	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dg.OrigDst))
 	if err != nil {
+		sb.removeFlow(f)
+		cancel(err)
 		d.log.Warn("udp upstream failed", "dst", dg.OrigDst, "error", err)
 		return nil, err
 	}
-	ctx, cancel := context.WithCancelCause(d.ctx)
-	f := &flow{sb: sb, rule: rule, proto: policy.ProtoUDP, src: dg.Src, dst: dg.OrigDst, cancel: cancel}
 	m := d.metrics.flowSet(sb, rule)
 	uf := &udpFlow{f: f, m: m, up: conn, last: time.Now()}
 	k := [2]netip.AddrPort{dg.Src, dg.OrigDst}
 	u.mu.Lock()
 	u.m[k] = uf
 	u.mu.Unlock()
-	sb.addFlow(f)
 	m.accepted.Inc()
 	context.AfterFunc(ctx, func() {
 		conn.Close()
