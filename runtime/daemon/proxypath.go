@@ -40,6 +40,16 @@ func (s *sandbox) addFlowDecidedAt(f *flow, rec *record) bool {
 	return true
 }
 
+// recordChanged reports whether an apply replaced the record a decision was
+// taken under: the old generation's entries may have been removed between
+// reading the record and looking the rule up, so a refusal taken under it
+// is not to be trusted either way.
+func (s *sandbox) recordChanged(rec *record) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return rec != nil && s.rec != rec
+}
+
 func (s *sandbox) removeFlow(f *flow) {
 	s.mu.Lock()
 	delete(s.flows, f)
@@ -181,6 +191,9 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 		var refusal string
 		var rec *record
 		sb, rule, learnt, refusal, rec = d.resolveFlow(src, dst, policy.ProtoTCP)
+		if refusal != "" && sb != nil && sb.recordChanged(rec) {
+			continue // decided under a record an apply replaced meanwhile: decide again
+		}
 		if refusal != "" {
 			d.refuseFlow(sb, rule, "tcp", src, dst, refusal)
 			c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
@@ -315,6 +328,9 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 		var refusal string
 		var rec *record
 		sb, rule, _, refusal, rec = d.resolveFlow(dg.Src, dg.OrigDst, policy.ProtoUDP)
+		if refusal != "" && sb != nil && sb.recordChanged(rec) {
+			continue // decided under a replaced record: decide again
+		}
 		if refusal != "" {
 			if cancel != nil {
 				cancel(nil)
