@@ -30,14 +30,19 @@ type flow struct {
 // its new policy does not allow, from a list taken after the flip, so a
 // flow decided before the flip and registered after it would escape. The
 // caller decides again.
-func (s *sandbox) addFlowDecidedAt(f *flow, rec *record) bool {
+// A sandbox being deleted takes no new flows: teardown closes the flows it
+// knows of, so a flow registered after that would escape (errSandboxDeleted).
+func (s *sandbox) addFlowDecidedAt(f *flow, rec *record) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return false, errSandboxDeleted
+	}
 	if s.rec != rec {
-		return false
+		return false, nil
 	}
 	s.flows[f] = struct{}{}
-	return true
+	return true, nil
 }
 
 // recordChanged reports whether an apply replaced the record a decision was
@@ -205,7 +210,14 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 			defer cancel(nil)
 		}
 		f = &flow{sb: sb, rule: rule, proto: policy.ProtoTCP, src: src, dst: dst, cancel: cancel}
-		if sb.addFlowDecidedAt(f, rec) {
+		ok, gone := sb.addFlowDecidedAt(f, rec)
+		if gone != nil {
+			d.refuseFlow(sb, rule, "tcp", src, dst, "sandbox-deleted")
+			c.SetLinger(0)
+			c.Close()
+			return
+		}
+		if ok {
 			break
 		}
 		// An apply flipped the policy since the decision: decide again.
@@ -342,7 +354,13 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 			ctx, cancel = context.WithCancelCause(d.ctx)
 		}
 		f = &flow{sb: sb, rule: rule, proto: policy.ProtoUDP, src: dg.Src, dst: dg.OrigDst, cancel: cancel}
-		if sb.addFlowDecidedAt(f, rec) {
+		ok, gone := sb.addFlowDecidedAt(f, rec)
+		if gone != nil {
+			cancel(nil)
+			d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, "sandbox-deleted")
+			return nil, gone
+		}
+		if ok {
 			break
 		}
 		// An apply flipped the policy since the decision: decide again.

@@ -41,6 +41,8 @@ type sandbox struct {
 	flows   map[*flow]struct{}
 	// epoch is the rule epoch in the datapath entry (see bpf.Sandbox.Epoch).
 	epoch uint64
+	// closed is set when teardown starts: no new flow may register.
+	closed bool
 }
 
 func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry, epoch uint64) *sandbox {
@@ -499,6 +501,9 @@ func (d *Daemon) teardown(s *sandbox) error {
 		errs = append(errs, err)
 	}
 	_ = d.dp.DeleteCounters(rec.DatapathID)
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
 	s.closeFlows(nil, errSandboxDeleted)
 	if err := d.store.remove(rec.ContainerID, rec.IfName); err != nil {
 		errs = append(errs, err)
