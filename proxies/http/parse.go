@@ -378,11 +378,22 @@ func sensitiveField(name string) bool {
 // eachListElement calls fn for each element of a comma-separated list,
 // trimmed of whitespace (empty elements are allowed by the list syntax and
 // skipped), until fn returns false; it reports whether fn accepted all.
-func eachListElement(v string, fn func(string) bool) bool {
-	for v != "" {
-		var elem string
-		elem, v, _ = strings.Cut(v, ",")
-		if elem = strings.Trim(elem, " \t"); elem != "" && !fn(elem) {
+func eachListElement[T string | []byte](v T, fn func(T) bool) bool {
+	for len(v) > 0 {
+		i := 0
+		for i < len(v) && v[i] != ',' {
+			i++
+		}
+		elem := v[:i]
+		v = v[min(i+1, len(v)):]
+		s, e := 0, len(elem)
+		for s < e && (elem[s] == ' ' || elem[s] == '\t') {
+			s++
+		}
+		for e > s && (elem[e-1] == ' ' || elem[e-1] == '\t') {
+			e--
+		}
+		if e > s && !fn(elem[s:e]) {
 			return false
 		}
 	}
@@ -585,11 +596,11 @@ func readResponse(r *bufio.Reader, buf []byte, spans []fieldSpan, lim headLimits
 			}
 			resp.chunked = bytes.EqualFold(last, []byte("chunked"))
 		case bytes.EqualFold(name, []byte("Connection")):
-			eachListElement(string(value), func(tok string) bool {
+			eachListElement(value, func(tok []byte) bool {
 				switch {
-				case strings.EqualFold(tok, "close"):
+				case bytes.EqualFold(tok, []byte("close")):
 					resp.close = true
-				case strings.EqualFold(tok, "keep-alive"):
+				case bytes.EqualFold(tok, []byte("keep-alive")):
 					keepAlive = true
 				}
 				return true

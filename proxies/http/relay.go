@@ -81,7 +81,6 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		keep = keep && body.err == nil
 	}
 	c.fm.sent(sent)
-	var ce *clientError
 	switch {
 	case err == nil:
 		c.fm.request(decisionAllow, reasonNone, time.Since(start))
@@ -107,7 +106,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		c.fm.request(decisionError, string(ReasonUpstreamUnreachable), time.Since(start))
 		c.log.Debug("upstream closed an idle connection; closing the sandbox's", logMethod, truncate(q.method, maxDenialMethod), logPath, truncate(q.rawPath, maxDenialPath))
 		return false, nil
-	case errors.As(err, &ce):
+	case isClientError(err):
 		c.fm.request(decisionError, string(ReasonClientGone), time.Since(start))
 		return false, fmt.Errorf("relaying a response: %w", err)
 	case c.wrote:
@@ -119,6 +118,14 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 
 // clientError is a failed write to the sandbox.
 type clientError struct{ err error }
+
+// isClientError reports whether err is a failed write to the sandbox.
+// (A function of its own: the target of errors.As escapes, and would be
+// allocated for every request in the caller.)
+func isClientError(err error) bool {
+	var ce *clientError
+	return errors.As(err, &ce)
+}
 
 func (e *clientError) Error() string { return "writing to the sandbox: " + e.err.Error() }
 func (e *clientError) Unwrap() error { return e.err }
@@ -462,6 +469,14 @@ type timedConn struct {
 	fd         int           // the socket, while raw
 	drained    bool          // the last raw read emptied the socket
 	flushFirst *bufio.Writer // written by the next Read, before it waits
+
+	// The state of writeRaw's and readAfterFlush's callbacks, which are
+	// made once per connection.
+	writeStep, readStep func(fd uintptr) bool
+	wp, rp              []byte
+	wn, rn              int
+	werr, rerr, ferr    error
+	flushW              *bufio.Writer
 }
 
 var errAborted = errors.New("connection aborted")
@@ -515,6 +530,9 @@ func (t *timedConn) Write(p []byte) (int, error) {
 		t.writeDL = dl
 	}
 	t.mu.Unlock()
+	if t.rc != nil {
+		return t.writeRaw(p)
+	}
 	return t.Conn.Write(p)
 }
 
