@@ -133,7 +133,10 @@
 // next request, and for the upstream's answer, without first reading the
 // empty socket as a net.Conn Read does: two system calls fewer per request
 // (poll.go says why nothing that arrives can be missed). A keep-alive
-// request costs one read and one write on each side.
+// request costs one read and one write on each side, made as raw system
+// calls on the non-blocking sockets so that the runtime does not hand the
+// goroutine's scheduler context to another thread while a write delivers
+// to a local peer.
 //
 // # Refusals
 //
