@@ -467,7 +467,6 @@ type timedConn struct {
 	rc         syscall.RawConn
 	raw        bool          // inside rc.Read's callback: Read reads fd, never waits
 	fd         int           // the socket, while raw
-	drained    bool          // the last raw read emptied the socket
 	flushFirst *bufio.Writer // written by the next Read, before it waits
 
 	// The state of writeRaw's and readAfterFlush's callbacks, which are
