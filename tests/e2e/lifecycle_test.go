@@ -251,3 +251,50 @@ func TestLegacyTCAttachment(t *testing.T) {
 	}
 	nothingLeft(t, d)
 }
+
+// TestBridgeChainIPv6: over a bridge, an IPv6 flow a rule allows reaches
+// the remote through the proxy (the bridge program assigns it), and one no
+// rule allows is dropped and counted.
+func TestBridgeChainIPv6(t *testing.T) {
+	env := harness.New(t)
+	d := env.StartDaemon()
+	srv := env.TCPServer("[2001:db8:100::10]:8080")
+	env.TCPServer("[2001:db8:100::10]:8081")
+	sb := env.MustAddSandbox("br6", harness.SandboxOptions{Chain: harness.ChainBridge, Policy: `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: v6}
+spec:
+  egress:
+    - name: v6-results
+      to: [{cidr: "2001:db8:100::/64"}]
+      ports: [{port: 8080}]
+      mode: open
+`})
+	sniff := env.Sniff()
+	c, err := sb.Dial("tcp6", "[2001:db8:100::10]:8080", 5*time.Second)
+	if err != nil {
+		t.Fatalf("allowed IPv6 flow over the bridge: %v (%s)\n%s", err, countersString(t, d, sb), d.Log())
+	}
+	c.Write([]byte("v6 bridge"))
+	if ack, err := harness.ReadAck(c, 5*time.Second); err != nil || ack != "ack:9" {
+		t.Fatalf("round trip: %q %v", ack, err)
+	}
+	c.Close()
+	if from := srv.Conns()[0].From.Addr(); from != harness.NodeRemoteIP6 {
+		t.Fatalf("server saw %v, want the proxy's %v", from, harness.NodeRemoteIP6)
+	}
+	if counter(t, d, sb, "redirect", "rule", "v6-results") == 0 {
+		t.Fatalf("no redirect counted: %s", countersString(t, d, sb))
+	}
+	before := counter(t, d, sb, "drop", bpf.ReasonNoRule.String(), "")
+	if c, err := sb.Dial("tcp6", "[2001:db8:100::10]:8081", time.Second); err == nil {
+		c.Close()
+		t.Fatal("denied IPv6 port passes over the bridge")
+	}
+	if counter(t, d, sb, "drop", bpf.ReasonNoRule.String(), "") == before {
+		t.Fatalf("denied IPv6 flow not counted: %s", countersString(t, d, sb))
+	}
+	if n := sniff.FromSource(sb.IP6); n != 0 {
+		t.Fatalf("%d packets from the sandbox reached the remote side", n)
+	}
+}
