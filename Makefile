@@ -15,7 +15,8 @@ FUZZTIME     ?= 30s
 
 # Debian packages the tests need, as "command-or-file:package".
 TEST_DEPS := ip:iproute2 /usr/lib/cni/ptp:containernetworking-plugins bpftool:bpftool \
-             curl:curl prometheus:prometheus setpriv:util-linux jq:jq
+             curl:curl prometheus:prometheus setpriv:util-linux jq:jq \
+             podman:podman runc:runc /bin/busybox:busybox-static
 BENCH_DEPS := iperf3:iperf3 iptables-restore:iptables ss:iproute2 nginx:nginx-light wrk:wrk
 DEMO_DEPS := curl:curl ping:iputils-ping
 GEN_DEPS  := $(CLANG):clang-19 llvm-strip-19:llvm-19 /usr/include/bpf/bpf_helpers.h:libbpf-dev \
