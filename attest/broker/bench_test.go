@@ -13,7 +13,6 @@ import (
 var (
 	roundTrips = flag.Int("release.roundtrips", 0, "TestReleaseLatency: measure this many challenge+release round trips and print p50/p99 (0 skips)")
 	noSync     = flag.Bool("release.nosync", false, "TestReleaseLatency: audit without fsync (to tell disk latency from CPU)")
-	p99Max     = flag.Duration("release.p99max", 20*time.Millisecond, "TestReleaseLatency: fail when p99 exceeds this")
 )
 
 // BenchmarkReleaseRoundTrip measures challenge + release over HTTPS on
@@ -33,7 +32,8 @@ func BenchmarkReleaseRoundTrip(b *testing.B) {
 	}
 }
 
-// TestReleaseLatency prints p50/p99 of N round trips:
+// TestReleaseLatency prints p50/p99 of N round trips (it asserts nothing
+// about them):
 //
 //	go test ./attest/broker -run '^TestReleaseLatency$' -release.roundtrips=1000 -v
 func TestReleaseLatency(t *testing.T) {
@@ -57,8 +57,7 @@ func TestReleaseLatency(t *testing.T) {
 	slices.Sort(lat)
 	pct := func(p float64) time.Duration { return lat[min(len(lat)-1, int(float64(len(lat))*p))] }
 	p50, p99 := pct(0.50), pct(0.99)
+	// A diagnostic, not a check: speed targets are judged by make bench
+	// (scenario release), against a baseline measured beside it.
 	t.Logf("release round trip over HTTPS loopback, %d runs: p50 %v, p99 %v, max %v", n, p50, p99, lat[len(lat)-1])
-	if p99 > *p99Max {
-		t.Fatalf("p99 %v exceeds %v", p99, *p99Max)
-	}
 }
