@@ -9,7 +9,8 @@ import (
 	"os"
 	"syscall"
 	"time"
-	"unsafe"
+
+	"github.com/cleanwall/cleanwall/internal/rawsys"
 )
 
 // Waiting for readiness instead of reading an empty socket.
@@ -40,9 +41,9 @@ import (
 // Only a *net.TCPConn is read this way: a wrapper (the daemon's byte
 // budget) keeps its own Read.
 //
-// The reads and writes of such a connection are system calls of their own
-// (syscall.RawSyscall), made without telling the scheduler: the socket is
-// non-blocking (checked), so they return at once, and a goroutine that is
+// The reads and writes of such a connection are internal/rawsys calls,
+// made without telling the scheduler: the socket is non-blocking
+// (checked), so they return at once, and a goroutine that is
 // in a system call for more than 20 µs (which a write that delivers to a
 // local peer often is) otherwise has its scheduler context taken away by
 // the runtime's monitor, which then wakes another thread to run the rest:
@@ -75,30 +76,6 @@ func rawConnOf(c net.Conn) syscall.RawConn {
 	return rc
 }
 
-// sysRead and sysWrite are read(2) and write(2) on a non-blocking socket,
-// without the scheduler's system call bookkeeping (see above).
-func sysRead(fd int, p []byte) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
-	}
-	n, _, errno := syscall.RawSyscall(syscall.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-	if errno != 0 {
-		return 0, errno
-	}
-	return int(n), nil
-}
-
-func sysWrite(fd int, p []byte) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
-	}
-	n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
-	if errno != 0 {
-		return 0, errno
-	}
-	return int(n), nil
-}
-
 // writeRaw writes p to the socket, waiting for room through rc (and so
 // under the write deadline) when it is full.
 func (t *timedConn) writeRaw(p []byte) (int, error) {
@@ -118,7 +95,7 @@ func (t *timedConn) writeRaw(p []byte) (int, error) {
 // writeSome is writeRaw's rc.Write callback.
 func (t *timedConn) writeSome(fd uintptr) bool {
 	for t.wn < len(t.wp) {
-		m, err := sysWrite(int(fd), t.wp[t.wn:])
+		m, err := rawsys.Write(int(fd), t.wp[t.wn:])
 		switch {
 		case err == syscall.EINTR:
 			continue
@@ -137,7 +114,7 @@ func (t *timedConn) writeSome(fd uintptr) bool {
 // callback); errWouldBlock when the socket is empty.
 func (t *timedConn) readRaw(p []byte) (int, error) {
 	for {
-		n, err := sysRead(t.fd, p)
+		n, err := rawsys.Read(t.fd, p)
 		switch {
 		case err == syscall.EINTR:
 			continue

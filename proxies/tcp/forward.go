@@ -25,6 +25,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cleanwall/cleanwall/internal/rawsys"
 )
 
 // Defaults for a zero Forwarder.
@@ -219,14 +221,18 @@ type pump struct {
 
 	// State of one raw operation (the callbacks are bound once, so a
 	// round allocates nothing).
-	buf     *[CopyBufferSize]byte
-	lim     int
-	n       int
-	err     error
-	pipe    *pipe
-	readFn  func(uintptr) bool
-	drainFn func(uintptr) bool
-	pumpFn  func(uintptr) bool
+	buf        *[CopyBufferSize]byte
+	lim        int
+	n          int
+	err        error
+	pipe       *pipe
+	wp         []byte // write's bytes, and how many of them were written
+	wn         int
+	readFn     func(uintptr) bool
+	writeFn    func(uintptr) bool
+	shutdownFn func(uintptr)
+	drainFn    func(uintptr) bool
+	pumpFn     func(uintptr) bool
 }
 
 func (p *pump) init(s *session, src, dst net.Conn, counter *atomic.Int64, budget int64, chunk int) {
@@ -240,7 +246,7 @@ func (p *pump) init(s *session, src, dst net.Conn, counter *atomic.Int64, budget
 	}
 	if dc, ok := dst.(*net.TCPConn); ok && p.srcRaw != nil {
 		if rc, err := dc.SyscallConn(); err == nil {
-			p.dstRaw, p.splice = rc, true
+			p.dstRaw, p.splice, p.writeFn, p.shutdownFn = rc, true, p.rawWrite, p.shutdownWrite
 		}
 	}
 }
@@ -262,7 +268,7 @@ func (p *pump) run() {
 	// closes both sockets at once, which sends the same FIN (both receive
 	// queues are empty: each was read to its EOF).
 	if p.s.ended.Add(1) == 1 {
-		closeWrite(p.dst)
+		p.closeWrite()
 	}
 }
 
@@ -297,7 +303,7 @@ func (p *pump) copy() error {
 		}
 		n, err := p.read(lim)
 		if n > 0 {
-			w, werr := p.dst.Write(p.buf[:n])
+			w, werr := p.write(p.buf[:n])
 			p.release()
 			p.moved(w)
 			if werr != nil {
@@ -346,7 +352,7 @@ func (p *pump) rawRead(fd uintptr) bool {
 		p.buf = bufPool.Get().(*[CopyBufferSize]byte)
 	}
 	for {
-		n, err := unix.Read(int(fd), p.buf[:p.lim])
+		n, err := rawsys.Read(int(fd), p.buf[:p.lim])
 		switch err {
 		case nil:
 			p.n = n
@@ -361,6 +367,40 @@ func (p *pump) rawRead(fd uintptr) bool {
 			return true
 		}
 	}
+}
+
+// write writes b to dst: through its socket when it is a TCP socket (see
+// internal/rawsys), waiting for room through the poller.
+func (p *pump) write(b []byte) (int, error) {
+	if p.dstRaw == nil {
+		return p.dst.Write(b)
+	}
+	p.wp, p.wn, p.err = b, 0, nil
+	err := p.dstRaw.Write(p.writeFn)
+	n := p.wn
+	if err == nil {
+		err = p.err
+	}
+	p.wp, p.err = nil, nil
+	return n, err
+}
+
+// rawWrite is write's callback: false means "no room yet, wait".
+func (p *pump) rawWrite(fd uintptr) bool {
+	for p.wn < len(p.wp) {
+		n, err := rawsys.Write(int(fd), p.wp[p.wn:])
+		switch err {
+		case nil:
+			p.wn += n
+		case unix.EINTR:
+		case unix.EAGAIN:
+			return false
+		default:
+			p.err = os.NewSyscallError("write", err)
+			return true
+		}
+	}
+	return true
 }
 
 func (p *pump) release() {
@@ -434,7 +474,7 @@ func (p *pump) spliceAll() error {
 // pipe: EAGAIN can only mean the socket has nothing to read.
 func (p *pump) drain(fd uintptr) bool {
 	for {
-		n, err := unix.Splice(int(fd), nil, p.pipe.w, nil, p.lim, unix.SPLICE_F_NONBLOCK)
+		n, err := rawsys.Splice(int(fd), p.pipe.w, p.lim)
 		switch err {
 		case nil:
 			p.n = int(n)
@@ -455,7 +495,7 @@ func (p *pump) drain(fd uintptr) bool {
 // is full.
 func (p *pump) pumpOut(fd uintptr) bool {
 	for p.pipe.data > 0 {
-		n, err := unix.Splice(p.pipe.r, nil, int(fd), nil, p.pipe.data, unix.SPLICE_F_NONBLOCK)
+		n, err := rawsys.Splice(p.pipe.r, int(fd), p.pipe.data)
 		switch err {
 		case nil:
 			p.pipe.data -= int(n)
@@ -470,6 +510,19 @@ func (p *pump) pumpOut(fd uintptr) bool {
 	}
 	return true
 }
+
+// closeWrite half-closes dst: through its socket when it is a TCP socket
+// (see internal/rawsys).
+func (p *pump) closeWrite() {
+	if p.dstRaw != nil {
+		if p.dstRaw.Control(p.shutdownFn) == nil {
+			return
+		}
+	}
+	closeWrite(p.dst)
+}
+
+func (p *pump) shutdownWrite(fd uintptr) { _ = rawsys.Shutdown(int(fd), unix.SHUT_WR) }
 
 func closeWrite(c net.Conn) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
