@@ -109,16 +109,7 @@ func TestIPv6AllowedByRule(t *testing.T) {
 	env := harness.New(t)
 	d := env.StartDaemon()
 	srv := env.TCPServer("[2001:db8:100::10]:8080")
-	sb := env.MustAddSandbox("v6", harness.SandboxOptions{Policy: `apiVersion: cleanwall.dev/v1
-kind: EgressPolicy
-metadata: {name: v6}
-spec:
-  egress:
-    - name: v6-results
-      to: [{cidr: "2001:db8:100::/64"}]
-      ports: [{port: 8080}]
-      mode: open
-`})
+	sb := env.MustAddSandbox("v6", harness.SandboxOptions{Policy: policyV6})
 	c, err := sb.Dial("tcp6", "[2001:db8:100::10]:8080", 5*time.Second)
 	if err != nil {
 		t.Fatalf("allowed IPv6 connection failed: %v (%s)", err, countersString(t, d, sb))

@@ -260,16 +260,7 @@ func TestBridgeChainIPv6(t *testing.T) {
 	d := env.StartDaemon()
 	srv := env.TCPServer("[2001:db8:100::10]:8080")
 	env.TCPServer("[2001:db8:100::10]:8081")
-	sb := env.MustAddSandbox("br6", harness.SandboxOptions{Chain: harness.ChainBridge, Policy: `apiVersion: cleanwall.dev/v1
-kind: EgressPolicy
-metadata: {name: v6}
-spec:
-  egress:
-    - name: v6-results
-      to: [{cidr: "2001:db8:100::/64"}]
-      ports: [{port: 8080}]
-      mode: open
-`})
+	sb := env.MustAddSandbox("br6", harness.SandboxOptions{Chain: harness.ChainBridge, Policy: policyV6})
 	sniff := env.Sniff()
 	c, err := sb.Dial("tcp6", "[2001:db8:100::10]:8080", 5*time.Second)
 	if err != nil {

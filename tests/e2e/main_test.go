@@ -29,3 +29,15 @@ spec:
       ports: [{port: 8080}]
       mode: open
 `
+
+// policyV6 allows the remote's IPv6 address on 8080, open mode.
+const policyV6 = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: v6}
+spec:
+  egress:
+    - name: v6-results
+      to: [{cidr: "2001:db8:100::/64"}]
+      ports: [{port: 8080}]
+      mode: open
+`
