@@ -265,3 +265,42 @@ func TestDNSWithoutSpecRefusesEverything(t *testing.T) {
 		t.Fatalf("upstream saw %v", upstream.Queries())
 	}
 }
+
+// TestDNSOverOtherPortsIsDropped: only port 53 goes to the DNS proxy. DNS
+// over TLS (TCP 853) and over QUIC/DTLS (UDP 853) to the same resolver are
+// dropped in the kernel and counted, since no rule allows them, and nothing
+// reaches the resolver's listeners on 853.
+func TestDNSOverOtherPortsIsDropped(t *testing.T) {
+	env, d, _, sb := dnsEnv(t)
+	dot := env.TCPServer("198.51.100.53:853")
+	doq := env.UDPServer("198.51.100.53:853")
+	sniff := env.Sniff()
+	before := counter(t, d, sb, "drop", bpf.ReasonNoRule.String(), "")
+	if c, err := sb.Dial("tcp4", "198.51.100.53:853", time.Second); err == nil {
+		c.Close()
+		t.Fatal("DNS over TLS (TCP 853) connected")
+	}
+	if err := sb.Do(func() error {
+		c, err := net.Dial("udp4", "198.51.100.53:853")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write([]byte("doq"))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(2 * time.Second); counter(t, d, sb, "drop", bpf.ReasonNoRule.String(), "") < before+2; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the drops were not counted: %s", countersString(t, d, sb))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n, m := len(dot.Conns()), len(doq.Received()); n != 0 || m != 0 {
+		t.Fatalf("the resolver's 853 listeners got %d connections and %d datagrams", n, m)
+	}
+	if n := sniff.FromSource(sb.IP); n != 0 {
+		t.Fatalf("%d packets from the sandbox reached the remote side", n)
+	}
+}
