@@ -21,9 +21,9 @@ var (
 	benchResponse = []byte("ok cleanwall  \n\n")
 )
 
-// serveExchange answers each connection once and waits for its close, as
-// the bench's connect server does.
-func serveExchange(b *testing.B) netip.AddrPort {
+// serveLoopback listens on a loopback port and runs handle for every
+// connection until the benchmark ends.
+func serveLoopback(b *testing.B, handle func(net.Conn)) netip.AddrPort {
 	b.Helper()
 	l, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
@@ -36,40 +36,33 @@ func serveExchange(b *testing.B) netip.AddrPort {
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, len(benchRequest))
-				if _, err := io.ReadFull(c, buf); err != nil {
-					return
-				}
-				if _, err := c.Write(benchResponse); err != nil {
-					return
-				}
-				_, _ = io.Copy(io.Discard, c)
-			}()
+			go handle(c)
 		}
 	}()
 	return l.Addr().(*net.TCPAddr).AddrPort()
 }
 
+// serveExchange answers each connection once and waits for its close, as
+// the bench's connect server does.
+func serveExchange(b *testing.B) netip.AddrPort {
+	b.Helper()
+	return serveLoopback(b, func(c net.Conn) {
+		defer c.Close()
+		buf := make([]byte, len(benchRequest))
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		if _, err := c.Write(benchResponse); err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, c)
+	})
+}
+
 // serveForwarder forwards every connection to dst.
 func serveForwarder(b *testing.B, f *Forwarder, dst netip.AddrPort) netip.AddrPort {
 	b.Helper()
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() { _ = f.Forward(context.Background(), c, Flow{Dst: dst}, nil) }()
-		}
-	}()
-	return l.Addr().(*net.TCPAddr).AddrPort()
+	return serveLoopback(b, func(c net.Conn) { _ = f.Forward(context.Background(), c, Flow{Dst: dst}, nil) })
 }
 
 func processCPU() time.Duration {
