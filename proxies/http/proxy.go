@@ -198,7 +198,12 @@ type conn struct {
 	uw      *bufio.Writer
 
 	held     []byte      // the current request's held body
-	reserved int64       // bytes of held counted in p.held
+	reserved int64       // bytes of held and of its decodings counted in p.held
+	heldRes  int64       // the part of reserved that is held
+	bc       bodyCoding  // how the current request's body is decoded for matching
+	reading  scratch     // a reading of the decoded body (Latin-1, UTF-16)
+	unescape scratch     // a reading with its escapes decoded
+	headBuf  []byte      // decoded query and field values
 	sent100  bool        // the proxy answered Expect: 100-continue itself
 	wrote    bool        // part of the current response reached the client
 	bodySent atomic.Bool // the streamed body is all sent
@@ -289,7 +294,7 @@ func (c *conn) handle(q *request, start time.Time) (bool, error) {
 	if rf := c.check(q); rf != nil {
 		return c.refuse(q, rf, start, !q.hasBody()), nil
 	}
-	hold := q.chunked || (q.contentLength > 0 && len(c.rules.DenyBodyPatterns) > 0)
+	hold := q.chunked || (q.contentLength > 0 && c.rules.matchesBodies())
 	c.sent100 = false
 	if hold {
 		defer c.release()
@@ -312,9 +317,10 @@ func (c *conn) handle(q *request, start time.Time) (bool, error) {
 			}
 			return false, fmt.Errorf("reading a request body: %w", err)
 		}
-		for i, re := range c.rules.DenyBodyPatterns {
-			if re.Match(c.held) {
-				return c.refuse(q, refuse(ReasonBodyPattern, "denyBodyPatterns[%d] matched", i), start, true), nil
+		if c.rules.matchesBodies() {
+			if rf := c.matchBody(); rf != nil {
+				// The whole body was read: the next request's framing is known.
+				return c.refuse(q, rf, start, true), nil
 			}
 		}
 	}
@@ -338,17 +344,23 @@ func (c *conn) check(q *request) *refusal {
 	if rf := c.rules.match(q); rf != nil {
 		return rf
 	}
+	if rf := c.matchHead(q); rf != nil {
+		return rf
+	}
 	if !q.hasBody() {
 		return nil
 	}
-	if len(c.rules.DenyBodyPatterns) > 0 && q.contentEncoding != "" && !strings.EqualFold(q.contentEncoding, "identity") {
-		return refuse(ReasonContentEncoding, "Content-Encoding %q", truncate(q.contentEncoding, 32))
+	if c.rules.matchesBodies() {
+		var rf *refusal
+		if c.bc, rf = readBodyCoding(q); rf != nil {
+			return rf
+		}
 	}
 	if q.contentLength > 0 {
 		if mx := c.rules.MaxBodyBytes; mx != NoBodyLimit && q.contentLength > mx {
 			return refuse(ReasonBodyTooLarge, "Content-Length %d above %d", q.contentLength, mx)
 		}
-		if len(c.rules.DenyBodyPatterns) > 0 && q.contentLength > c.lim.MaxHeldBodyBytes {
+		if c.rules.matchesBodies() && q.contentLength > c.lim.MaxHeldBodyBytes {
 			return refuse(ReasonHoldLimit, "Content-Length %d above the hold limit %d", q.contentLength, c.lim.MaxHeldBodyBytes)
 		}
 	}
@@ -381,24 +393,27 @@ func (c *conn) grow(total int64) error {
 	if total > c.lim.MaxHeldBodyBytes {
 		return refuse(ReasonHoldLimit, "body above the hold limit %d", c.lim.MaxHeldBodyBytes)
 	}
-	if delta := total - c.reserved; delta > 0 {
+	if delta := total - c.heldRes; delta > 0 {
 		if c.p.held.Add(delta) > c.lim.MaxHeldTotalBytes {
 			c.p.held.Add(-delta)
 			return refuse(ReasonProxyBusy, "held bodies above %d bytes", c.lim.MaxHeldTotalBytes)
 		}
-		c.reserved = total
+		c.heldRes = total
+		c.reserved += delta
 	}
 	return nil
 }
 
-// release returns the held body's share of the proxy-wide budget, and its
-// buffer when it is large.
+// release returns the held body's share of the proxy-wide budget (and
+// that of its decodings), and its buffers when they are large.
 func (c *conn) release() {
 	c.p.held.Add(-c.reserved)
-	c.reserved = 0
+	c.reserved, c.heldRes = 0, 0
 	if cap(c.held) > 64<<10 {
 		c.held = nil
 	}
+	c.reading.done()
+	c.unescape.done()
 }
 
 // refuse answers a request the proxy will not forward, reports it, and
@@ -412,6 +427,9 @@ func (c *conn) refuse(q *request, rf *refusal, start time.Time, consumed bool) b
 	path := q.rawPath
 	if path == "" {
 		path, _, _ = strings.Cut(q.target, "?")
+	}
+	if rf.reason == ReasonPathPattern {
+		path = "" // the audit trail must not keep what the pattern stopped
 	}
 	d := Denial{Reason: rf.reason, Status: info.status, Method: truncate(q.method, maxDenialMethod), Path: truncate(path, maxDenialPath)}
 	decision := decisionDeny

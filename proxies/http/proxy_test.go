@@ -164,6 +164,7 @@ type refusalCase struct {
 	raw    string // {host} is the flow's Host value
 	status int
 	reason Reason
+	opts   []harnessOption
 }
 
 // expectRefused sends tc.raw and checks the refusal: status, reason header,
@@ -175,7 +176,7 @@ func expectRefused(t *testing.T, tc refusalCase) (net.Conn, *bufio.Reader) {
 	if rules == nil {
 		rules = policyRules()
 	}
-	h := newHarness(t, rules)
+	h := newHarness(t, rules, tc.opts...)
 	resp, body, c, br := h.rawExchange(t, h.raw(tc.raw))
 	if resp.StatusCode != tc.status || resp.Header.Get("Cleanwall-Reason") != string(tc.reason) {
 		t.Fatalf("got %d %q (%s), want %d %q", resp.StatusCode, resp.Header.Get("Cleanwall-Reason"), body, tc.status, tc.reason)
@@ -223,7 +224,7 @@ func TestRefusals(t *testing.T) {
 		{name: "chunked above maxBodyBytes", raw: "POST /v1/results HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n100001\r\n", status: 403, reason: ReasonBodyTooLarge},
 		{name: "no body allowed", rules: &Rules{Rules: []RequestRule{{}}}, raw: "POST /x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1\r\n\r\nx", status: 403, reason: ReasonBodyTooLarge},
 		{name: "body pattern", raw: "POST /v1/results HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 22\r\n\r\n{\"ssn\": \"123-45-6789\"}", status: 403, reason: ReasonBodyPattern},
-		{name: "content encoding hides the body", raw: "POST /v1/results HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}", status: 403, reason: ReasonContentEncoding},
+		{name: "content encoding the proxy cannot decode", raw: "POST /v1/results HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}", status: 403, reason: ReasonContentEncoding},
 		{name: "other host (domain fronting)", raw: "GET /v1/results HTTP/1.1\r\nHost: other.example.test\r\n\r\n", status: 421, reason: ReasonHostMismatch},
 		{name: "host with a trailing dot", raw: "GET /v1/results HTTP/1.1\r\nHost: api.example.test.:{port}\r\n\r\n", status: 421, reason: ReasonHostMismatch},
 		{name: "host without the port", raw: "GET /v1/results HTTP/1.1\r\nHost: api.example.test\r\n\r\n", status: 421, reason: ReasonHostMismatch},

@@ -16,9 +16,14 @@ const (
 	ReasonMethod          Reason = "method"           // no rule allows the method
 	ReasonPath            Reason = "path"             // no rule allows the method and path
 	ReasonContentType     Reason = "content-type"     // no rule allows the body's media type
-	ReasonContentEncoding Reason = "content-encoding" // a coded body cannot be matched against denyBodyPatterns
+	ReasonContentEncoding Reason = "content-encoding" // a Content-Encoding the proxy cannot decode, while patterns apply
+	ReasonCharset         Reason = "charset"          // a charset the proxy cannot decode, while patterns apply
+	ReasonUndecodableBody Reason = "undecodable-body" // a body that is not what its Content-Encoding says, while patterns apply
 	ReasonBodyTooLarge    Reason = "body-too-large"   // body above maxBodyBytes
-	ReasonBodyPattern     Reason = "body-pattern"     // body matches a denyBodyPatterns entry
+	ReasonBodyPattern     Reason = "body-pattern"     // the decoded body matches a denyBodyPatterns or denyPatterns entry
+	ReasonPathPattern     Reason = "path-pattern"     // the path matches a denyPatterns entry
+	ReasonQueryPattern    Reason = "query-pattern"    // the query matches a denyPatterns entry
+	ReasonHeaderPattern   Reason = "header-pattern"   // a header field's name or value matches a denyPatterns entry
 	ReasonUpgrade         Reason = "upgrade"          // Upgrade to a protocol not in AllowUpgrade
 	ReasonConnect         Reason = "connect"          // CONNECT tunnels are never inspected, so never allowed
 	ReasonHostMismatch    Reason = "host-mismatch"    // Host (or absolute-form authority) does not name the flow's destination
@@ -43,8 +48,9 @@ const (
 	ReasonTrailer             Reason = "trailer"               // trailer fields would bypass inspection
 	ReasonHeaderTooLarge      Reason = "header-too-large"
 	ReasonTooManyHeaders      Reason = "too-many-headers"
-	ReasonHoldLimit           Reason = "body-over-hold-limit" // body must be held for inspection but exceeds Limits.MaxHeldBodyBytes
-	ReasonProxyBusy           Reason = "proxy-busy"           // Limits.MaxHeldTotalBytes exhausted
+	ReasonHoldLimit           Reason = "body-over-hold-limit"         // body must be held for inspection but exceeds Limits.MaxHeldBodyBytes
+	ReasonDecodedHoldLimit    Reason = "decoded-body-over-hold-limit" // the body decompresses to more than Limits.MaxHeldBodyBytes (a zip bomb)
+	ReasonProxyBusy           Reason = "proxy-busy"                   // Limits.MaxHeldTotalBytes exhausted
 )
 
 // Failures that are not decisions about the request.
@@ -82,8 +88,13 @@ var reasons = map[Reason]reasonInfo{
 	ReasonPath:            {status: http.StatusForbidden, keepable: true},
 	ReasonContentType:     {status: http.StatusForbidden, keepable: true},
 	ReasonContentEncoding: {status: http.StatusForbidden, keepable: true},
+	ReasonCharset:         {status: http.StatusForbidden, keepable: true},
+	ReasonUndecodableBody: {status: http.StatusForbidden, keepable: true},
 	ReasonBodyTooLarge:    {status: http.StatusForbidden, keepable: true},
 	ReasonBodyPattern:     {status: http.StatusForbidden, keepable: true},
+	ReasonPathPattern:     {status: http.StatusForbidden, keepable: true},
+	ReasonQueryPattern:    {status: http.StatusForbidden, keepable: true},
+	ReasonHeaderPattern:   {status: http.StatusForbidden, keepable: true},
 	ReasonUpgrade:         {status: http.StatusForbidden, keepable: true},
 	ReasonConnect:         {status: http.StatusForbidden},
 	ReasonHostMismatch:    {status: http.StatusMisdirectedRequest, keepable: true},
@@ -105,6 +116,7 @@ var reasons = map[Reason]reasonInfo{
 	ReasonHeaderTooLarge:      {status: http.StatusRequestHeaderFieldsTooLarge},
 	ReasonTooManyHeaders:      {status: http.StatusRequestHeaderFieldsTooLarge},
 	ReasonHoldLimit:           {status: http.StatusRequestEntityTooLarge},
+	ReasonDecodedHoldLimit:    {status: http.StatusRequestEntityTooLarge},
 	ReasonProxyBusy:           {status: http.StatusServiceUnavailable, failure: true},
 
 	ReasonTimeout:             {status: http.StatusRequestTimeout, failure: true},
@@ -125,7 +137,9 @@ type Denial struct {
 	// when the request line could not be parsed.
 	Method string
 	// Path is the request target's path (never the query), as sent,
-	// truncated to maxDenialPath bytes; empty when it could not be parsed.
+	// truncated to maxDenialPath bytes; empty when it could not be parsed,
+	// and withheld (empty) when a deny pattern matched it: the audit trail
+	// must not keep the data the pattern stopped.
 	Path string
 }
 

@@ -19,10 +19,15 @@ type Rules struct {
 	// chunked decoding. 0 allows no body at all; NoBodyLimit lifts the
 	// policy limit (Limits.MaxHeldBodyBytes still bounds held bodies).
 	MaxBodyBytes int64
-	// DenyBodyPatterns refuse a request whose body matches any of them.
-	// Each is matched against the whole body, which is therefore held
+	// DenyBodyPatterns refuse a request whose decoded body matches any of
+	// them. Each is matched against the whole body, which is therefore held
 	// before forwarding (see the package documentation).
 	DenyBodyPatterns []*regexp.Regexp
+	// DenyPatterns refuse a request whose path, query, any header field
+	// name or value, or decoded body matches any of them (decoded as the
+	// package documentation says). Bodies are held as for
+	// DenyBodyPatterns.
+	DenyPatterns []*regexp.Regexp
 	// AllowUpgrade lists the protocols a request may Upgrade to, compared
 	// case-insensitively with the protocol name before any "/version".
 	// Empty: every upgrade (websocket, h2c) is refused. After an allowed
@@ -46,6 +51,12 @@ type RequestRule struct {
 	// parameters. They apply to requests with a body only; a body without
 	// a Content-Type matches no list.
 	ContentTypes []string
+}
+
+// matchesBodies reports whether any pattern applies to request bodies:
+// they are then held, decoded and matched before forwarding.
+func (r *Rules) matchesBodies() bool {
+	return len(r.DenyBodyPatterns) > 0 || len(r.DenyPatterns) > 0
 }
 
 // NoBodyLimit as Rules.MaxBodyBytes lifts the policy's body size limit.
@@ -86,6 +97,11 @@ func (r *Rules) Validate() error {
 	for i, re := range r.DenyBodyPatterns {
 		if re == nil {
 			return bad("denyBodyPatterns[%d]: nil", i)
+		}
+	}
+	for i, re := range r.DenyPatterns {
+		if re == nil {
+			return bad("denyPatterns[%d]: nil", i)
 		}
 	}
 	for i, u := range r.AllowUpgrade {
