@@ -62,8 +62,8 @@
 // trailing slash, backslashes, and escapes of "/", "\", ".", "%" (against
 // double decoding) and control bytes are refused, as are bytes outside RFC
 // 3986's pchar and a fragment. Every other escape is decoded before
-// matching: "/v1/re%73ults" matches the pattern "/v1/results". The query is
-// never matched and is forwarded as sent.
+// matching: "/v1/re%73ults" matches the pattern "/v1/results". Rules never
+// match the query (deny patterns do) and it is forwarded as sent.
 //
 // Rule paths: literal segments match exactly, "*" matches one non-empty
 // segment, a final "**" matches the rest of the path including nothing.
@@ -74,13 +74,14 @@
 // and never a connection for a refused first request. A request is
 // therefore forwarded only once its verdict is final:
 //
-//   - Without a body, or with a Content-Length body when the rule has no
-//     denyBodyPatterns, the verdict is final at the head (a Content-Length
+//   - Without a body, or with a Content-Length body when no pattern applies
+//     to bodies (neither denyBodyPatterns nor denyPatterns), the verdict is
+//     final at the head (a Content-Length
 //     above maxBodyBytes is refused before any body byte is read). The body
 //     is then streamed through a 32 KiB buffer: memory stays flat whatever
 //     the size (the test uploads 1 GiB).
-//   - A chunked body (size unknown until its end) or any body when the rule
-//     has denyBodyPatterns is held: read completely into memory while its
+//   - A chunked body (size unknown until its end) or any body when a pattern
+//     applies to bodies is held: read completely into memory while its
 //     size is checked against maxBodyBytes chunk by chunk, matched against
 //     the patterns, and only then forwarded. Held bodies are bounded by
 //     Limits.MaxHeldBodyBytes per connection (413 body-over-hold-limit
@@ -89,19 +90,95 @@
 //     never written to disk: in a clean room that would be a leak of its
 //     own. Operators who need patterns on larger bodies raise the hold limit.
 //
-// Because held bodies are complete, each pattern runs once over the whole
+// Because held bodies are complete, each pattern runs over the whole
 // decoded body: there is no window, a match of any length is found, and a
 // match spanning chunk boundaries is found like any other. A held chunked
 // body is forwarded re-encoded as one chunk and the last chunk (the head,
 // including "Transfer-Encoding: chunked", is unchanged); since extensions
-// and trailers are refused, the upstream decodes the same bytes. With
-// denyBodyPatterns, a Content-Encoding other than identity is refused: the
-// patterns would see compressed bytes. Patterns see bytes as sent; an
-// encoding the sandbox applies itself (base64, encryption) defeats them.
+// and trailers are refused, the upstream decodes the same bytes.
 //
 // For Expect: 100-continue the proxy answers 100 Continue itself when it
 // holds the body (after the head was allowed) and drops the upstream's 100;
 // for a streamed body the upstream's 100 is relayed.
+//
+// # Deny patterns
+//
+// denyBodyPatterns (Rules.DenyBodyPatterns) see the body only;
+// denyPatterns (Rules.DenyPatterns) see the whole request:
+//
+//   - the path, percent-decoded, and as sent when that differs. The path is
+//     in normal form (above): escapes of "%" are refused, so no upstream can
+//     decode it twice;
+//   - the query (all after the first "?"), as one string: as sent,
+//     percent-decoded with "+" read as itself (RFC 3986), and
+//     percent-decoded with "+" read as a space (HTML forms, most server
+//     frameworks). Which reading the upstream makes is unknown, so a match
+//     in any one refuses. Invalid escapes are kept as they are;
+//   - every header field, Host and Cookie included: its name, and its value
+//     as sent and percent-decoded both ways, as the query (cookies and other
+//     values are often percent-encoded). A field sent on several lines is
+//     also matched combined, as a recipient combines it (", " between the
+//     values; "; " for Cookie), so a pattern split over two lines is seen.
+//     obs-fold is refused by the parser: a value is always one line;
+//   - the body, decoded as below.
+//
+// Each place is matched on its own: a match across the path and the query,
+// or across two different fields, is not seen. A refusal is 403
+// path-pattern, query-pattern, header-pattern or body-pattern; the log
+// names the pattern (denyPatterns[1]), never the data, and the audit record
+// (Denial) of a path-pattern refusal carries no path.
+//
+// When any pattern applies to bodies, the held body is matched
+//
+//   - with its Content-Encoding undone: gzip and x-gzip (concatenated
+//     members are one body), deflate (the zlib format, as RFC 9110 defines
+//     it: a raw deflate stream so labelled is refused) and identity, stacked
+//     up to three deep, with the standard library. The decompressed body may
+//     be at most Limits.MaxHeldBodyBytes: a zip bomb is refused with 413
+//     decoded-body-over-hold-limit once it inflates past that, never
+//     inflated further. Any other coding (br, zstd, compress, unknown ones,
+//     alone or stacked) is refused at the head with 403 content-encoding,
+//     before any body byte is read; a body that is not what its coding says
+//     (corrupt, cut short, bytes after the stream's end) with 403
+//     undecodable-body;
+//   - in every reading its charset allows: as sent (UTF-8); as Latin-1
+//     mapped to UTF-8 when declared ISO-8859-1 or US-ASCII (which WHATWG
+//     decoders read as windows-1252); and as UTF-16 in both byte orders,
+//     and with its NUL bytes removed, when declared UTF-16 (utf-16,
+//     utf-16le, utf-16be), when it starts with a UTF-16 byte order mark, or
+//     when it holds a NUL byte. Any other charset, or Content-Type
+//     parameters that mention a charset but cannot be read (repeated,
+//     malformed), is refused at the head with 403 charset;
+//   - each reading also with the escapes of common body formats decoded,
+//     each kind on its own: percent-escapes (form bodies; "+" both ways),
+//     JSON string escapes (\u0031, \/, surrogate pairs), numeric character
+//     references (&#49;, &#x31;) and the five predefined XML entities.
+//
+// An undeclared UTF-16 body without a BOM is the sandbox's choice of
+// encoding, and JSON readers detect UTF-16 and UTF-32 from where the NULs
+// are; so a NUL byte makes the proxy read the body both ways, and the
+// NUL-free copy shows ASCII text sent in UTF-16 or UTF-32 of any byte order
+// or alignment. UTF-16 text with no character below U+0100 (CJK, say) has
+// no NUL and is recognised only by a declaration or a BOM.
+//
+// Decoding works on copies: the upstream receives the request exactly as
+// sent. An unknown coding or charset passes untouched when no pattern
+// applies. The decoded copies (the decompressed body, its widest reading,
+// at most twice its size, and one escape decoding) count against
+// Limits.MaxHeldTotalBytes with the held bodies while the request is
+// decided.
+//
+// What patterns can see: data in the encodings HTTP declares
+// (percent-encoding, content codings, charsets) and the escapes of the body
+// formats above. Data an application encodes, encrypts or obfuscates
+// itself (base64, hex, a compression inside the body, a second
+// percent-encoding, multipart parts with their own transfer encoding,
+// HTML's other named references, an undeclared charset other than UTF-16
+// as above) is beyond any pattern, and so is data split across places or
+// requests. Patterns stop mistakes and careless leaks; against code that
+// means to leak, what bounds the channel is maxBodyBytes, the byte budgets,
+// and the secure and trusted modes, where only ciphertext or data under
+// trust the customer chose leaves the Clean Room.
 //
 // # Responses
 //
@@ -144,13 +221,15 @@
 // carrying the reason code, is reported through Proxy.OnDeny and counted.
 // The connection stays open after a refusal only if the refusal says
 // nothing about framing (403, 421, 417), the request's body was absent or
-// fully read (a body-pattern refusal), and the sandbox did not ask to
-// close; every other refusal closes it, since the bytes that follow cannot
+// fully read (a refusal after the body was held and decoded), and the
+// sandbox did not ask to close; every other refusal closes it, since the bytes that follow cannot
 // be trusted to start a request.
 //
 //	status  reasons
-//	403     method, path, content-type, content-encoding, body-too-large,
-//	        body-pattern, upgrade, connect (POLICY.md: rule refusals are 403)
+//	403     method, path, content-type, content-encoding, charset,
+//	        undecodable-body, body-too-large, body-pattern, path-pattern,
+//	        query-pattern, header-pattern, upgrade, connect (POLICY.md: rule
+//	        refusals are 403)
 //	421     host-mismatch (Host or absolute-form authority is not the
 //	        flow's destination: domain fronting)
 //	417     expect (anything but 100-continue)
@@ -161,7 +240,7 @@
 //	501     transfer-encoding (anything but exactly "chunked")
 //	505     http-version
 //	431     header-too-large (line, or whole head), too-many-headers
-//	413     body-over-hold-limit
+//	413     body-over-hold-limit, decoded-body-over-hold-limit
 //	408     timeout (head or held body too slow)                     [error]
 //	503     proxy-busy (proxy-wide hold budget)                      [error]
 //	502     upstream-unreachable, bad-upstream-response              [error]
@@ -178,7 +257,8 @@
 // current request head (MaxHeaderBytes, 32 KiB, and its string copy) and
 // upstream response head (MaxResponseHeaderBytes, 64 KiB). A held body is at
 // most MaxHeldBodyBytes, its buffer at most twice that while chunks arrive,
-// and all held bodies of a Proxy at most MaxHeldTotalBytes. Timeouts:
+// and all held bodies of a Proxy, with their decoded copies (Deny
+// patterns), at most MaxHeldTotalBytes. Timeouts:
 // HeaderTimeout from a request's first byte to its last head byte,
 // IdleTimeout between requests, BodyIdleTimeout for any stall of a body in
 // either direction, ResponseHeaderTimeout from the request's last byte to
