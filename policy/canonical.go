@@ -57,6 +57,7 @@ func (p *Policy) normalize() {
 					}
 				}
 				h.DenyBodyPatterns = nilIfEmpty(h.DenyBodyPatterns)
+				h.DenyPatterns = nilIfEmpty(h.DenyPatterns)
 			}
 		}
 		if t := r.Trusted; t != nil && t.TLS != nil {
@@ -129,6 +130,7 @@ func (p *Policy) Clone() *Policy {
 				}
 				hc.MaxBodyBytes = clonePtr(h.MaxBodyBytes)
 				hc.DenyBodyPatterns = slices.Clone(h.DenyBodyPatterns)
+				hc.DenyPatterns = slices.Clone(h.DenyPatterns)
 				oc.HTTP = &hc
 			}
 			if t := o.TCP; t != nil {

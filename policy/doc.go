@@ -71,7 +71,10 @@
 //     are refused. Paths start with "/", "*" is exactly one segment, "**"
 //     only the last; no query, fragment, dot segments or empty segments.
 //     Content types are type/subtype without parameters or wildcards. An
-//     empty deny pattern is an error (it would match every body).
+//     empty deny pattern is an error (it would match every body), and so is
+//     a denyPatterns entry that matches the empty string ("x*"): it would
+//     match every path, query and field value. denyPatterns (the whole
+//     request) and denyBodyPatterns (the body) may be used together.
 //   - trusted has no protocol field: hpke means the flow is HTTP (the proxy
 //     parses the sandbox's requests and seals their bodies), with or
 //     without tls. trusted.tls needs serverName (the SNI and the name the

@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"os"
+	"strings"
 	"testing"
 
 	"go.yaml.in/yaml/v3"
@@ -18,6 +19,7 @@ func FuzzParse(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(example)
+	f.Add([]byte(strings.Replace(string(example), "          maxBodyBytes: 1048576\n", "          maxBodyBytes: 1048576\n"+denyPatternsExample, 1)))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := Parse(data)
 		if err != nil {

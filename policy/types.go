@@ -93,6 +93,9 @@ type HTTPSpec struct {
 	MaxBodyBytes *int64 `yaml:"maxBodyBytes,omitempty" json:"maxBodyBytes,omitempty"`
 	// DenyBodyPatterns are RE2 expressions; a body that matches one is refused.
 	DenyBodyPatterns []string `yaml:"denyBodyPatterns,omitempty" json:"denyBodyPatterns,omitempty"`
+	// DenyPatterns are RE2 expressions matched against the whole request:
+	// the decoded path and query, every header value and the decoded body.
+	DenyPatterns []string `yaml:"denyPatterns,omitempty" json:"denyPatterns,omitempty"`
 }
 
 // HTTPRule matches a request when its method, path and (for a request with

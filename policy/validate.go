@@ -466,6 +466,22 @@ func (v *validator) http(path string, h *HTTPSpec) {
 			v.add(pp, "%v", err)
 		}
 	}
+	for i, pat := range h.DenyPatterns {
+		pp := path + ".denyPatterns[" + strconv.Itoa(i) + "]"
+		if pat == "" {
+			v.add(pp, "empty pattern (it would match every request)")
+			continue
+		}
+		re, err := regexp.Compile(pat)
+		switch {
+		case err != nil:
+			v.add(pp, "%v", err)
+		case re.MatchString(""):
+			// "a*" or "x?" would match every path, query and field value:
+			// the rule would refuse everything.
+			v.add(pp, "%s matches the empty string: a deny pattern must need at least one character to match", quote(pat))
+		}
+	}
 }
 
 // pathProblem explains why s is not a path pattern, or returns "".

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"errors"
+	"os"
 	"strings"
 	"testing"
 )
@@ -149,6 +150,13 @@ func TestParseRejects(t *testing.T) {
 		{"max body negative", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], maxBodyBytes: -1}}")), "spec.egress[0].open.http.maxBodyBytes", "-1: must be 0 or more", 6, false},
 		{"deny pattern", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyBodyPatterns: ['ok', '(a']}}")), "spec.egress[0].open.http.denyBodyPatterns[1]", "error parsing regexp: missing closing ): `(a`", 6, false},
 		{"deny pattern empty", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyBodyPatterns: ['']}}")), "spec.egress[0].open.http.denyBodyPatterns[0]", "empty pattern", 6, false},
+		{"whole-request pattern", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyPatterns: ['ok', '(a']}}")), "spec.egress[0].open.http.denyPatterns[1]", "error parsing regexp: missing closing ): `(a`", 6, false},
+		{"whole-request pattern empty", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyPatterns: ['']}}")), "spec.egress[0].open.http.denyPatterns[0]", "empty pattern (it would match every request)", 6, false},
+		{"whole-request pattern matching nothing", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyPatterns: ['\\d{3}', 'x*|y']}}")), "spec.egress[0].open.http.denyPatterns[1]", `"x*|y" matches the empty string: a deny pattern must need at least one character to match`, 6, false},
+		{"whole-request patterns not a list", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyPatterns: 'secret'}}")), "spec.egress[0].open.http.denyPatterns", `expected a list, got "secret"`, 6, false},
+		{"whole-request pattern not a string", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyPatterns: [1234]}}")), "spec.egress[0].open.http.denyPatterns[0]", "expected a string, got the integer 1234", 6, false},
+		{"whole-request patterns misspelt", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}], denyPattern: [x]}}")), "spec.egress[0].open.http.denyPattern", "unknown field (did you mean denyPatterns?)", 6, false},
+		{"whole-request patterns on open tcp", doc("", rule("mode: open, open: {protocol: tcp, tcp: {denyPatterns: [x]}}")), "spec.egress[0].open.tcp.denyPatterns", "unknown field", 6, false},
 		{"udp with http", doc("", "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 443}, {port: 443, protocol: UDP}], mode: open, open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}]}}}"), "spec.egress[0].ports[1].protocol", "UDP is not possible with open.protocol http (HTTP runs over TCP)", 6, false},
 		{"max bytes out zero", doc("", rule("mode: open, open: {tcp: {maxBytesOut: 0}}")), "spec.egress[0].open.tcp.maxBytesOut", "0: must be greater than 0", 6, false},
 
@@ -401,6 +409,58 @@ func TestLoadFileNamesTheFile(t *testing.T) {
 	_, err = LoadFile(path)
 	var list ErrorList
 	if err == nil || !strings.Contains(err.Error(), path) || !errors.As(err, &list) {
+		t.Fatalf("got %v", err)
+	}
+}
+
+// policyMDExampleHash is the hash of POLICY.md's example as it was before
+// optional fields were added: adding one must not change it.
+const policyMDExampleHash = "e5a75ce4acc5b9b2601b9b07f87de1b174c2442e6aea8b4865babe687cd1c2bf"
+
+// The "Whole-request patterns" example of POLICY.md, exactly as written,
+// in the results-api rule of the main example.
+const denyPatternsExample = `          denyPatterns:           # RE2; matched against the decoded path and query,
+            - '\b\d{3}-\d{2}-\d{4}\b'   # every header value, and the (decoded) body
+`
+
+func TestDenyPatterns(t *testing.T) {
+	base, err := os.ReadFile("testdata/policy-md-example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := Parse(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eq(t, p.Hash(), policyMDExampleHash)
+
+	withPatterns := strings.Replace(string(base), "          maxBodyBytes: 1048576\n", "          maxBodyBytes: 1048576\n"+denyPatternsExample, 1)
+	q, err := Parse([]byte(withPatterns))
+	if err != nil {
+		t.Fatalf("POLICY.md's denyPatterns example: %v", err)
+	}
+	h := q.Spec.Egress[0].Open.HTTP
+	if len(h.DenyPatterns) != 1 || h.DenyPatterns[0] != `\b\d{3}-\d{2}-\d{4}\b` || len(h.DenyBodyPatterns) != 1 {
+		t.Fatalf("denyPatterns %q, denyBodyPatterns %q", h.DenyPatterns, h.DenyBodyPatterns)
+	}
+	if q.Hash() == p.Hash() {
+		t.Error("denyPatterns does not change the hash")
+	}
+
+	// An empty list means none, in the hash too.
+	empty, err := Parse([]byte(strings.Replace(string(base), "          maxBodyBytes: 1048576\n", "          maxBodyBytes: 1048576\n          denyPatterns: []\n", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eq(t, empty.Hash(), policyMDExampleHash)
+
+	c := q.Clone()
+	c.Spec.Egress[0].Open.HTTP.DenyPatterns[0] = "changed"
+	eq(t, h.DenyPatterns[0], `\b\d{3}-\d{2}-\d{4}\b`)
+
+	// Errors name the field path.
+	_, err = Parse([]byte(strings.Replace(withPatterns, `'\b\d{3}-\d{2}-\d{4}\b'`, "'ok'\n            - '[z-a]'", 1)))
+	if err == nil || !strings.Contains(err.Error(), "spec.egress[0].open.http.denyPatterns[1]: error parsing regexp: invalid character class range: `z-a`") {
 		t.Fatalf("got %v", err)
 	}
 }
