@@ -35,6 +35,13 @@ func httpRules(r *policy.Rule) (*httpproxy.Rules, error) {
 		}
 		out.DenyBodyPatterns = append(out.DenyBodyPatterns, re)
 	}
+	for _, p := range o.HTTP.DenyPatterns {
+		re, err := regexp.Compile(p)
+		if err != nil {
+			return nil, err
+		}
+		out.DenyPatterns = append(out.DenyPatterns, re)
+	}
 	if err := out.Validate(); err != nil {
 		return nil, err
 	}
