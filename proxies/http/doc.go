@@ -143,10 +143,12 @@
 //     undecodable-body;
 //   - in every reading its charset allows: as sent (UTF-8); as Latin-1
 //     mapped to UTF-8 when declared ISO-8859-1 or US-ASCII (which WHATWG
-//     decoders read as windows-1252); and as UTF-16 in both byte orders,
-//     and with its NUL bytes removed, when declared UTF-16 (utf-16,
-//     utf-16le, utf-16be), when it starts with a UTF-16 byte order mark, or
-//     when it holds a NUL byte. Any other charset, or Content-Type
+//     decoders read as windows-1252); and as UTF-16, and with its NUL bytes
+//     removed, when declared UTF-16 (utf-16, utf-16le, utf-16be), when it
+//     starts with a UTF-16 byte order mark, or when it holds a NUL byte. The
+//     byte order is the one a BOM or the label names (decoders honour a BOM,
+//     else the label), both if they disagree or neither names one. Any
+//     other charset, or Content-Type
 //     parameters that mention a charset but cannot be read (repeated,
 //     malformed), is refused at the head with 403 charset;
 //   - each reading also with the escapes of common body formats decoded,
@@ -156,9 +158,9 @@
 //
 // An undeclared UTF-16 body without a BOM is the sandbox's choice of
 // encoding, and JSON readers detect UTF-16 and UTF-32 from where the NULs
-// are; so a NUL byte makes the proxy read the body both ways, and the
-// NUL-free copy shows ASCII text sent in UTF-16 or UTF-32 of any byte order
-// or alignment. UTF-16 text with no character below U+0100 (CJK, say) has
+// are; so a NUL byte makes the proxy read the body as UTF-16 in both byte
+// orders, and the NUL-free copy shows ASCII text sent in UTF-16 or UTF-32
+// of any byte order or alignment. UTF-16 text with no character below U+0100 (CJK, say) has
 // no NUL and is recognised only by a declaration or a BOM.
 //
 // Decoding works on copies: the upstream receives the request exactly as
@@ -166,7 +168,10 @@
 // applies. The decoded copies (the decompressed body, its widest reading,
 // at most twice its size, and one escape decoding) count against
 // Limits.MaxHeldTotalBytes with the held bodies while the request is
-// decided.
+// decided. Matching costs CPU in proportion: each pattern runs over each
+// reading (measured here: a 1 MiB JSON body against the SSN pattern, whose
+// \b makes RE2 use its slower engine, about 17 ms; gzip adds about 2 ms;
+// the same text in UTF-16, read four ways, about 90 ms).
 //
 // What patterns can see: data in the encodings HTTP declares
 // (percent-encoding, content codings, charsets) and the escapes of the body

@@ -179,7 +179,9 @@ type charset uint8
 const (
 	charsetNone   charset = iota // none declared, or UTF-8
 	charsetLatin1                // ISO-8859-1, and US-ASCII (which WHATWG decoders read as windows-1252)
-	charsetUTF16                 // UTF-16, UTF-16LE, UTF-16BE: both byte orders are matched anyway
+	charsetUTF16                 // UTF-16: the byte order mark decides, else both orders are read
+	charsetUTF16LE
+	charsetUTF16BE
 )
 
 // bodyCoding is how a request body is decoded for matching, read from its
@@ -197,7 +199,7 @@ var charsets = map[string]charset{
 	"us-ascii": charsetLatin1, "ascii": charsetLatin1, "iso-8859-1": charsetLatin1, "iso8859-1": charsetLatin1,
 	"iso_8859-1": charsetLatin1, "iso_8859-1:1987": charsetLatin1, "latin1": charsetLatin1, "latin-1": charsetLatin1,
 	"l1": charsetLatin1, "iso-ir-100": charsetLatin1, "cp819": charsetLatin1, "ibm819": charsetLatin1, "csisolatin1": charsetLatin1,
-	"utf-16": charsetUTF16, "utf-16le": charsetUTF16, "utf-16be": charsetUTF16,
+	"utf-16": charsetUTF16, "utf-16le": charsetUTF16LE, "utf-16be": charsetUTF16BE,
 }
 
 // readBodyCoding reads how q's body is encoded, refusing what the proxy
@@ -378,13 +380,15 @@ func (s *scratch) done() {
 // upstream may make, until match refuses one:
 //
 //   - as Latin-1, when declared so (or US-ASCII) and bytes above 0x7F occur;
-//   - as UTF-16 in both byte orders, and with its NUL bytes removed, when
-//     declared UTF-16, when it starts with a UTF-16 byte order mark, or when
-//     it holds a NUL byte: an attacker chooses the encoding, and JSON
-//     readers detect UTF-16 and UTF-32 from where the NULs are, so an
-//     undeclared UTF-16 body is read both ways rather than trusted to be
-//     UTF-8. (Without NULs, a UTF-16 body is not ASCII text; and the
-//     NUL-free copy shows ASCII in UTF-16 or UTF-32 of any alignment.)
+//   - as UTF-16, and with its NUL bytes removed, when declared UTF-16, when
+//     it starts with a UTF-16 byte order mark, or when it holds a NUL byte:
+//     an attacker chooses the encoding, and JSON readers detect UTF-16 and
+//     UTF-32 from where the NULs are, so an undeclared UTF-16 body is not
+//     trusted to be UTF-8. The byte order is the one the BOM or the label
+//     (utf-16le, utf-16be) names, both if they disagree, and both when
+//     neither names one: decoders honour a BOM, or else the label. The
+//     NUL-free copy shows ASCII in UTF-16 or UTF-32 of any byte order or
+//     alignment.
 func (c *conn) readings(text []byte, match func([]byte) *refusal) *refusal {
 	if rf := match(text); rf != nil {
 		return rf
@@ -400,10 +404,18 @@ func (c *conn) readings(text []byte, match func([]byte) *refusal) *refusal {
 		}
 	}
 	nul := bytes.IndexByte(text, 0) >= 0
-	if c.bc.charset != charsetUTF16 && !nul && !hasBOM16(text) {
-		return nil
+	le := c.bc.charset == charsetUTF16LE || len(text) >= 2 && text[0] == 0xFF && text[1] == 0xFE
+	be := c.bc.charset == charsetUTF16BE || len(text) >= 2 && text[0] == 0xFE && text[1] == 0xFF
+	if !le && !be {
+		if c.bc.charset != charsetUTF16 && !nul {
+			return nil
+		}
+		le, be = true, true
 	}
 	for _, bigEndian := range []bool{false, true} {
+		if bigEndian && !be || !bigEndian && !le {
+			continue
+		}
 		buf, rf := c.take(&c.reading, len(text)/2*3+3)
 		if rf != nil {
 			return rf
@@ -478,10 +490,6 @@ func hasHighByte(b []byte) bool {
 		}
 	}
 	return false
-}
-
-func hasBOM16(b []byte) bool {
-	return len(b) >= 2 && (b[0] == 0xFF && b[1] == 0xFE || b[0] == 0xFE && b[1] == 0xFF)
 }
 
 // latin1ToUTF8 appends src, read as ISO-8859-1, to dst in UTF-8.

@@ -163,6 +163,8 @@ func TestDenyPatternsRefuse(t *testing.T) {
 		{name: "UTF-16 undeclared without BOM", raw: post(jsonCT, utf16Of(secretDoc, false, false)), reason: ReasonBodyPattern},
 		{name: "UTF-16 undeclared, non-ASCII", raw: post(jsonCT, utf16Of("Grüße", false, false)), reason: ReasonBodyPattern},
 		{name: "UTF-16 outside the BMP", raw: post(jsonCT, utf16Of("key: 🔑", false, true)), reason: ReasonBodyPattern},
+		{name: "UTF-16BE labelled, LE BOM", raw: post("Content-Type: text/plain; charset=utf-16be\r\n", "\xff\xfe"+utf16Of("Grüße", true, false)), reason: ReasonBodyPattern},
+		{name: "UTF-16LE labelled, BE data", raw: post("Content-Type: text/plain; charset=utf-16le\r\n", utf16Of("Grüße", true, true)), reason: ReasonBodyPattern},
 		{name: "UTF-16 declared UTF-8", raw: post("Content-Type: application/json; charset=utf-8\r\n", utf16Of(secretDoc, true, false)), reason: ReasonBodyPattern},
 		{name: "UTF-16 shifted by a byte", raw: post(jsonCT, "x"+utf16Of(secretDoc, false, false)), reason: ReasonBodyPattern},
 		{name: "NULs inside the data", raw: post("Content-Type: application/octet-stream\r\n", "\x01123-45\x00-6789\x02"), reason: ReasonBodyPattern},
@@ -333,7 +335,8 @@ func TestReadBodyCoding(t *testing.T) {
 		{"identity", "application/json", nil, charsetNone, ""},
 		{"GZip", "text/plain; charset=UTF-8", []coding{codingGzip}, charsetNone, ""},
 		{"deflate,  gzip", "text/plain;charset=latin1", []coding{codingDeflate, codingGzip}, charsetLatin1, ""},
-		{"", "text/plain; charset=\"utf-16be\"", nil, charsetUTF16, ""},
+		{"", "text/plain; charset=\"utf-16be\"", nil, charsetUTF16BE, ""},
+		{"", "text/plain; charset=UTF-16", nil, charsetUTF16, ""},
 		{"", "text/plain; format=flowed", nil, charsetNone, ""},
 		{"", "application/json;", nil, charsetNone, ""},
 		{"", "application/json; foo", nil, charsetNone, ""}, // unreadable, but names no charset
