@@ -21,6 +21,7 @@ const (
 	auditDenyDNS       = "deny.dns"
 	auditDenyHTTP      = "deny.http"
 	auditDenySuppress  = "deny.suppressed"
+	auditRepair        = "watchdog.repair"
 )
 
 // maxDenyRecordsPerSecond bounds deny records: a sandbox flooding denied

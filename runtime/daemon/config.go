@@ -76,6 +76,10 @@ type Config struct {
 	// UDPIdleTimeout ends a proxied UDP flow (and its reply socket).
 	UDPIdleTimeout time.Duration
 
+	// WatchdogInterval is how often attachments, pins and the nftables
+	// wall are verified and repaired (default DefaultWatchdogInterval).
+	WatchdogInterval time.Duration
+
 	// AuditLog is the hash-chained audit log (default <StateDir>/audit.jsonl;
 	// "-" disables it).
 	AuditLog string
@@ -123,6 +127,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.UDPIdleTimeout == 0 {
 		c.UDPIdleTimeout = 60 * time.Second
+	}
+	if c.WatchdogInterval <= 0 {
+		c.WatchdogInterval = DefaultWatchdogInterval
 	}
 	if c.AuditLog == "" {
 		c.AuditLog = filepath.Join(c.StateDir, "audit.jsonl")

@@ -33,6 +33,7 @@ type Daemon struct {
 	dp    *bpf.Datapath
 	store store
 	route routing
+	wall  *wall // the second, BPF-independent wall (nftables)
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -71,6 +72,7 @@ func New(cfg Config) (*Daemon, error) {
 		log:       cfg.Logger,
 		store:     store{dir: cfg.StateDir},
 		route:     routing{mark: cfg.RedirectMark, mask: RedirectMask, table: cfg.Table, priority: cfg.RulePriority},
+		wall:      newWall(cfg),
 		sandboxes: map[string]*sandbox{},
 		byIP:      map[netip.Addr]*sandbox{},
 	}
@@ -106,10 +108,18 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		}
 		d.audit.log = l
 	}
+	// Pins must outlive this process (see bpf.ResolvePinRoot): in a
+	// private mount namespace they go to the host's bpffs, or start fails.
+	if d.cfg.PinRoot, err = bpf.ResolvePinRoot(d.cfg.PinRoot); err != nil {
+		return err
+	}
 	if d.dp, err = bpf.Load(bpf.Options{PinRoot: d.cfg.PinRoot, MaxSandboxes: d.cfg.MaxSandboxes, MaxRules: d.cfg.MaxRules, MaxCounters: d.cfg.MaxCounters}); err != nil {
 		return err
 	}
 	if _, err := d.route.install(); err != nil {
+		return err
+	}
+	if err := d.wall.install(); err != nil {
 		return err
 	}
 	if d.tcp, err = tproxy.ListenTCP(ctx, d.cfg.TCPPort, d.cfg.ListenersPerFamily, d.cfg.SocketMark); err != nil {
@@ -147,6 +157,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	d.goBackground(func() { _ = d.udp.Serve(d.udpFlow.handle) })
 	d.serveDNS()
 	d.goBackground(d.sweep)
+	d.goBackground(d.watch)
 	if d.events, err = d.dp.Events(); err != nil {
 		return err
 	}
@@ -255,6 +266,9 @@ func (d *Daemon) Uninstall() error {
 	if err := d.route.remove(); err != nil {
 		errs = append(errs, err)
 	}
+	if err := d.wall.remove(); err != nil {
+		errs = append(errs, err)
+	}
 	pinRoot := d.cfg.PinRoot
 	dp := d.dp
 	d.Close()
@@ -264,6 +278,7 @@ func (d *Daemon) Uninstall() error {
 		}
 		_ = os.Remove(filepath.Join(pinRoot, "links"))
 		_ = os.Remove(filepath.Join(pinRoot, "maps"))
+		_ = os.Remove(pinRoot) // only if empty: a pin root may be shared
 	}
 	return errors.Join(errs...)
 }
@@ -286,6 +301,7 @@ func (d *Daemon) reconcile() error {
 		if err != nil || link.Attrs().Name != rec.HostInterface {
 			d.log.Info("sandbox interface gone, cleaning up", "sandbox", rec.key(), "interface", rec.HostInterface)
 			_ = d.dp.Detach(rec.Attachment)
+			_ = d.wall.removeSandbox(rec.DatapathID)
 			d.deleteEntryIfOwned(rec.HostIfindex, rec.DatapathID)
 			_, _ = d.dp.DeleteRules(rec.DatapathID, -1)
 			_ = d.dp.DeleteCounters(rec.DatapathID)
@@ -311,6 +327,13 @@ func (d *Daemon) reconcile() error {
 			epoch = cur.Epoch // continue from it: the re-apply moves it forward
 		}
 		sb := newSandbox(rec, compiled, current, epoch)
+		// The second wall first: it holds whatever happens to the programs.
+		if err := d.wall.addSandbox(rec.wallSandbox()); err != nil {
+			return fmt.Errorf("re-installing the wall of %s: %w", rec.key(), err)
+		}
+		if err := isolatePort(rec, link); err != nil {
+			return err
+		}
 		if rec.Bridge != "" {
 			if err := d.ensureBridge(rec.Bridge, rec.BridgeIfindex); err != nil {
 				return err
@@ -365,6 +388,22 @@ func (d *Daemon) removeOrphans() {
 			}
 			d.log.Info("removing orphan link pin", "link", name)
 			_ = d.dp.Detach(bpf.Attachment{Name: name, Mode: bpf.AttachTCX})
+		}
+	}
+	if chains, err := d.wall.sandboxChains(); err == nil {
+		for name, id := range chains {
+			if owned[id] {
+				continue
+			}
+			// Like an orphan link: on a live interface the chain stays and
+			// drops everything unmarked; on a gone one it is removed.
+			if _, ifname, _ := chainParts(name); ifname != "" {
+				if _, lerr := netlink.LinkByName(ifname); lerr == nil {
+					continue
+				}
+			}
+			d.log.Info("removing orphan wall chain", "chain", name)
+			_ = d.wall.removeSandbox(id)
 		}
 	}
 	seen := map[uint32]bool{}

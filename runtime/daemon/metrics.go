@@ -20,6 +20,7 @@ type metrics struct {
 	activeFlows *prometheus.GaugeVec
 	bytes       *prometheus.CounterVec
 	denyEvents  *prometheus.CounterVec
+	repairs     *prometheus.CounterVec
 
 	// flowSets caches the children of each (sandbox, rule, mode) label
 	// set (flowKey -> *flowMetrics), so that a flow hashes no labels. An
@@ -106,7 +107,11 @@ func newMetrics(d *Daemon) *metrics {
 			Name: "cleanwall_deny_events_total", Help: "Deny events read from the datapath ring buffer.",
 		}, []string{"reason"}),
 	}
-	m.reg.MustRegister(m.sandboxes, m.flows, m.activeFlows, m.bytes, m.denyEvents,
+	m.repairs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cleanwall_repairs_total",
+		Help: "What the watchdog found missing and put back (attachment, bridge-attachment, wall, node-wall, port-isolation, map-pin).",
+	}, []string{"what"})
+	m.reg.MustRegister(m.sandboxes, m.flows, m.activeFlows, m.bytes, m.denyEvents, m.repairs,
 		&datapathCollector{d: d},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -144,6 +149,11 @@ var (
 		"Rule entries of the sandbox's active generation.", []string{"sandbox"}, nil)
 	descRuleCapacity = prometheus.NewDesc("cleanwall_datapath_rule_capacity",
 		"Size of the rule map (entries across all sandboxes).", nil, nil)
+	descWallDrops = prometheus.NewDesc("cleanwall_wall_drops_total",
+		"Packets the nftables wall dropped on a sandbox's interface: traffic the datapath program did not redirect (only when a program is missing).",
+		[]string{"sandbox"}, nil)
+	descWallUnassigned = prometheus.NewDesc("cleanwall_wall_unassigned_drops_total",
+		"Redirected packets the nftables wall dropped because no cleanwall proxy socket was assigned to them.", nil, nil)
 )
 
 func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -152,6 +162,8 @@ func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descFlows
 	ch <- descRules
 	ch <- descRuleCapacity
+	ch <- descWallDrops
+	ch <- descWallUnassigned
 }
 
 func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
@@ -173,6 +185,16 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	d.mu.RUnlock()
 	ch <- prometheus.MustNewConstMetric(descRuleCapacity, prometheus.GaugeValue, float64(d.dp.RuleCapacity()))
+	if wc, err := d.wall.counts(); err == nil {
+		for id, n := range wc.sandboxes {
+			name := fmt.Sprintf("datapath-%d", id)
+			if o, ok := owners[id]; ok {
+				name = o.name
+			}
+			ch <- prometheus.MustNewConstMetric(descWallDrops, prometheus.CounterValue, float64(n), name)
+		}
+		ch <- prometheus.MustNewConstMetric(descWallUnassigned, prometheus.CounterValue, float64(wc.unassigned))
+	}
 	counters, err := d.dp.Counters()
 	if err != nil {
 		return

@@ -375,6 +375,19 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 	var rollback undo
 	defer rollback.run()
 
+	// The second wall goes in first: from here on, whatever happens to the
+	// programs, nothing unmarked leaves the sandbox's interface.
+	if err := d.wall.addSandbox(rec.wallSandbox()); err != nil {
+		return api.Sandbox{}, err
+	}
+	rollback.push(func() { _ = d.wall.removeSandbox(id) })
+	if bridge != nil {
+		if err := isolatePort(rec, host); err != nil {
+			return api.Sandbox{}, err
+		}
+		rollback.push(func() { _ = netlink.LinkSetIsolated(host, false) })
+	}
+
 	entries := datapathEntries(compiled)
 	if _, err := d.dp.DeleteRules(id, -1); err != nil { // leftovers of a crashed ADD
 		return api.Sandbox{}, err
@@ -501,6 +514,9 @@ func (d *Daemon) teardown(s *sandbox) error {
 		errs = append(errs, err)
 	}
 	_ = d.dp.DeleteCounters(rec.DatapathID)
+	if err := d.wall.removeSandbox(rec.DatapathID); err != nil {
+		errs = append(errs, err)
+	}
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
@@ -519,9 +535,42 @@ func (d *Daemon) teardown(s *sandbox) error {
 
 var errSandboxDeleted = errors.New("sandbox deleted")
 
+// isolatePort turns on bridge port isolation for a sandbox's bridge port:
+// the bridge then forwards nothing between two isolated ports, whatever
+// the frame (a broadcast, a flood, another sandbox's MAC), with or without
+// the datapath programs. A sandbox on a ptp link has no port to isolate.
+func isolatePort(rec *record, host netlink.Link) error {
+	if rec.Bridge == "" {
+		return nil
+	}
+	if err := netlink.LinkSetIsolated(host, true); err != nil {
+		return fmt.Errorf("isolating bridge port %s: %w", rec.HostInterface, err)
+	}
+	return nil
+}
+
+// checkIsolated verifies that a bridge sandbox's port is still isolated.
+func checkIsolated(rec *record) error {
+	if rec.Bridge == "" {
+		return nil
+	}
+	l, err := netlink.LinkByIndex(rec.HostIfindex)
+	if err != nil {
+		return fmt.Errorf("bridge port %s: %w", rec.HostInterface, err)
+	}
+	pi, err := netlink.LinkGetProtinfo(l)
+	if err != nil {
+		return fmt.Errorf("reading bridge port flags of %s: %w", rec.HostInterface, err)
+	}
+	if !pi.Isolated {
+		return fmt.Errorf("bridge port %s is not isolated", rec.HostInterface)
+	}
+	return nil
+}
+
 // ensureBridge attaches the bridge program to a bridge device once.
 func (d *Daemon) ensureBridge(name string, ifindex int) error {
-	att := bpf.Attachment{Name: "bridge-" + name, Ifindex: ifindex, Bridge: true}
+	att := d.bridgeAttachment(name, ifindex)
 	if err := d.dp.Check(att); err == nil {
 		return nil
 	}
@@ -529,6 +578,15 @@ func (d *Daemon) ensureBridge(name string, ifindex int) error {
 		return fmt.Errorf("attaching bridge program to %s: %w", name, err)
 	}
 	return nil
+}
+
+// bridgeAttachment is the attachment of a bridge device's program.
+func (d *Daemon) bridgeAttachment(name string, ifindex int) bpf.Attachment {
+	att := bpf.Attachment{Name: "bridge-" + name, Ifindex: ifindex, Bridge: true, Mode: bpf.AttachTCX}
+	if d.cfg.AttachMode == "tc" {
+		att.Mode = bpf.AttachLegacyTC
+	}
+	return att
 }
 
 // releaseBridge detaches the bridge program when no sandbox uses it.
@@ -571,6 +629,12 @@ func (d *Daemon) check(s *sandbox) error {
 	rec := s.rec
 	if err := d.dp.Check(rec.Attachment); err != nil {
 		return fmt.Errorf("attachment: %w", err)
+	}
+	if err := d.wall.checkSandbox(rec.wallSandbox()); err != nil {
+		return err
+	}
+	if err := checkIsolated(rec); err != nil {
+		return err
 	}
 	got, err := d.dp.Sandbox(rec.HostIfindex)
 	if err != nil {

@@ -4,6 +4,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"testing"
 
@@ -13,6 +14,13 @@ import (
 func TestMain(m *testing.M) {
 	if os.Geteuid() == 0 {
 		harness.SweepLeftovers()
+		// Every systemd host mounts a bpffs at /sys/fs/bpf at boot; this
+		// machine may not have. Runtimes started in a private mount
+		// namespace (ip netns exec) reach it for their pins.
+		if err := harness.EnsureHostBPFFS(); err != nil {
+			fmt.Fprintln(os.Stderr, "mounting the host's bpffs:", err)
+			os.Exit(1)
+		}
 	}
 	os.Exit(m.Run())
 }

@@ -26,6 +26,7 @@ import (
 // Daemon is a cleanwalld process running in the node namespace.
 type Daemon struct {
 	env         *Env
+	Launch      Launch
 	Socket      string
 	PinRoot     string
 	StateDir    string
@@ -38,21 +39,67 @@ type Daemon struct {
 	logBuf      strings.Builder
 }
 
+// Launch is how the harness starts cleanwalld in the node namespace.
+type Launch int
+
+const (
+	// LaunchEnterNetns forks from a thread inside the node namespace: the
+	// daemon shares the test's (the host's) mount namespace.
+	LaunchEnterNetns Launch = iota
+	// LaunchIPNetnsExec runs `ip netns exec NODE cleanwalld ...`: a private
+	// mount namespace in which /sys is remounted and /sys/fs/bpf is gone.
+	LaunchIPNetnsExec
+	// LaunchOwnMountNS runs `unshare -m --propagation private nsenter
+	// --net=NODE cleanwalld ...`: a private copy of the host's mounts.
+	LaunchOwnMountNS
+)
+
+func (l Launch) String() string {
+	return [...]string{"netns", "ip-netns-exec", "own-mount-namespace"}[l]
+}
+
+// DaemonOptions tune StartDaemonWith.
+type DaemonOptions struct {
+	Launch Launch
+	// PinRoot overrides the pin root (default: a bpffs the harness mounts
+	// in the test's scratch directory). A path under /sys/fs/bpf is on the
+	// host's bpffs (mounted when missing) and removed in cleanup.
+	PinRoot string
+	// Args are extra daemon flags.
+	Args []string
+}
+
 // StartDaemon starts cleanwalld in the node namespace with its own socket,
 // bpffs pin root and state directory, and waits until it is ready.
 func (e *Env) StartDaemon(extra ...string) *Daemon {
 	e.T.Helper()
+	return e.StartDaemonWith(DaemonOptions{Args: extra})
+}
+
+// NewDaemon prepares a daemon (directories, pin root) without starting it.
+func (e *Env) NewDaemon(o DaemonOptions) *Daemon {
+	e.T.Helper()
 	d := &Daemon{
 		env:         e,
+		Launch:      o.Launch,
 		Socket:      filepath.Join(e.Dir, "cleanwalld.sock"),
 		PinRoot:     filepath.Join(e.Dir, "bpf"),
 		StateDir:    filepath.Join(e.Dir, "state"),
 		PolicyDir:   filepath.Join(e.Dir, "policies"),
 		MetricsAddr: "127.0.0.1:9464",
-		Args:        extra,
+		Args:        o.Args,
 	}
 	if err := os.MkdirAll(d.PolicyDir, 0o755); err != nil {
 		e.T.Fatal(err)
+	}
+	if o.PinRoot != "" {
+		d.PinRoot = o.PinRoot
+		if err := EnsureHostBPFFS(); err != nil {
+			e.T.Fatal(err)
+		}
+		// Unpinning the links detaches them: only after the daemon is gone.
+		e.onCleanup(func() { _ = os.RemoveAll(d.PinRoot) })
+		return d
 	}
 	// The pin root is its own bpffs: unmount it when the test ends (after
 	// the daemon is gone: cleanups run last-in first-out).
@@ -60,27 +107,60 @@ func (e *Env) StartDaemon(extra ...string) *Daemon {
 		e.T.Fatal(err)
 	}
 	e.onCleanup(func() { _ = unix.Unmount(d.PinRoot, unix.MNT_DETACH) })
+	return d
+}
+
+// StartDaemonWith starts a daemon as o says and waits until it is ready.
+func (e *Env) StartDaemonWith(o DaemonOptions) *Daemon {
+	e.T.Helper()
+	d := e.NewDaemon(o)
 	d.Start()
 	e.onCleanup(d.Stop)
 	return d
 }
 
-// Start (re)starts the daemon process.
+// EnsureHostBPFFS mounts a bpffs at /sys/fs/bpf in the test's (the host's)
+// mount namespace when there is none, as every systemd host has at boot.
+func EnsureHostBPFFS() error { return bpf.EnsureBPFFS("/sys/fs/bpf") }
+
+// Start (re)starts the daemon process and waits until it is ready.
 func (d *Daemon) Start() {
 	t := d.env.T
 	t.Helper()
+	if err := d.TryStart(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TryStart (re)starts the daemon process and waits until it is ready, or
+// returns an error with its log when it exits during the start.
+func (d *Daemon) TryStart() error {
 	args := append([]string{
 		"--socket", d.Socket, "--bpf-root", d.PinRoot, "--state-dir", d.StateDir,
 		"--policy-dir", d.PolicyDir, "--metrics-addr", d.MetricsAddr, "--log-level", "debug",
 	}, d.Args...)
-	cmd := exec.Command(filepath.Join(d.env.Bin, "cleanwalld"), args...)
+	bin := filepath.Join(d.env.Bin, "cleanwalld")
+	var cmd *exec.Cmd
+	switch d.Launch {
+	case LaunchIPNetnsExec:
+		cmd = exec.Command("ip", append([]string{"netns", "exec", filepath.Base(d.env.Node), bin}, args...)...)
+	case LaunchOwnMountNS:
+		cmd = exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "nsenter", "--net=" + d.env.Node, bin}, args...)...)
+	default:
+		cmd = exec.Command(bin, args...)
+	}
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
 	// No Pdeathsig: it fires when the forking *thread* exits, and namespace
 	// helpers retire locked threads on purpose. Cleanup stops the daemon.
-	err := netns.Do(d.env.Node, cmd.Start)
+	var err error
+	if d.Launch == LaunchEnterNetns {
+		err = netns.Do(d.env.Node, cmd.Start)
+	} else {
+		err = cmd.Start() // ip and nsenter enter the namespace, then exec the daemon
+	}
 	if err != nil {
-		t.Fatalf("starting cleanwalld: %v", err)
+		return fmt.Errorf("starting cleanwalld: %v", err)
 	}
 	d.cmd = cmd
 	d.done = make(chan struct{})
@@ -104,17 +184,32 @@ func (d *Daemon) Start() {
 		st, err := d.Client().Status(ctx)
 		cancel()
 		if err == nil && st.Ready {
-			return
+			return nil
 		}
 		select {
 		case <-d.done:
-			t.Fatalf("cleanwalld exited during start:\n%s", d.Log())
+			return &StartError{Log: d.Log()}
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("cleanwalld not ready after 30s (%v):\n%s", err, d.Log())
+			return fmt.Errorf("cleanwalld not ready after 30s (%v):\n%s", err, d.Log())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// StartError is a daemon that exited during its start.
+type StartError struct{ Log string }
+
+func (e *StartError) Error() string { return "cleanwalld exited during start:\n" + e.Log }
+
+// Exited reports whether the daemon process has exited.
+func (d *Daemon) Exited() bool {
+	select {
+	case <-d.done:
+		return true
+	default:
+		return false
 	}
 }
 
