@@ -453,4 +453,3 @@ func containsAddr(list []netip.Addr, a netip.Addr) bool {
 func (r *record) wallSandbox() wallSandbox {
 	return wallSandbox{id: r.DatapathID, ifname: r.HostInterface, gateway: wallGateways(r)}
 }
-
