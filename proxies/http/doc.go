@@ -125,8 +125,10 @@
 // Each place is matched on its own: a match across the path and the query,
 // or across two different fields, is not seen. A refusal is 403
 // path-pattern, query-pattern, header-pattern or body-pattern; the log
-// names the pattern (denyPatterns[1]), never the data, and the audit record
-// (Denial) of a path-pattern refusal carries no path.
+// names the pattern (denyPatterns[1]), never the data. Whatever the
+// refusal (a rule's may come first), neither the audit record (Denial) nor
+// the log keeps a method, path or detail that a denyPatterns entry
+// matches.
 //
 // When any pattern applies to bodies, the held body is matched
 //

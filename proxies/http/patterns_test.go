@@ -7,11 +7,13 @@ import (
 	"compress/gzip"
 	"compress/zlib"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unicode/utf16"
@@ -277,18 +279,49 @@ func TestDenyPatternsAllow(t *testing.T) {
 	}
 }
 
-// TestPathPatternDenialWithholdsThePath: the audit record of a path that
-// matched a pattern does not keep the path.
-func TestPathPatternDenialWithholdsThePath(t *testing.T) {
-	h := newHarness(t, patternRules())
-	resp, _, _, _ := h.rawExchange(t, h.raw("GET /v1/results/123-45-6789 HTTP/1.1\r\nHost: {host}\r\n\r\n"))
-	if resp.StatusCode != 403 {
-		t.Fatalf("got %d", resp.StatusCode)
+// TestDenialWithholdsPatternData: the audit record and the log of a
+// refused request keep nothing a deny pattern matches, whatever the
+// refusal: the pattern's own, or a rule's that came first.
+func TestDenialWithholdsPatternData(t *testing.T) {
+	for _, tc := range []struct {
+		raw  string
+		want Denial
+	}{
+		{"GET /v1/results/123-45-6789 HTTP/1.1\r\nHost: {host}\r\n\r\n", Denial{Reason: ReasonPathPattern, Status: 403, Method: "GET"}},
+		{"GET /v1/admin/%31%32%33-45-6789 HTTP/1.1\r\nHost: {host}\r\n\r\n", Denial{Reason: ReasonPath, Status: 403, Method: "GET"}},
+		{"123-45-6789 /v1/results HTTP/1.1\r\nHost: {host}\r\n\r\n", Denial{Reason: ReasonMethod, Status: 403, Path: "/v1/results"}},
+		{"GET /v1/results?ssn=123-45-6789 HTTP/1.1\r\nHost: {host}\r\n\r\n", Denial{Reason: ReasonQueryPattern, Status: 403, Method: "GET", Path: "/v1/results"}},
+		{"GET /v1/results HTTP/1.1\r\nHost: {host}\r\nExpect: 123-45-6789\r\n\r\n", Denial{Reason: ReasonExpect, Status: 417, Method: "GET", Path: "/v1/results"}},
+	} {
+		logs := &lockedBuffer{}
+		h := newHarness(t, patternRules(), func(h *harness) { h.proxy.Logger = slog.New(slog.NewTextHandler(logs, nil)) })
+		h.rawExchange(t, h.raw(tc.raw))
+		if d := h.lastDenials(); len(d) != 1 || d[0] != tc.want {
+			t.Errorf("%q: OnDeny got %+v, want %+v", tc.raw, d, tc.want)
+		}
+		if strings.Contains(logs.String(), "123-45-6789") || strings.Contains(logs.String(), "%31%32%33") {
+			t.Errorf("%q: the log keeps the data:\n%s", tc.raw, logs.String())
+		}
+		h.up.assertNothing(t)
 	}
-	want := Denial{Reason: ReasonPathPattern, Status: 403, Method: "GET"}
-	if d := h.lastDenials(); len(d) != 1 || d[0] != want {
-		t.Fatalf("OnDeny got %+v, want %+v", d, want)
-	}
+}
+
+// lockedBuffer collects the proxy's log from its connection goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // TestDecodedBodyRefusalKeepsConnection: a body refused after it was read

@@ -428,17 +428,15 @@ func (c *conn) refuse(q *request, rf *refusal, start time.Time, consumed bool) b
 	if path == "" {
 		path, _, _ = strings.Cut(q.target, "?")
 	}
-	if rf.reason == ReasonPathPattern {
-		path = "" // the audit trail must not keep what the pattern stopped
-	}
 	d := Denial{Reason: rf.reason, Status: info.status, Method: truncate(q.method, maxDenialMethod), Path: truncate(path, maxDenialPath)}
+	detail := c.withhold(&d, path, rf)
 	decision := decisionDeny
 	if info.failure {
 		decision = decisionError
 	}
 	// Report before answering: the audit trail never lags the sandbox.
 	c.fm.request(decision, string(rf.reason), time.Since(start))
-	c.log.Info("request refused", logReason, rf.reason, logStatus, d.Status, logMethod, d.Method, logPath, d.Path, logDetail, rf.detail)
+	c.log.Info("request refused", logReason, rf.reason, logStatus, d.Status, logMethod, d.Method, logPath, d.Path, logDetail, detail)
 	if !info.failure && c.p.OnDeny != nil {
 		c.p.OnDeny(c.flow, d)
 	}
@@ -447,6 +445,28 @@ func (c *conn) refuse(q *request, rf *refusal, start time.Time, consumed bool) b
 		return false
 	}
 	return c.cw.Flush() == nil && keep
+}
+
+// withhold keeps what the rule's deny patterns stop out of the audit trail
+// and the log, whatever the refusal: a request refused for its path or
+// method before the patterns ran may still carry their data there (and a
+// detail may quote a field value). It empties such a method or path in d
+// and returns the detail to log.
+func (c *conn) withhold(d *Denial, path string, rf *refusal) string {
+	pats := c.rules.DenyPatterns
+	if len(pats) == 0 {
+		return rf.detail
+	}
+	if rf.reason == ReasonPathPattern || c.matchEscaped(pats, path) >= 0 {
+		d.Path = ""
+	}
+	if matchString(pats, d.Method) >= 0 {
+		d.Method = ""
+	}
+	if c.matchEscaped(pats, rf.detail) >= 0 {
+		return "withheld: it matches a deny pattern"
+	}
+	return rf.detail
 }
 
 // abort ends the connection when ctx is canceled.

@@ -134,12 +134,13 @@ type Denial struct {
 	Reason Reason
 	Status int
 	// Method is the request method, truncated to maxDenialMethod bytes; empty
-	// when the request line could not be parsed.
+	// when the request line could not be parsed, or when a deny pattern
+	// matches it.
 	Method string
 	// Path is the request target's path (never the query), as sent,
 	// truncated to maxDenialPath bytes; empty when it could not be parsed,
-	// and withheld (empty) when a deny pattern matched it: the audit trail
-	// must not keep the data the pattern stopped.
+	// and withheld (empty) when a deny pattern matches it: the audit trail
+	// must not keep the data a pattern stops.
 	Path string
 }
 
