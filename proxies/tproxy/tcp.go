@@ -81,6 +81,10 @@ func ListenTCP(ctx context.Context, port uint16, n int, mark uint32) (*TCPListen
 	// with idle timeouts of its own, and Go's default probe settings cost
 	// four system calls per accepted connection.
 	lc := net.ListenConfig{Control: SocketOptions(mark, true, false), KeepAlive: -1}
+	// Plain TCP, not Go's default MPTCP listener: the datapath's time-wait
+	// steering keeps these sockets in a sockmap, which refuses MPTCP
+	// sockets (EOPNOTSUPP), and a sandbox has no business opening subflows.
+	lc.SetMultipathTCP(false)
 	t := &TCPListener{Port: port}
 	fail := func(err error) (*TCPListener, error) {
 		t.Close()
