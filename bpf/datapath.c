@@ -12,6 +12,11 @@
  * bridge_ingress runs at ingress of a bridge device: with a bridge, an assign
  * on the port does not deliver, so the port's program classifies and marks and
  * this program does the assignment of marked packets (or drops them).
+ *
+ * steer_listener (sk_lookup, attached to the node's network namespace by the
+ * daemon) lets a SYN that meets a time-wait socket of its 4-tuple start a new
+ * flow to our listener, as the kernel does for a direct connection (see
+ * syn_sock and docs/datapath.md).
  */
 
 #include <linux/bpf.h>
@@ -40,6 +45,23 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 #define ICMPV6_RS 133
 #define ICMPV6_NS 135
 #define ICMPV6_NA 136
+#define ND_OPT_SLLA 1
+#define ND_OPT_TLLA 2
+/* NA flags (router, solicited, override); the other 29 bits are reserved. */
+#define ND_NA_FLAGS 0xe0000000
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+
+/* What a Linux sandbox sends, byte for byte (measured on its veth):
+ * ARP is eth + 28 bytes, never padded (padding to 60 is done by NIC
+ * drivers for the wire; veth does not pad). */
+#define ARP_FRAME_LEN 42
+#define IPV6_FRAME_HDR_LEN 54 /* eth + IPv6 header */
+
+/* A steering entry is for the SYN being processed: the kernel looks the
+ * listener up in the same softirq. Older entries are ignored. */
+#define STEER_TTL_NS 1000000000ULL
 
 /* Pull at most this much into the linear area: eth + ipv6 + tcp + slack. */
 #define PULL_LEN 128
@@ -90,6 +112,25 @@ struct {
 	__uint(max_entries, 1 << 20);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cw_events SEC(".maps");
+
+/* 4-tuples of SYNs handed to a time-wait socket, for steer_listener. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct steer_key);
+	__type(value, struct steer);
+	__uint(max_entries, 4096);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cw_steer SEC(".maps");
+
+/* Our proxy listeners for steer_listener: index (family 6 ? 4 : 0) +
+ * enum listener. Filled by the daemon; a closed socket leaves the map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cw_listeners SEC(".maps");
 
 /* Force BTF for types only userspace uses. */
 const struct deny_event *unused_deny_event __attribute__((unused));
@@ -157,13 +198,26 @@ struct udp_hdr {
 	__be16 check;
 };
 
-/* Neighbour solicitation / advertisement: the fixed part we inspect. */
-struct nd_hdr {
+/* ICMPv6 header as neighbour discovery uses it; the 32-bit word after the
+ * checksum is reserved (RS, NS) or flags and reserved (NA). */
+struct icmp6_hdr {
 	__u8 type;
 	__u8 code;
 	__be16 check;
 	__be32 reserved;
+};
+
+/* Neighbour solicitation / advertisement: header and target. */
+struct nd_msg {
+	struct icmp6_hdr icmp;
 	__u8 target[16];
+};
+
+/* Source / target link-layer address option (Ethernet: 8 bytes). */
+struct nd_opt_lla {
+	__u8 type;
+	__u8 len; /* in units of 8 bytes */
+	__u8 mac[6];
 };
 
 /* What the classifier learnt about the packet; also the deny event source. */
@@ -264,19 +318,19 @@ static __noinline int pass(struct pkt *p, __u8 reason)
 	return TC_ACT_OK;
 }
 
-/* Fill a socket lookup tuple from the packet, with dport replaced. */
-static __always_inline __u32 make_tuple(struct bpf_sock_tuple *t, struct pkt *p, __u16 dport)
+/* Fill a socket lookup tuple from the packet's addresses and the given ports. */
+static __always_inline __u32 make_tuple(struct bpf_sock_tuple *t, struct pkt *p, __u16 sport, __u16 dport)
 {
 	if (p->family == 4) {
 		__builtin_memcpy(&t->ipv4.saddr, p->saddr, 4);
 		__builtin_memcpy(&t->ipv4.daddr, p->daddr, 4);
-		t->ipv4.sport = bpf_htons(p->sport);
+		t->ipv4.sport = bpf_htons(sport);
 		t->ipv4.dport = bpf_htons(dport);
 		return sizeof(t->ipv4);
 	}
 	__builtin_memcpy(t->ipv6.saddr, p->saddr, 16);
 	__builtin_memcpy(t->ipv6.daddr, p->daddr, 16);
-	t->ipv6.sport = bpf_htons(p->sport);
+	t->ipv6.sport = bpf_htons(sport);
 	t->ipv6.dport = bpf_htons(dport);
 	return sizeof(t->ipv6);
 }
@@ -284,10 +338,50 @@ static __always_inline __u32 make_tuple(struct bpf_sock_tuple *t, struct pkt *p,
 static __always_inline struct bpf_sock *lookup_sock(struct __sk_buff *skb, struct pkt *p, __u16 dport)
 {
 	struct bpf_sock_tuple t = {};
-	__u32 len = make_tuple(&t, p, dport);
+	__u32 len = make_tuple(&t, p, p->sport, dport);
 	if (p->proto == PROTO_TCP)
 		return bpf_sk_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	return bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+}
+
+/* Addresses and protocol of an IP header the caller bounds-checked; shared
+ * by the sandbox program and the bridge program. */
+static __always_inline void load_ipv4(struct pkt *p, struct ipv4_hdr *ip)
+{
+	p->family = 4;
+	p->proto = ip->proto;
+	__builtin_memcpy(p->saddr, ip->saddr, 4);
+	__builtin_memcpy(p->daddr, ip->daddr, 4);
+}
+
+static __always_inline void load_ipv6(struct pkt *p, struct ipv6_hdr *ip)
+{
+	p->family = 6;
+	p->proto = ip->nexthdr;
+	__builtin_memcpy(p->saddr, ip->saddr, 16);
+	__builtin_memcpy(p->daddr, ip->daddr, 16);
+}
+
+/* Ports and new-flow flag of the TCP or UDP header at l4: -1 when it is
+ * truncated (or a TCP header shorter than 20 bytes). */
+static __always_inline int load_ports(struct pkt *p, void *l4, void *end)
+{
+	if (p->proto == PROTO_TCP) {
+		struct tcp_hdr *th = l4;
+		if ((void *)(th + 1) > end || (th->doff_res >> 4) < 5)
+			return -1;
+		p->sport = bpf_ntohs(th->sport);
+		p->dport = bpf_ntohs(th->dport);
+		p->new_flow = (th->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+		return 0;
+	}
+	struct udp_hdr *uh = l4;
+	if ((void *)(uh + 1) > end)
+		return -1;
+	p->sport = bpf_ntohs(uh->sport);
+	p->dport = bpf_ntohs(uh->dport);
+	p->new_flow = 1;
+	return 0;
 }
 
 /* Assign the packet to sk (ours, checked by the caller), or on a bridge port
@@ -332,25 +426,30 @@ static __always_inline struct bpf_sock *listener_sock(struct __sk_buff *skb, str
 	return sk;
 }
 
-/* The established flow's own socket, if a proxy owns it: an established
- * socket carrying our socket mark, or a request socket (handshake in
- * progress; it has no mark to check, but a request socket whose peer is the
- * sandbox exists only if one of our listeners took the sandbox's SYN: every
- * other SYN is dropped). The ACK completing a handshake must be assigned to
- * the request socket itself: assigned to the listener, the kernel would skip
- * the request lookup and answer with a reset. Listeners found here matched
- * a wildcard address by port number only, and time-wait sockets belong to
- * no proxy: both are ignored. */
-static __always_inline struct bpf_sock *established_sock(struct __sk_buff *skb, struct pkt *p, struct config *cfg)
+/* The socket of the packet's own 4-tuple that must see it, if any:
+ * - an established socket carrying our socket mark;
+ * - a request socket (handshake in progress; it has no mark to check, but a
+ *   request socket whose peer is the sandbox exists only if one of our
+ *   listeners took the sandbox's SYN: every other SYN is dropped). The ACK
+ *   completing a handshake must be assigned to the request socket itself:
+ *   assigned to the listener, the kernel would skip the request lookup and
+ *   answer with a reset;
+ * - a time-wait socket (the remains of a flow a proxy closed first). The
+ *   kernel's time-wait processing only answers (ACK, RST) or retires it,
+ *   never delivers data, so any packet of that 4-tuple may go to it; a SYN
+ *   is a new flow, which the caller judges (see syn_sock).
+ * Listeners found here matched a wildcard address by port number only (a
+ * node service): ignored. */
+static __always_inline struct bpf_sock *flow_sock(struct __sk_buff *skb, struct pkt *p, struct config *cfg)
 {
 	struct bpf_sock_tuple t = {};
-	__u32 len = make_tuple(&t, p, p->dport);
+	__u32 len = make_tuple(&t, p, p->sport, p->dport);
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return NULL;
-	if (sk->state == BPF_TCP_NEW_SYN_RECV)
+	if (sk->state == BPF_TCP_NEW_SYN_RECV || sk->state == BPF_TCP_TIME_WAIT)
 		return sk;
-	if (sk->state == BPF_TCP_LISTEN || sk->state == BPF_TCP_TIME_WAIT) {
+	if (sk->state == BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
 		return NULL;
 	}
@@ -362,11 +461,68 @@ static __always_inline struct bpf_sock *established_sock(struct __sk_buff *skb, 
 	return sk;
 }
 
+/* Note a SYN's 4-tuple for steer_listener, and prove that the program
+ * answers before relying on it: the probe is the same lookup with source
+ * port 0, which no socket uses, so it skips the established hash and
+ * reaches the listener lookup, where steer_listener must return our
+ * listener. Without that program (detached, never attached) the kernel
+ * would give the SYN to whatever listens on the original port of the node:
+ * a node service. Returns 0 when the steering answers. */
+static __always_inline int steer_syn(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u8 listener)
+{
+	struct steer_key k = {.family = p->family, .sport = p->sport, .dport = p->dport};
+	__builtin_memcpy(k.saddr, p->saddr, 16);
+	__builtin_memcpy(k.daddr, p->daddr, 16);
+	struct steer v = {.created_ns = bpf_ktime_get_ns(), .listener = listener};
+	if (bpf_map_update_elem(&cw_steer, &k, &v, BPF_ANY))
+		return -1;
+	k.sport = 0;
+	if (bpf_map_update_elem(&cw_steer, &k, &v, BPF_ANY))
+		return -1;
+	struct bpf_sock_tuple t = {};
+	__u32 len = make_tuple(&t, p, 0, p->dport);
+	struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	bpf_map_delete_elem(&cw_steer, &k); /* consumed by steer_listener if it ran */
+	if (!sk)
+		return -1;
+	int ours = sk->mark == cfg->socket_mark && sk->state == BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return ours ? 0 : -1;
+}
+
+/* The socket a new flow's SYN goes to when a time-wait socket held its
+ * 4-tuple: assigned to the listener l, the kernel would refuse the request
+ * socket it creates (the 4-tuple is taken in the established hash) and
+ * drop the SYN without a word. Assigned to the time-wait socket, the SYN
+ * gets what it would get on a direct connection: an acceptable SYN retires
+ * the time-wait socket and goes to the listener the kernel looks up, which
+ * steer_listener makes ours; another is answered with an ACK. Consumes l;
+ * NULL: drop (no steering program of ours answers). */
+static __always_inline struct bpf_sock *syn_sock(struct __sk_buff *skb, struct pkt *p, struct config *cfg,
+						 __u8 listener, struct bpf_sock *l)
+{
+	/* One socket reference at a time: the verifier cannot follow two
+	 * through the branches the compiler merges. */
+	bpf_sk_release(l);
+	if (steer_syn(skb, p, cfg, listener))
+		return NULL;
+	struct bpf_sock_tuple t = {};
+	__u32 len = make_tuple(&t, p, p->sport, p->dport);
+	struct bpf_sock *tw = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	if (tw) {
+		if (tw->state == BPF_TCP_TIME_WAIT)
+			return tw;
+		bpf_sk_release(tw);
+	}
+	/* It expired meanwhile (the 4-tuple is free), or a duplicate SYN
+	 * took it (the kernel drops this one): the listener, as usual. */
+	return listener_sock(skb, p, cfg, listener);
+}
+
 /* The rule verdict for a new flow: from the verdict cache when this
  * sandbox's current rule epoch has seen the destination, else from the
- * LPM trie (the cost of which grows with the depth of the trie), cached.
- * Returns 0 only if the cache could not be consulted at all. */
-static __always_inline int rule_verdict(struct pkt *p, struct sandbox *sb, struct cached_verdict *out)
+ * LPM trie (the cost of which grows with the depth of the trie), cached. */
+static __always_inline void rule_verdict(struct pkt *p, struct sandbox *sb, struct cached_verdict *out)
 {
 	struct verdict_cache_key vk = {
 		.sandbox_id = p->sandbox_id,
@@ -379,7 +535,7 @@ static __always_inline int rule_verdict(struct pkt *p, struct sandbox *sb, struc
 	struct cached_verdict *cached = bpf_map_lookup_elem(&cw_verdicts, &vk);
 	if (cached) {
 		*out = *cached;
-		return 1;
+		return;
 	}
 	struct rule_key key = {
 		.prefixlen = RULE_KEY_FIXED_BITS + (p->family == 4 ? 32 : 128),
@@ -401,7 +557,6 @@ static __always_inline int rule_verdict(struct pkt *p, struct sandbox *sb, struc
 	/* A full cache only evicts: the verdict above stands either way. */
 	bpf_map_update_elem(&cw_verdicts, &vk, &v, BPF_ANY);
 	*out = v;
-	return 1;
 }
 
 static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, struct sandbox *sb, void *l4,
@@ -411,29 +566,22 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 	struct config *cfg = bpf_map_lookup_elem(&cw_config, &ck);
 	if (!cfg)
 		return drop(p, REASON_NO_PROXY);
+	if (load_ports(p, l4, end))
+		return drop(p, REASON_MALFORMED);
 
+	__u8 time_wait = 0;
 	if (p->proto == PROTO_TCP) {
-		struct tcp_hdr *th = l4;
-		if ((void *)(th + 1) > end)
-			return drop(p, REASON_MALFORMED);
-		if ((th->doff_res >> 4) < 5)
-			return drop(p, REASON_MALFORMED);
-		p->sport = bpf_ntohs(th->sport);
-		p->dport = bpf_ntohs(th->dport);
-		p->new_flow = (th->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-
-		struct bpf_sock *sk = established_sock(skb, p, cfg);
-		if (sk)
-			return redirect(skb, p, sb, cfg, sk, 0, default_listener(p), REASON_ESTABLISHED);
-		if (!p->new_flow)
+		struct bpf_sock *sk = flow_sock(skb, p, cfg);
+		if (sk) {
+			/* A SYN meeting a time-wait socket starts a new flow,
+			 * judged as any other. */
+			if (!p->new_flow || sk->state != BPF_TCP_TIME_WAIT)
+				return redirect(skb, p, sb, cfg, sk, 0, default_listener(p), REASON_ESTABLISHED);
+			bpf_sk_release(sk);
+			time_wait = 1;
+		} else if (!p->new_flow) {
 			return drop(p, REASON_NO_SOCKET);
-	} else {
-		struct udp_hdr *uh = l4;
-		if ((void *)(uh + 1) > end)
-			return drop(p, REASON_MALFORMED);
-		p->sport = bpf_ntohs(uh->sport);
-		p->dport = bpf_ntohs(uh->dport);
-		p->new_flow = 1;
+		}
 	}
 	if (p->sport == 0 || p->dport == 0)
 		return drop(p, REASON_MALFORMED);
@@ -443,7 +591,8 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 	__u8 reason = REASON_DNS;
 	if (p->dport != 53) {
 		struct cached_verdict v;
-		if (!rule_verdict(p, sb, &v) || !v.rule_id)
+		rule_verdict(p, sb, &v);
+		if (!v.rule_id)
 			return drop(p, REASON_NO_RULE);
 		if (v.expires_ns && bpf_ktime_get_ns() > v.expires_ns)
 			return drop(p, REASON_EXPIRED);
@@ -455,30 +604,62 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 	struct bpf_sock *sk = listener_sock(skb, p, cfg, listener);
 	if (!sk)
 		return drop(p, REASON_NO_PROXY);
+	/* On a bridge port the bridge program assigns, time-wait included. */
+	if (time_wait && !(sb->flags & SANDBOX_BRIDGE_PORT)) {
+		sk = syn_sock(skb, p, cfg, listener, sk);
+		if (!sk)
+			return drop(p, REASON_TIME_WAIT);
+	}
 	return redirect(skb, p, sb, cfg, sk, rule_id, listener, reason);
 }
 
-static __always_inline int handle_arp(struct pkt *p, struct sandbox *sb, struct eth_hdr *eth, void *end)
+/* ARP: what the sandbox's kernel needs to reach its gateway, and nothing
+ * a sandbox could use to talk to another one on a bridge (broadcasts are
+ * flooded to every port): a request for the gateway (target MAC zero,
+ * to the broadcast or the gateway MAC) or a reply to the gateway, from the
+ * sandbox's own MAC and IP, exactly 42 bytes. A 60-byte frame padded with
+ * zeros is refused too: veth never pads (NIC drivers pad for the wire), so
+ * a Linux sandbox never sends one, and the choice between 42 and 60 would
+ * be a bit per flooded broadcast that the sender picks. */
+static __always_inline int handle_arp(struct __sk_buff *skb, struct pkt *p, struct sandbox *sb,
+				      struct eth_hdr *eth, void *end)
 {
 	struct arp_hdr *a = (void *)(eth + 1);
 	if ((void *)(a + 1) > end)
 		return drop(p, REASON_MALFORMED);
 	if (!(sb->flags & SANDBOX_HAS_IPV4))
 		return drop(p, REASON_ARP_NOT_GATEWAY);
+	if (skb->len != ARP_FRAME_LEN)
+		return drop(p, REASON_TRAILER);
 	if (a->htype != bpf_htons(1) || a->ptype != bpf_htons(ETH_P_IPV4) || a->hlen != 6 || a->plen != 4)
-		return drop(p, REASON_ARP_NOT_GATEWAY);
-	if (a->op != bpf_htons(1) && a->op != bpf_htons(2))
-		return drop(p, REASON_ARP_NOT_GATEWAY);
-	__u8 bcast[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+		return drop(p, REASON_ARP_FIELD);
 	if (!mac_eq(a->sha, sb->mac))
 		return drop(p, REASON_SPOOFED_MAC);
-	if (!addr4_eq(a->spa, sb->ipv4) && *(__u32 *)a->spa != 0)
+	/* A sender address 0.0.0.0 is an address conflict probe (RFC 5227),
+	 * which only user space sends: addresses come from IPAM. */
+	if (*(__u32 *)a->spa == 0)
+		return drop(p, REASON_ARP_FIELD);
+	if (!addr4_eq(a->spa, sb->ipv4))
 		return drop(p, REASON_SPOOFED_IP);
 	if (!addr4_eq(a->tpa, sb->gateway_ipv4))
 		return drop(p, REASON_ARP_NOT_GATEWAY);
-	if (!mac_eq(eth->dst, bcast) && !mac_eq(eth->dst, sb->gateway_mac))
-		return drop(p, REASON_ARP_NOT_GATEWAY);
-	return pass(p, REASON_ARP);
+	__u8 zero[8] = {};
+	if (a->op == bpf_htons(1)) {
+		__u8 bcast[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+		if (!mac_eq(a->tha, zero))
+			return drop(p, REASON_ARP_FIELD);
+		if (!mac_eq(eth->dst, bcast) && !mac_eq(eth->dst, sb->gateway_mac))
+			return drop(p, REASON_L2_NOT_GATEWAY);
+		return pass(p, REASON_ARP);
+	}
+	if (a->op == bpf_htons(2)) {
+		if (!mac_eq(a->tha, sb->gateway_mac))
+			return drop(p, REASON_ARP_NOT_GATEWAY);
+		if (!mac_eq(eth->dst, sb->gateway_mac))
+			return drop(p, REASON_L2_NOT_GATEWAY);
+		return pass(p, REASON_ARP);
+	}
+	return drop(p, REASON_ARP_FIELD);
 }
 
 static __always_inline int handle_ipv4(struct __sk_buff *skb, struct pkt *p, struct sandbox *sb, struct eth_hdr *eth,
@@ -488,9 +669,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, struct pkt *p, str
 	p->family = 4;
 	if ((void *)(ip + 1) > end)
 		return drop(p, REASON_MALFORMED);
-	__builtin_memcpy(p->saddr, ip->saddr, 4);
-	__builtin_memcpy(p->daddr, ip->daddr, 4);
-	p->proto = ip->proto;
+	load_ipv4(p, ip);
 	if ((ip->version_ihl >> 4) != 4 || (ip->version_ihl & 0xf) < 5)
 		return drop(p, REASON_MALFORMED);
 	if (bpf_ntohs(ip->tot_len) < sizeof(*ip) || bpf_ntohs(ip->tot_len) > skb->len - sizeof(*eth))
@@ -541,51 +720,174 @@ static __always_inline int is_solicited_node(const __u8 *dst, const __u8 *target
 	return addr6_eq(dst, want);
 }
 
-static __always_inline int handle_ndp(struct pkt *p, struct sandbox *sb, struct ipv6_hdr *ip, void *end)
+/* One of the gateway's IPv6 addresses (never the unspecified address). */
+static __always_inline int is_gateway6(struct sandbox *sb, const void *a)
 {
-	struct nd_hdr *nd = (void *)(ip + 1);
-	if ((void *)nd + 4 > end)
+	if (addr6_is_zero(a))
+		return 0;
+	return addr6_eq(a, sb->gateway_ipv6_link_local) ||
+	       ((sb->flags & SANDBOX_HAS_IPV6) && addr6_eq(a, sb->gateway_ipv6));
+}
+
+/* One of the sandbox's own IPv6 addresses (never the unspecified address). */
+static __always_inline int is_own6(struct sandbox *sb, const void *a)
+{
+	if (addr6_is_zero(a))
+		return 0;
+	return addr6_eq(a, sb->ipv6_link_local) || ((sb->flags & SANDBOX_HAS_IPV6) && addr6_eq(a, sb->ipv6));
+}
+
+/* A link-layer address option of the given type carrying the sandbox's MAC. */
+static __always_inline int own_lla(struct nd_opt_lla *o, __u8 type, struct sandbox *sb)
+{
+	return o->type == type && o->len == 1 && mac_eq(o->mac, sb->mac);
+}
+
+/* The ICMPv6 checksum of the len-byte ND message at msg (8, 16, 24 or 32
+ * bytes, all in the linear area). A wrong checksum is 16 bits the sender
+ * chose, on frames a bridge floods. */
+static __always_inline int nd_checksum_ok(struct pkt *p, void *msg, __u32 len, void *end)
+{
+	struct {
+		__u8 src[16];
+		__u8 dst[16];
+		__be32 len;
+		__be32 next;
+	} ph = {};
+	__builtin_memcpy(ph.src, p->saddr, 16);
+	__builtin_memcpy(ph.dst, p->daddr, 16);
+	ph.len = bpf_htonl(len);
+	ph.next = bpf_htonl(PROTO_ICMPV6);
+	__s64 sum = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
+	if (sum < 0)
+		return 0;
+	if (len == 8 && msg + 8 <= end)
+		sum = bpf_csum_diff(NULL, 0, msg, 8, (__u32)sum);
+	else if (len == 16 && msg + 16 <= end)
+		sum = bpf_csum_diff(NULL, 0, msg, 16, (__u32)sum);
+	else if (len == 24 && msg + 24 <= end)
+		sum = bpf_csum_diff(NULL, 0, msg, 24, (__u32)sum);
+	else if (len == 32 && msg + 32 <= end)
+		sum = bpf_csum_diff(NULL, 0, msg, 32, (__u32)sum);
+	else
+		return 0;
+	if (sum < 0)
+		return 0;
+	__u32 s = (__u32)sum;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return s == 0xffff;
+}
+
+/* Neighbour discovery: only what the sandbox's kernel needs to reach its
+ * gateway, byte for byte what Linux sends (ndisc.c), so that a sandbox
+ * cannot hand another one on a bridge anything it chose: multicast frames
+ * (router and multicast neighbour solicitations) are flooded to every port.
+ *   RS  to ff02::2 (33:33:00:00:00:02), at most an SLLA with its own MAC;
+ *   NS  for a gateway address, to that address (gateway MAC) or its
+ *       solicited-node group (33:33:ff:xx:xx:xx), at most an SLLA with its
+ *       own MAC; never from :: (duplicate address detection);
+ *   NA  of its own address, to a gateway address (gateway MAC), at most a
+ *       TLLA with its own MAC.
+ * Every one: traffic class and flow label 0, hop limit 255, code 0,
+ * reserved bits 0, a correct checksum, and no byte after the message. */
+static __always_inline int handle_ndp(struct __sk_buff *skb, struct pkt *p, struct sandbox *sb, struct eth_hdr *eth,
+				      struct ipv6_hdr *ip, void *end)
+{
+	struct icmp6_hdr *ic = (void *)(ip + 1);
+	if ((void *)(ic + 1) > end)
 		return drop(p, REASON_MALFORMED);
-	__u8 type = nd->type;
+	__u8 type = ic->type;
 	if (type != ICMPV6_RS && type != ICMPV6_NS && type != ICMPV6_NA)
 		return drop(p, REASON_ICMP);
-	/* RFC 4861: ND messages have hop limit 255 and code 0. */
-	if (ip->hop_limit != 255 || nd->code != 0)
-		return drop(p, REASON_NDP_NOT_GATEWAY);
 
-	int has6 = sb->flags & SANDBOX_HAS_IPV6;
 	int src_any = addr6_is_zero(p->saddr);
-	if (!src_any && !addr6_eq(p->saddr, sb->ipv6_link_local) && !(has6 && addr6_eq(p->saddr, sb->ipv6)))
+	if (!src_any && !is_own6(sb, p->saddr))
 		return drop(p, REASON_SPOOFED_IP);
+	/* RFC 4861: hop limit 255 and code 0; Linux: class and flow label 0. */
+	if (ip->vtc_flow != bpf_htonl(0x60000000) || ip->hop_limit != 255 || ic->code != 0)
+		return drop(p, REASON_NDP_FIELD);
+	__u32 len = bpf_ntohs(ip->payload_len);
+	if (skb->len != IPV6_FRAME_HDR_LEN + len)
+		return drop(p, REASON_TRAILER);
 
 	if (type == ICMPV6_RS) {
 		__u8 all_routers[16] = {0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02};
+		__u8 all_routers_mac[8] = {0x33, 0x33, 0, 0, 0, 0x02};
 		if (!addr6_eq(p->daddr, all_routers))
 			return drop(p, REASON_NDP_NOT_GATEWAY);
+		if (!mac_eq(eth->dst, all_routers_mac))
+			return drop(p, REASON_L2_NOT_GATEWAY);
+		if (ic->reserved)
+			return drop(p, REASON_NDP_FIELD);
+		if (len == sizeof(*ic) + sizeof(struct nd_opt_lla)) {
+			struct nd_opt_lla *o = (void *)(ic + 1);
+			if ((void *)(o + 1) > end)
+				return drop(p, REASON_MALFORMED);
+			/* RFC 4861 6.1.1: no SLLA from the unspecified address. */
+			if (src_any || !own_lla(o, ND_OPT_SLLA, sb))
+				return drop(p, REASON_NDP_OPTION);
+		} else if (len != sizeof(*ic)) {
+			return drop(p, REASON_NDP_OPTION);
+		}
+		if (!nd_checksum_ok(p, ic, len, end))
+			return drop(p, REASON_NDP_CHECKSUM);
 		return pass(p, REASON_NDP);
 	}
-	if ((void *)(nd + 1) > end)
+
+	struct nd_msg *m = (void *)ic;
+	if ((void *)(m + 1) > end)
 		return drop(p, REASON_MALFORMED);
 	__u8 target[16];
-	__builtin_memcpy(target, nd->target, 16);
+	__builtin_memcpy(target, m->target, 16);
+	struct nd_opt_lla *o = (void *)(m + 1);
+	__u8 opt_type;
 
-	int target_gw = addr6_eq(target, sb->gateway_ipv6_link_local) || (has6 && addr6_eq(target, sb->gateway_ipv6));
-	int target_self = addr6_eq(target, sb->ipv6_link_local) || (has6 && addr6_eq(target, sb->ipv6));
 	if (type == ICMPV6_NS) {
-		/* Resolve the gateway, or duplicate address detection of our own address. */
-		if (!(target_gw || (src_any && target_self)))
+		/* Duplicate address detection is the one NS from ::. Dropping it
+		 * is safe: DAD only fails on an answer, silence means unique,
+		 * and IPAM hands out unique addresses. */
+		if (src_any)
+			return drop(p, REASON_NDP_DAD);
+		if (!is_gateway6(sb, target))
 			return drop(p, REASON_NDP_NOT_GATEWAY);
-		if (!addr6_eq(p->daddr, target) && !is_solicited_node(p->daddr, target))
+		if (addr6_eq(p->daddr, target)) {
+			/* unicast: reachability probe of the gateway */
+			if (!mac_eq(eth->dst, sb->gateway_mac))
+				return drop(p, REASON_L2_NOT_GATEWAY);
+		} else if (is_solicited_node(p->daddr, target)) {
+			__u8 group_mac[8] = {0x33, 0x33, 0xff, target[13], target[14], target[15]};
+			if (!mac_eq(eth->dst, group_mac))
+				return drop(p, REASON_L2_NOT_GATEWAY);
+		} else {
 			return drop(p, REASON_NDP_NOT_GATEWAY);
-		return pass(p, REASON_NDP);
+		}
+		if (m->icmp.reserved)
+			return drop(p, REASON_NDP_FIELD);
+		opt_type = ND_OPT_SLLA;
+	} else {
+		/* Neighbour advertisement: of its own address, to the gateway
+		 * only (an unsolicited one to all nodes reaches every port). */
+		if (src_any || !is_own6(sb, target))
+			return drop(p, REASON_NDP_NOT_GATEWAY);
+		if (!is_gateway6(sb, p->daddr))
+			return drop(p, REASON_NDP_NOT_GATEWAY);
+		if (!mac_eq(eth->dst, sb->gateway_mac))
+			return drop(p, REASON_L2_NOT_GATEWAY);
+		if (m->icmp.reserved & ~bpf_htonl(ND_NA_FLAGS))
+			return drop(p, REASON_NDP_FIELD);
+		opt_type = ND_OPT_TLLA;
 	}
-	/* Neighbour advertisement: only of our own address, to the gateway or all nodes. */
-	__u8 all_nodes[16] = {0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01};
-	if (!target_self || src_any)
-		return drop(p, REASON_NDP_NOT_GATEWAY);
-	if (!addr6_eq(p->daddr, sb->gateway_ipv6_link_local) && !(has6 && addr6_eq(p->daddr, sb->gateway_ipv6)) &&
-	    !addr6_eq(p->daddr, all_nodes))
-		return drop(p, REASON_NDP_NOT_GATEWAY);
+	if (len == sizeof(*m) + sizeof(*o)) {
+		if ((void *)(o + 1) > end)
+			return drop(p, REASON_MALFORMED);
+		if (!own_lla(o, opt_type, sb))
+			return drop(p, REASON_NDP_OPTION);
+	} else if (len != sizeof(*m)) {
+		return drop(p, REASON_NDP_OPTION);
+	}
+	if (!nd_checksum_ok(p, m, len, end))
+		return drop(p, REASON_NDP_CHECKSUM);
 	return pass(p, REASON_NDP);
 }
 
@@ -596,16 +898,14 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb, struct pkt *p, str
 	p->family = 6;
 	if ((void *)(ip + 1) > end)
 		return drop(p, REASON_MALFORMED);
-	__builtin_memcpy(p->saddr, ip->saddr, 16);
-	__builtin_memcpy(p->daddr, ip->daddr, 16);
-	p->proto = ip->nexthdr;
+	load_ipv6(p, ip);
 	if ((bpf_ntohl(ip->vtc_flow) >> 28) != 6)
 		return drop(p, REASON_MALFORMED);
 	if (bpf_ntohs(ip->payload_len) > skb->len - sizeof(*eth) - sizeof(*ip))
 		return drop(p, REASON_MALFORMED);
 
 	if (ip->nexthdr == PROTO_ICMPV6)
-		return handle_ndp(p, sb, ip, end);
+		return handle_ndp(skb, p, sb, eth, ip, end);
 
 	/* The sandbox's own link-local address, and the unspecified address
 	 * during duplicate address detection, are not spoofs: its kernel sends
@@ -660,7 +960,7 @@ int sandbox_egress(struct __sk_buff *skb)
 
 	switch (p.ethertype) {
 	case ETH_P_ARP_:
-		return handle_arp(&p, sb, eth, end);
+		return handle_arp(skb, &p, sb, eth, end);
 	case ETH_P_IPV4:
 		return handle_ipv4(skb, &p, sb, eth, end);
 	case ETH_P_IPV6_:
@@ -669,8 +969,9 @@ int sandbox_egress(struct __sk_buff *skb)
 	return drop(&p, REASON_ETHERTYPE);
 }
 
-/* Parse just enough of a packet the bridge port already classified to find
- * its socket again. Headers were validated by sandbox_egress. */
+/* Find the socket of a packet the bridge port already classified and
+ * marked, with the parsing helpers of sandbox_egress (which validated the
+ * headers), and assign it. */
 SEC("tc")
 int bridge_ingress(struct __sk_buff *skb)
 {
@@ -703,51 +1004,90 @@ int bridge_ingress(struct __sk_buff *skb)
 		struct ipv4_hdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return drop(&p, REASON_UNCLASSIFIED);
-		p.family = 4;
-		p.proto = ip->proto;
-		__builtin_memcpy(p.saddr, ip->saddr, 4);
-		__builtin_memcpy(p.daddr, ip->daddr, 4);
+		load_ipv4(&p, ip);
 		l4 = ip + 1;
 	} else if (p.ethertype == ETH_P_IPV6_) {
 		struct ipv6_hdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return drop(&p, REASON_UNCLASSIFIED);
-		p.family = 6;
-		p.proto = ip->nexthdr;
-		__builtin_memcpy(p.saddr, ip->saddr, 16);
-		__builtin_memcpy(p.daddr, ip->daddr, 16);
+		load_ipv6(&p, ip);
 		l4 = ip + 1;
 	} else {
 		return drop(&p, REASON_UNCLASSIFIED);
 	}
-	if (p.proto == PROTO_TCP) {
-		struct tcp_hdr *th = l4;
-		if ((void *)(th + 1) > end)
-			return drop(&p, REASON_UNCLASSIFIED);
-		p.sport = bpf_ntohs(th->sport);
-		p.dport = bpf_ntohs(th->dport);
-		p.new_flow = (th->flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	} else if (p.proto == PROTO_UDP) {
-		struct udp_hdr *uh = l4;
-		if ((void *)(uh + 1) > end)
-			return drop(&p, REASON_UNCLASSIFIED);
-		p.sport = bpf_ntohs(uh->sport);
-		p.dport = bpf_ntohs(uh->dport);
-		p.new_flow = 1;
-	} else {
+	if ((p.proto != PROTO_TCP && p.proto != PROTO_UDP) || load_ports(&p, l4, end))
 		return drop(&p, REASON_UNCLASSIFIED);
-	}
 
 	struct bpf_sock *sk = NULL;
-	if (p.proto == PROTO_TCP)
-		sk = established_sock(skb, &p, cfg);
+	__u8 time_wait = 0;
+	if (p.proto == PROTO_TCP) {
+		sk = flow_sock(skb, &p, cfg);
+		if (sk && p.new_flow && sk->state == BPF_TCP_TIME_WAIT) {
+			bpf_sk_release(sk);
+			sk = NULL;
+			time_wait = 1;
+		}
+	}
 	if (!sk && (p.new_flow || p.proto == PROTO_UDP))
 		sk = listener_sock(skb, &p, cfg, listener);
 	if (!sk)
 		return drop(&p, REASON_UNCLASSIFIED);
+	if (time_wait) {
+		sk = syn_sock(skb, &p, cfg, listener, sk);
+		if (!sk)
+			return drop(&p, REASON_TIME_WAIT);
+	}
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
 		return drop(&p, REASON_ASSIGN_FAILED);
 	return TC_ACT_OK;
+}
+
+/* sk_lookup, attached to the node's network namespace by the daemon. For a
+ * 4-tuple a tc program noted in cw_steer (a SYN it handed to a time-wait
+ * socket) within STEER_TTL_NS, the listener lookup the kernel makes for the
+ * original destination answers with our proxy listener of the noted kind;
+ * with none of ours (the daemon is gone) it fails, rather than fall back to
+ * a node service on the original port. Every other lookup is left alone. */
+SEC("sk_lookup")
+int steer_listener(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != PROTO_TCP)
+		return SK_PASS;
+	struct steer_key k = {};
+	__u32 *src = (__u32 *)k.saddr, *dst = (__u32 *)k.daddr;
+	if (ctx->family == AF_INET_) {
+		k.family = 4;
+		src[0] = ctx->remote_ip4;
+		dst[0] = ctx->local_ip4;
+	} else if (ctx->family == AF_INET6_) {
+		k.family = 6;
+		src[0] = ctx->remote_ip6[0];
+		src[1] = ctx->remote_ip6[1];
+		src[2] = ctx->remote_ip6[2];
+		src[3] = ctx->remote_ip6[3];
+		dst[0] = ctx->local_ip6[0];
+		dst[1] = ctx->local_ip6[1];
+		dst[2] = ctx->local_ip6[2];
+		dst[3] = ctx->local_ip6[3];
+	} else {
+		return SK_PASS;
+	}
+	k.sport = bpf_ntohs(ctx->remote_port);
+	k.dport = ctx->local_port;
+	struct steer *v = bpf_map_lookup_elem(&cw_steer, &k);
+	if (!v)
+		return SK_PASS;
+	__u64 created = v->created_ns;
+	__u32 idx = (k.family == 6 ? 4 : 0) + (v->listener & 3);
+	bpf_map_delete_elem(&cw_steer, &k);
+	if (bpf_ktime_get_ns() - created > STEER_TTL_NS)
+		return SK_PASS;
+	struct bpf_sock *sk = bpf_map_lookup_elem(&cw_listeners, &idx);
+	if (!sk)
+		return SK_DROP;
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
 }

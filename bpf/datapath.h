@@ -45,6 +45,13 @@ enum reason {
 	REASON_ASSIGN_FAILED = 36,
 	REASON_L2_NOT_GATEWAY = 37,
 	REASON_UNCLASSIFIED = 38, /* bridge device: a marked packet it cannot assign */
+	REASON_TRAILER = 39,      /* bytes after an ARP or ND message (a frame longer than its message) */
+	REASON_ARP_FIELD = 40,    /* an ARP field holds what a Linux sandbox never sends there */
+	REASON_NDP_FIELD = 41,    /* an ND header field holds what Linux never sends (hop limit, class, flow, code, reserved) */
+	REASON_NDP_OPTION = 42,   /* an ND option other than the sandbox's own link-layer address */
+	REASON_NDP_DAD = 43,      /* duplicate address detection (NS from ::) */
+	REASON_NDP_CHECKSUM = 44, /* an ND message with a wrong ICMPv6 checksum */
+	REASON_TIME_WAIT = 45,    /* a SYN met a time-wait socket and no steering program of ours answers */
 };
 
 /* Which proxy socket a redirected flow is assigned to (index into the ports
@@ -148,6 +155,27 @@ struct counter {
 	__u64 packets;
 	__u64 bytes;
 	__u64 flows; /* new-flow packets (TCP SYN, every UDP/ICMP/other packet) */
+};
+
+/* A SYN that meets a time-wait socket is handed to that socket, so that the
+ * kernel retires it as it would for a direct connection; the listener lookup
+ * the kernel then makes for the original destination is answered by
+ * steer_listener (sk_lookup) with our proxy listener, for the 4-tuples the
+ * tc programs noted here. */
+struct steer_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad;
+	__u16 sport; /* the sandbox's port, host byte order */
+	__u16 dport; /* original destination port, host byte order */
+	__u16 pad2;
+	__u8 saddr[16]; /* the sandbox's address */
+	__u8 daddr[16]; /* original destination */
+};
+
+struct steer {
+	__u64 created_ns; /* CLOCK_MONOTONIC; honoured for STEER_TTL_NS */
+	__u8 listener;    /* enum listener */
+	__u8 pad[7];
 };
 
 struct deny_event {

@@ -99,6 +99,13 @@ const (
 	datapathReasonREASON_ASSIGN_FAILED   datapathReason = 36
 	datapathReasonREASON_L2NOT_GATEWAY   datapathReason = 37
 	datapathReasonREASON_UNCLASSIFIED    datapathReason = 38
+	datapathReasonREASON_TRAILER         datapathReason = 39
+	datapathReasonREASON_ARP_FIELD       datapathReason = 40
+	datapathReasonREASON_NDP_FIELD       datapathReason = 41
+	datapathReasonREASON_NDP_OPTION      datapathReason = 42
+	datapathReasonREASON_NDP_DAD         datapathReason = 43
+	datapathReasonREASON_NDP_CHECKSUM    datapathReason = 44
+	datapathReasonREASON_TIME_WAIT       datapathReason = 45
 )
 
 type datapathRule struct {
@@ -155,6 +162,24 @@ type datapathSandboxKey struct {
 	Ifindex uint32
 }
 
+type datapathSteer struct {
+	_         structs.HostLayout
+	CreatedNs uint64
+	Listener  uint8
+	Pad       [7]uint8
+}
+
+type datapathSteerKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Pad    uint8
+	Sport  uint16
+	Dport  uint16
+	Pad2   uint16
+	Saddr  [16]uint8
+	Daddr  [16]uint8
+}
+
 type datapathVerdict uint32
 
 const (
@@ -180,11 +205,14 @@ const (
 	datapathMapCwConfig           = "cw_config"
 	datapathMapCwCounters         = "cw_counters"
 	datapathMapCwEvents           = "cw_events"
+	datapathMapCwListeners        = "cw_listeners"
 	datapathMapCwRules            = "cw_rules"
 	datapathMapCwSandboxes        = "cw_sandboxes"
+	datapathMapCwSteer            = "cw_steer"
 	datapathMapCwVerdicts         = "cw_verdicts"
 	datapathProgBridgeIngress     = "bridge_ingress"
 	datapathProgSandboxEgress     = "sandbox_egress"
+	datapathProgSteerListener     = "steer_listener"
 	datapathVarUnusedDenyEvent    = "unused_deny_event"
 	datapathVarUnusedListener     = "unused_listener"
 	datapathVarUnusedReason       = "unused_reason"
@@ -236,6 +264,7 @@ type datapathSpecs struct {
 type datapathProgramSpecs struct {
 	BridgeIngress *ebpf.ProgramSpec `ebpf:"bridge_ingress"`
 	SandboxEgress *ebpf.ProgramSpec `ebpf:"sandbox_egress"`
+	SteerListener *ebpf.ProgramSpec `ebpf:"steer_listener"`
 }
 
 // datapathMapSpecs contains maps before they are loaded into the kernel.
@@ -245,8 +274,10 @@ type datapathMapSpecs struct {
 	CwConfig    *ebpf.MapSpec `ebpf:"cw_config"`
 	CwCounters  *ebpf.MapSpec `ebpf:"cw_counters"`
 	CwEvents    *ebpf.MapSpec `ebpf:"cw_events"`
+	CwListeners *ebpf.MapSpec `ebpf:"cw_listeners"`
 	CwRules     *ebpf.MapSpec `ebpf:"cw_rules"`
 	CwSandboxes *ebpf.MapSpec `ebpf:"cw_sandboxes"`
+	CwSteer     *ebpf.MapSpec `ebpf:"cw_steer"`
 	CwVerdicts  *ebpf.MapSpec `ebpf:"cw_verdicts"`
 }
 
@@ -284,8 +315,10 @@ type datapathMaps struct {
 	CwConfig    *ebpf.Map `ebpf:"cw_config"`
 	CwCounters  *ebpf.Map `ebpf:"cw_counters"`
 	CwEvents    *ebpf.Map `ebpf:"cw_events"`
+	CwListeners *ebpf.Map `ebpf:"cw_listeners"`
 	CwRules     *ebpf.Map `ebpf:"cw_rules"`
 	CwSandboxes *ebpf.Map `ebpf:"cw_sandboxes"`
+	CwSteer     *ebpf.Map `ebpf:"cw_steer"`
 	CwVerdicts  *ebpf.Map `ebpf:"cw_verdicts"`
 }
 
@@ -294,8 +327,10 @@ func (m *datapathMaps) Close() error {
 		m.CwConfig,
 		m.CwCounters,
 		m.CwEvents,
+		m.CwListeners,
 		m.CwRules,
 		m.CwSandboxes,
+		m.CwSteer,
 		m.CwVerdicts,
 	)
 }
@@ -317,12 +352,14 @@ type datapathVariables struct {
 type datapathPrograms struct {
 	BridgeIngress *ebpf.Program `ebpf:"bridge_ingress"`
 	SandboxEgress *ebpf.Program `ebpf:"sandbox_egress"`
+	SteerListener *ebpf.Program `ebpf:"steer_listener"`
 }
 
 func (p *datapathPrograms) Close() error {
 	return _DatapathClose(
 		p.BridgeIngress,
 		p.SandboxEgress,
+		p.SteerListener,
 	)
 }
 

@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -48,10 +49,11 @@ var (
 )
 
 type testEnv struct {
-	dp      *Datapath
-	nsPath  string
-	ifindex int
-	ports   [4]uint16
+	dp         *Datapath
+	nsPath     string
+	ifindex    int
+	ports      [4]uint16
+	tcp4, tcp6 *net.TCPListener // the TCP proxy listeners of listen()
 }
 
 func newTestEnv(t *testing.T) *testEnv {
@@ -124,6 +126,7 @@ func (e *testEnv) listen(t *testing.T, mark uint32) {
 		}
 		return serr
 	}}
+	lc.SetMultipathTCP(false) // as the proxy's listeners (a sockmap refuses MPTCP)
 	err := netns.Do(e.nsPath, func() error {
 		ctx := context.Background()
 		tl, err := lc.Listen(ctx, "tcp4", "0.0.0.0:0")
@@ -148,6 +151,7 @@ func (e *testEnv) listen(t *testing.T, mark uint32) {
 		}
 		t.Cleanup(func() { dl.Close() })
 		e.ports = [4]uint16{uint16(port), uint16(ul.LocalAddr().(*net.UDPAddr).Port), uint16(dl.LocalAddr().(*net.UDPAddr).Port), 0}
+		e.tcp4, e.tcp6 = tl.(*net.TCPListener), tl6.(*net.TCPListener)
 		return nil
 	})
 	if err != nil {
@@ -275,39 +279,173 @@ func syn4(dst netip.Addr, port uint16) frameOpts {
 	return frameOpts{src: sbxIP, dst: dst, proto: layers.IPProtocolTCP, dport: port, syn: true}
 }
 
-func arpFrame(t *testing.T, srcMAC net.HardwareAddr, spa, tpa netip.Addr) []byte {
-	t.Helper()
-	eth := &layers.Ethernet{SrcMAC: srcMAC, DstMAC: layers.EthernetBroadcast, EthernetType: layers.EthernetTypeARP}
-	arp := &layers.ARP{AddrType: layers.LinkTypeEthernet, Protocol: layers.EthernetTypeIPv4, HwAddressSize: 6, ProtAddressSize: 4,
-		Operation: layers.ARPRequest, SourceHwAddress: srcMAC, SourceProtAddress: spa.AsSlice(),
-		DstHwAddress: make([]byte, 6), DstProtAddress: tpa.AsSlice()}
-	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{}, eth, arp); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
+// arpOpts describe an ARP frame; zero values are what a Linux sandbox sends
+// for its gateway: a broadcast request from its own MAC and IP, 42 bytes.
+type arpOpts struct {
+	op        uint16 // default 1 (request)
+	htype     uint16 // default 1 (Ethernet)
+	ethDst    net.HardwareAddr
+	sha       net.HardwareAddr
+	spa, tpa  netip.Addr
+	tha       net.HardwareAddr // default zero
+	trailer   []byte           // bytes after the 28-byte message
+	unspecSPA bool             // sender 0.0.0.0
 }
 
-func ndpFrame(t *testing.T, typ uint8, src, dst, target netip.Addr, hop uint8) []byte {
+// arpFrame builds the frame byte for byte (gopacket would pad it to 60).
+func arpFrame(o arpOpts) []byte {
+	if o.op == 0 {
+		o.op = 1
+	}
+	if o.htype == 0 {
+		o.htype = 1
+	}
+	if o.ethDst == nil {
+		o.ethDst = layers.EthernetBroadcast
+	}
+	if o.sha == nil {
+		o.sha = sbxMAC
+	}
+	if !o.spa.IsValid() {
+		o.spa = sbxIP
+	}
+	if !o.tpa.IsValid() {
+		o.tpa = gwIP
+	}
+	if o.tha == nil {
+		o.tha = make(net.HardwareAddr, 6)
+	}
+	f := make([]byte, 0, 42+len(o.trailer))
+	f = append(f, o.ethDst...)
+	f = append(f, o.sha...)
+	f = binary.BigEndian.AppendUint16(f, 0x0806)
+	f = binary.BigEndian.AppendUint16(f, o.htype)
+	f = binary.BigEndian.AppendUint16(f, 0x0800)
+	f = append(f, 6, 4)
+	f = binary.BigEndian.AppendUint16(f, o.op)
+	f = append(f, o.sha...)
+	if o.unspecSPA {
+		f = append(f, 0, 0, 0, 0)
+	} else {
+		f = append(f, o.spa.AsSlice()...)
+	}
+	f = append(f, o.tha...)
+	f = append(f, o.tpa.AsSlice()...)
+	return append(f, o.trailer...)
+}
+
+// ndOpts describe a neighbour discovery frame; zero values are what a Linux
+// sandbox sends to resolve its gateway's link-local address: a multicast
+// NS from its link-local address with its own MAC as SLLA.
+type ndOpts struct {
+	typ        uint8 // default 135 (NS)
+	ethDst     net.HardwareAddr
+	src, dst   netip.Addr
+	target     netip.Addr // NS, NA
+	reserved   uint32     // NA: flags
+	opts       []byte     // default: SLLA (NS, RS) / none (NA); noOpts for none
+	noOpts     bool
+	hop        uint8 // default 255
+	class      uint8
+	flow       uint32
+	trailer    []byte // bytes after the IPv6 payload
+	badCsum    bool
+	unspecSrc  bool
+	rawPayload []byte // replaces the ICMPv6 message built from the fields above
+}
+
+func lla(typ byte, mac net.HardwareAddr) []byte { return append([]byte{typ, 1}, mac...) }
+
+func solicited(a netip.Addr) netip.Addr {
+	b := a.As16()
+	return netip.AddrFrom16([16]byte{0xff, 0x02, 11: 1, 12: 0xff, 13: b[13], 14: b[14], 15: b[15]})
+}
+
+func multicastMAC(a netip.Addr) net.HardwareAddr {
+	b := a.As16()
+	return net.HardwareAddr{0x33, 0x33, b[12], b[13], b[14], b[15]}
+}
+
+func ndFrame(t *testing.T, o ndOpts) []byte {
 	t.Helper()
-	dstMAC := net.HardwareAddr{0x33, 0x33, 0xff, 0, 0, 1}
-	eth := &layers.Ethernet{SrcMAC: sbxMAC, DstMAC: dstMAC, EthernetType: layers.EthernetTypeIPv6}
-	ip := &layers.IPv6{Version: 6, HopLimit: hop, NextHeader: layers.IPProtocolICMPv6, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
-	icmp := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(typ, 0)}
-	_ = icmp.SetNetworkLayerForChecksum(ip)
-	body := make([]byte, 4+16)
-	copy(body[4:], target.AsSlice())
+	if o.typ == 0 {
+		o.typ = 135
+	}
+	if o.hop == 0 {
+		o.hop = 255
+	}
+	if !o.src.IsValid() {
+		o.src = sbxLL
+	}
+	if o.unspecSrc {
+		o.src = netip.IPv6Unspecified()
+	}
+	if !o.target.IsValid() && o.typ != 133 {
+		o.target = gwLL
+	}
+	if !o.dst.IsValid() {
+		o.dst = solicited(o.target)
+		if o.typ == 133 {
+			o.dst = netip.MustParseAddr("ff02::2")
+		}
+	}
+	if o.ethDst == nil {
+		o.ethDst = gwMAC
+		if o.dst.IsMulticast() {
+			o.ethDst = multicastMAC(o.dst)
+		}
+	}
+	if o.opts == nil && !o.noOpts && o.typ != 136 {
+		o.opts = lla(1, sbxMAC)
+	}
+	msg := o.rawPayload
+	if msg == nil {
+		msg = []byte{o.typ, 0, 0, 0}
+		msg = binary.BigEndian.AppendUint32(msg, o.reserved)
+		if o.typ != 133 {
+			msg = append(msg, o.target.AsSlice()...)
+		}
+		msg = append(msg, o.opts...)
+		// ICMPv6 checksum over the pseudo-header and the message.
+		ph := append(append(o.src.AsSlice(), o.dst.AsSlice()...), 0, 0, 0, 0, 0, 0, 0, 58)
+		binary.BigEndian.PutUint32(ph[32:], uint32(len(msg)))
+		var sum uint32
+		for _, b := range [][]byte{ph, msg} {
+			for i := 0; i+1 < len(b); i += 2 {
+				sum += uint32(b[i])<<8 | uint32(b[i+1])
+			}
+		}
+		for sum > 0xffff {
+			sum = sum&0xffff + sum>>16
+		}
+		csum := ^uint16(sum)
+		if o.badCsum {
+			csum ^= 0x5a5a
+		}
+		binary.BigEndian.PutUint16(msg[2:], csum)
+	}
+	eth := &layers.Ethernet{SrcMAC: sbxMAC, DstMAC: o.ethDst, EthernetType: layers.EthernetTypeIPv6}
+	ip := &layers.IPv6{Version: 6, TrafficClass: o.class, FlowLabel: o.flow, HopLimit: o.hop, NextHeader: layers.IPProtocolICMPv6,
+		SrcIP: o.src.AsSlice(), DstIP: o.dst.AsSlice()}
 	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, icmp, gopacket.Payload(body)); err != nil {
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true}, eth, ip, gopacket.Payload(msg)); err != nil {
 		t.Fatal(err)
 	}
-	return buf.Bytes()
+	return append(append([]byte(nil), buf.Bytes()...), o.trailer...)
 }
 
 const (
 	actOK   = 0
 	actShot = 2
 )
+
+type matrixCase struct {
+	name    string
+	frame   []byte
+	verdict Verdict
+	reason  Reason
+	rule    uint32
+}
 
 // TestClassifierMatrix runs every frame through the sandbox program with
 // BPF_PROG_TEST_RUN. TEST_RUN does not mark the skb as being at tc ingress,
@@ -338,17 +476,7 @@ func testClassifierMatrix(t *testing.T, bridge bool) {
 		}
 	}
 
-	solicited := func(a netip.Addr) netip.Addr {
-		b := a.As16()
-		return netip.AddrFrom16([16]byte{0xff, 0x02, 10: 0, 11: 1, 12: 0xff, 13: b[13], 14: b[14], 15: b[15]})
-	}
-	cases := []struct {
-		name    string
-		frame   []byte
-		verdict Verdict
-		reason  Reason
-		rule    uint32
-	}{
+	cases := []matrixCase{
 		{"allowed SYN, most specific prefix wins", build(t, syn4(remote, 8080)), VerdictRedirect, ReasonRule, 2},
 		{"allowed SYN via /24", build(t, syn4(netip.MustParseAddr("198.51.100.99"), 8080)), VerdictRedirect, ReasonRule, 1},
 		{"allowed IPv6 SYN", build(t, frameOpts{src: sbxIP6, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictRedirect, ReasonRule, 3},
@@ -374,13 +502,7 @@ func testClassifierMatrix(t *testing.T, bridge bool) {
 		{"TCP from the unspecified address", build(t, frameOpts{src: netip.IPv6Unspecified(), dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictDrop, ReasonSpoofedIP, 0},
 		{"TCP from the link-local address", build(t, frameOpts{src: sbxLL, dst: remote6, proto: layers.IPProtocolTCP, dport: 443, syn: true}), VerdictDrop, ReasonSpoofedIP, 0},
 		{"other IP protocol (SCTP)", build(t, frameOpts{src: sbxIP, dst: remote, proto: layers.IPProtocolSCTP}), VerdictDrop, ReasonProtocol, 0},
-		{"ARP for the gateway", arpFrame(t, sbxMAC, sbxIP, gwIP), VerdictPass, ReasonARP, 0},
-		{"ARP for another host", arpFrame(t, sbxMAC, sbxIP, netip.MustParseAddr("10.99.0.3")), VerdictDrop, ReasonARPNotGateway, 0},
-		{"ARP with spoofed sender IP", arpFrame(t, sbxMAC, netip.MustParseAddr("10.99.0.3"), gwIP), VerdictDrop, ReasonSpoofedIP, 0},
-		{"NS for the gateway", ndpFrame(t, 135, sbxLL, solicited(gwLL), gwLL, 255), VerdictPass, ReasonNDP, 0},
-		{"NS for another host", ndpFrame(t, 135, sbxLL, solicited(netip.MustParseAddr("fe80::9")), netip.MustParseAddr("fe80::9"), 255), VerdictDrop, ReasonNDPNotGateway, 0},
-		{"NS with hop limit 64", ndpFrame(t, 135, sbxLL, solicited(gwLL), gwLL, 64), VerdictDrop, ReasonNDPNotGateway, 0},
-		{"ICMPv6 echo", ndpFrame(t, 128, sbxLL, gwLL, gwLL, 64), VerdictDrop, ReasonICMP, 0},
+		{"ICMPv6 echo", ndFrame(t, ndOpts{typ: 128, dst: gwLL, noOpts: true}), VerdictDrop, ReasonICMP, 0},
 		{"IPv4 IHL below 5", func() []byte {
 			f := build(t, syn4(remote, 8080))
 			f[14] = 0x44
@@ -398,6 +520,7 @@ func testClassifierMatrix(t *testing.T, bridge bool) {
 			return f
 		}(), VerdictDrop, ReasonEthertype, 0},
 	}
+	cases = append(cases, neighbourCases(t)...)
 	for _, c := range cases {
 		if c.verdict == VerdictRedirect && !bridge {
 			c.verdict, c.reason, c.rule = VerdictDrop, ReasonAssignFailed, 0
@@ -545,5 +668,84 @@ func TestVerdictCacheFollowsTheEpoch(t *testing.T) {
 	}
 	if c := env.counter(t, 0, VerdictDrop, ReasonExpired); c.Packets != 2 {
 		t.Fatalf("expired drops = %d, want 2 (the second from the cache)", c.Packets)
+	}
+}
+
+// neighbourCases: the ARP and neighbour discovery a Linux sandbox sends to
+// reach its gateway passes; everything else, and in particular what one
+// sandbox could use to reach another on a bridge (frames to another MAC or
+// to all nodes, fields or options it chose, trailers), drops under its
+// reason. peerMAC and peerLL stand for another sandbox on the bridge.
+func neighbourCases(t *testing.T) []matrixCase {
+	peerMAC := net.HardwareAddr{0x02, 0, 0, 0, 0, 0x33}
+	peerLL := netip.MustParseAddr("fe80::33")
+	allNodes := netip.MustParseAddr("ff02::1")
+	allNodesMAC := net.HardwareAddr{0x33, 0x33, 0, 0, 0, 1}
+	covert := bytes.Repeat([]byte("exfiltrated "), 75) // 900 bytes
+	const na, rs = 136, 133
+	const flagsSO = 0x60000000
+	return []matrixCase{
+		// ARP: legitimate
+		{"ARP request for the gateway (broadcast, 42 bytes)", arpFrame(arpOpts{}), VerdictPass, ReasonARP, 0},
+		{"ARP request for the gateway (unicast probe)", arpFrame(arpOpts{ethDst: gwMAC}), VerdictPass, ReasonARP, 0},
+		{"ARP reply to the gateway", arpFrame(arpOpts{op: 2, ethDst: gwMAC, tha: gwMAC}), VerdictPass, ReasonARP, 0},
+		// ARP: crafted
+		{"ARP broadcast with data in the target MAC", arpFrame(arpOpts{tha: net.HardwareAddr{'s', 'e', 'c', 'r', 'e', 't'}}), VerdictDrop, ReasonARPField, 0},
+		{"ARP broadcast with a 900-byte trailer", arpFrame(arpOpts{trailer: covert}), VerdictDrop, ReasonTrailer, 0},
+		{"ARP padded to 60 bytes with zeros", arpFrame(arpOpts{trailer: make([]byte, 18)}), VerdictDrop, ReasonTrailer, 0},
+		{"ARP request to another sandbox's MAC", arpFrame(arpOpts{ethDst: peerMAC}), VerdictDrop, ReasonL2NotGateway, 0},
+		{"ARP for another host", arpFrame(arpOpts{tpa: netip.MustParseAddr("10.99.0.3")}), VerdictDrop, ReasonARPNotGateway, 0},
+		{"ARP reply to another sandbox", arpFrame(arpOpts{op: 2, ethDst: gwMAC, tha: peerMAC}), VerdictDrop, ReasonARPNotGateway, 0},
+		{"ARP reply sent to another sandbox's MAC", arpFrame(arpOpts{op: 2, ethDst: peerMAC, tha: gwMAC}), VerdictDrop, ReasonL2NotGateway, 0},
+		{"ARP with spoofed sender IP", arpFrame(arpOpts{spa: netip.MustParseAddr("10.99.0.3")}), VerdictDrop, ReasonSpoofedIP, 0},
+		{"ARP with spoofed sender MAC", arpFrame(arpOpts{sha: peerMAC}), VerdictDrop, ReasonSpoofedMAC, 0},
+		{"ARP probe from 0.0.0.0", arpFrame(arpOpts{unspecSPA: true}), VerdictDrop, ReasonARPField, 0},
+		{"ARP with another opcode", arpFrame(arpOpts{op: 3}), VerdictDrop, ReasonARPField, 0},
+		{"ARP with another hardware type", arpFrame(arpOpts{htype: 6}), VerdictDrop, ReasonARPField, 0},
+
+		// NS: legitimate
+		{"NS for the gateway's link-local address", ndFrame(t, ndOpts{}), VerdictPass, ReasonNDP, 0},
+		{"NS for the gateway's global address", ndFrame(t, ndOpts{src: sbxIP6, target: gwIP6}), VerdictPass, ReasonNDP, 0},
+		{"NS probing the gateway (unicast)", ndFrame(t, ndOpts{dst: gwLL}), VerdictPass, ReasonNDP, 0},
+		{"NS without a link-layer option", ndFrame(t, ndOpts{noOpts: true}), VerdictPass, ReasonNDP, 0},
+		// NS: crafted
+		{"NS sent to another sandbox's MAC", ndFrame(t, ndOpts{ethDst: peerMAC}), VerdictDrop, ReasonL2NotGateway, 0},
+		{"NS to all nodes", ndFrame(t, ndOpts{dst: allNodes}), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"NS for another sandbox's address", ndFrame(t, ndOpts{target: peerLL}), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"NS for another host", ndFrame(t, ndOpts{target: netip.MustParseAddr("fe80::9")}), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"NS for duplicate address detection (from ::)", ndFrame(t, ndOpts{unspecSrc: true, target: sbxLL, noOpts: true}), VerdictDrop, ReasonNDPDAD, 0},
+		{"NS with hop limit 64", ndFrame(t, ndOpts{hop: 64}), VerdictDrop, ReasonNDPField, 0},
+		{"NS with a flow label", ndFrame(t, ndOpts{flow: 0x12345}), VerdictDrop, ReasonNDPField, 0},
+		{"NS with a traffic class", ndFrame(t, ndOpts{class: 0x2e}), VerdictDrop, ReasonNDPField, 0},
+		{"NS with data in the reserved field", ndFrame(t, ndOpts{reserved: 0xc0ffee}), VerdictDrop, ReasonNDPField, 0},
+		{"NS with a 900-byte trailer", ndFrame(t, ndOpts{trailer: covert}), VerdictDrop, ReasonTrailer, 0},
+		{"NS with a 900-byte option", ndFrame(t, ndOpts{opts: append([]byte{200, 113, 0, 0, 0, 0, 0, 0}, covert[:896]...)}), VerdictDrop, ReasonNDPOption, 0},
+		{"NS with a second option", ndFrame(t, ndOpts{opts: append(lla(1, sbxMAC), 14, 1, 1, 2, 3, 4, 5, 6)}), VerdictDrop, ReasonNDPOption, 0},
+		{"NS with another MAC as SLLA", ndFrame(t, ndOpts{opts: lla(1, peerMAC)}), VerdictDrop, ReasonNDPOption, 0},
+		{"NS with a wrong checksum", ndFrame(t, ndOpts{badCsum: true}), VerdictDrop, ReasonNDPChecksum, 0},
+		{"NS from a spoofed address", ndFrame(t, ndOpts{src: peerLL}), VerdictDrop, ReasonSpoofedIP, 0},
+
+		// RS: legitimate
+		{"RS with the sandbox's SLLA", ndFrame(t, ndOpts{typ: rs}), VerdictPass, ReasonNDP, 0},
+		{"RS from :: without options", ndFrame(t, ndOpts{typ: rs, unspecSrc: true, noOpts: true}), VerdictPass, ReasonNDP, 0},
+		// RS: crafted
+		{"RS sent to another sandbox's MAC", ndFrame(t, ndOpts{typ: rs, ethDst: peerMAC}), VerdictDrop, ReasonL2NotGateway, 0},
+		{"RS to all nodes", ndFrame(t, ndOpts{typ: rs, dst: allNodes}), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"RS with another MAC as SLLA", ndFrame(t, ndOpts{typ: rs, opts: lla(1, peerMAC)}), VerdictDrop, ReasonNDPOption, 0},
+		{"RS from :: with an SLLA", ndFrame(t, ndOpts{typ: rs, unspecSrc: true}), VerdictDrop, ReasonNDPOption, 0},
+		{"RS with a 900-byte trailer", ndFrame(t, ndOpts{typ: rs, trailer: covert}), VerdictDrop, ReasonTrailer, 0},
+		{"RS with data in the reserved field", ndFrame(t, ndOpts{typ: rs, reserved: 7}), VerdictDrop, ReasonNDPField, 0},
+
+		// NA: legitimate (Linux answers a multicast NS with a TLLA, a unicast one without)
+		{"NA of its link-local address to the gateway", ndFrame(t, ndOpts{typ: na, target: sbxLL, dst: gwLL, reserved: flagsSO, opts: lla(2, sbxMAC)}), VerdictPass, ReasonNDP, 0},
+		{"NA of its global address to the gateway", ndFrame(t, ndOpts{typ: na, src: sbxIP6, target: sbxIP6, dst: gwIP6, reserved: flagsSO}), VerdictPass, ReasonNDP, 0},
+		// NA: crafted
+		{"NA to all nodes", ndFrame(t, ndOpts{typ: na, target: sbxLL, dst: allNodes, ethDst: allNodesMAC, reserved: 0x20000000, opts: lla(2, sbxMAC)}), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"NA sent to another sandbox's MAC", ndFrame(t, ndOpts{typ: na, target: sbxLL, dst: gwLL, ethDst: peerMAC, reserved: flagsSO}), VerdictDrop, ReasonL2NotGateway, 0},
+		{"NA to another sandbox's address", ndFrame(t, ndOpts{typ: na, target: sbxLL, dst: peerLL, reserved: flagsSO}), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"NA of the gateway's address", ndFrame(t, ndOpts{typ: na, target: gwLL, dst: gwLL, reserved: flagsSO}), VerdictDrop, ReasonNDPNotGateway, 0},
+		{"NA with data in the reserved bits", ndFrame(t, ndOpts{typ: na, target: sbxLL, dst: gwLL, reserved: flagsSO | 0xbeef}), VerdictDrop, ReasonNDPField, 0},
+		{"NA with another MAC as TLLA", ndFrame(t, ndOpts{typ: na, target: sbxLL, dst: gwLL, reserved: flagsSO, opts: lla(2, peerMAC)}), VerdictDrop, ReasonNDPOption, 0},
+		{"NA with a 900-byte trailer", ndFrame(t, ndOpts{typ: na, target: sbxLL, dst: gwLL, reserved: flagsSO, trailer: covert}), VerdictDrop, ReasonTrailer, 0},
 	}
 }

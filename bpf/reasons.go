@@ -53,6 +53,13 @@ const (
 	ReasonAssignFailed   = Reason(datapathReasonREASON_ASSIGN_FAILED)
 	ReasonL2NotGateway   = Reason(datapathReasonREASON_L2NOT_GATEWAY)
 	ReasonUnclassified   = Reason(datapathReasonREASON_UNCLASSIFIED)
+	ReasonTrailer        = Reason(datapathReasonREASON_TRAILER)
+	ReasonARPField       = Reason(datapathReasonREASON_ARP_FIELD)
+	ReasonNDPField       = Reason(datapathReasonREASON_NDP_FIELD)
+	ReasonNDPOption      = Reason(datapathReasonREASON_NDP_OPTION)
+	ReasonNDPDAD         = Reason(datapathReasonREASON_NDP_DAD)
+	ReasonNDPChecksum    = Reason(datapathReasonREASON_NDP_CHECKSUM)
+	ReasonTimeWait       = Reason(datapathReasonREASON_TIME_WAIT)
 )
 
 var reasonNames = map[Reason]string{
@@ -80,6 +87,13 @@ var reasonNames = map[Reason]string{
 	ReasonAssignFailed:   "assign-failed",
 	ReasonL2NotGateway:   "l2-not-gateway",
 	ReasonUnclassified:   "unclassified",
+	ReasonTrailer:        "trailer",
+	ReasonARPField:       "arp-field",
+	ReasonNDPField:       "ndp-field",
+	ReasonNDPOption:      "ndp-option",
+	ReasonNDPDAD:         "ndp-dad",
+	ReasonNDPChecksum:    "ndp-checksum",
+	ReasonTimeWait:       "time-wait",
 }
 
 func (r Reason) String() string {
