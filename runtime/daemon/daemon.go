@@ -148,6 +148,9 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}); err != nil {
 		return err
 	}
+	if err := d.steerTimeWait(); err != nil {
+		return err
+	}
 	if err := d.reconcile(); err != nil {
 		return fmt.Errorf("re-adopting sandboxes: %w", err)
 	}
