@@ -5,6 +5,7 @@
 package cnichain
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 )
@@ -226,4 +228,59 @@ func (a *Attachment) Gateway() string {
 		}
 	}
 	return ""
+}
+
+// DelCached runs CNI DEL for an attachment whose Attachment value is gone
+// with its owner (a killed `cleanwall run`), as a runtime does after a
+// crash: with the configuration libcni cached at ADD when there is one
+// (what the plugins were really given), else with ConfList(o) (the owner
+// died before ADD completed: host-local may hold an address all the same).
+// An empty netnsPath tells the plugins the namespace is gone. It reports
+// whether a cache entry existed.
+func DelCached(ctx context.Context, o Options, containerID, netnsPath, ifName string) (cached bool, err error) {
+	conf, err := ConfList(o)
+	if err != nil {
+		return false, err
+	}
+	list, err := libcni.ConfListFromBytes(conf)
+	if err != nil {
+		return false, fmt.Errorf("cni chain: %w", err)
+	}
+	// The plugins' stderr (cleanwall-cni's "daemon not reachable", expected
+	// here) is kept for the error, not passed through.
+	var stderr bytes.Buffer
+	cni := libcni.NewCNIConfigWithCacheDir(o.PluginDirs, o.CacheDir, &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: &stderr}})
+	rt := &libcni.RuntimeConf{ContainerID: containerID, NetNS: netnsPath, IfName: ifName}
+	if b, crt, err := cni.GetNetworkListCachedConfig(list, rt); err == nil && b != nil {
+		if l, err := libcni.ConfListFromBytes(b); err == nil {
+			list, rt, cached = l, crt, true
+		}
+	}
+	if err := cni.DelNetworkList(ctx, list, rt); err != nil {
+		if msg := strings.TrimSpace(stderr.String()); msg != "" {
+			err = fmt.Errorf("%w (plugin stderr: %s)", err, msg)
+		}
+		return cached, fmt.Errorf("cni chain: DEL %s/%s: %w", containerID, ifName, err)
+	}
+	return cached, nil
+}
+
+// CachedAttachment is an entry of libcni's cache.
+type CachedAttachment struct {
+	Network, ContainerID, IfName, NetNS string
+	// Config is the conflist the attachment was added with.
+	Config []byte
+}
+
+// CachedAttachments lists the entries of libcni's cache in cacheDir.
+func CachedAttachments(cacheDir string) ([]CachedAttachment, error) {
+	atts, err := libcni.NewCNIConfigWithCacheDir(nil, cacheDir, nil).GetCachedAttachments("")
+	if err != nil {
+		return nil, fmt.Errorf("cni chain: reading the cache: %w", err)
+	}
+	out := make([]CachedAttachment, 0, len(atts))
+	for _, a := range atts {
+		out = append(out, CachedAttachment{Network: a.Network, ContainerID: a.ContainerID, IfName: a.IfName, NetNS: a.NetNS, Config: a.Config})
+	}
+	return out, nil
 }
