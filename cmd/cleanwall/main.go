@@ -14,6 +14,7 @@ const usage = `cleanwall — egress enforcement for clean-room sandboxes
 
 Usage:
   cleanwall run --policy FILE [--name NAME] [--metrics-addr ADDR] [--cni-bin-dir DIR] -- COMMAND [ARGS...]
+  cleanwall gc
   cleanwall policy check FILE
   cleanwall policy apply --sandbox ID FILE
   cleanwall policy show --sandbox ID
@@ -42,8 +43,12 @@ func run(args []string) int {
 	}
 	var err error
 	switch args[0] {
+	case sandboxInitCmd: // cleanwall run's own init, not in the usage
+		return sandboxInit(args[1:])
 	case "run":
 		err = cmdRun(args[1:])
+	case "gc":
+		err = cmdGC(args[1:])
 	case "policy":
 		err = cmdPolicy(args[1:])
 	case "sandboxes":

@@ -10,10 +10,10 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -162,13 +162,70 @@ func (o *runOptions) preflight() (*policy.Compiled, error) {
 	if err := cnichain.FindPlugins(o.cniDirs, "ptp", "host-local", "cleanwall-cni"); err != nil {
 		return nil, fail("%v", err)
 	}
-	if netns.Exists(sandboxNetns(o.name)) {
-		return nil, fail("a sandbox named %q exists already (netns %s): pick another --name", o.name, sandboxNetns(o.name))
-	}
 	return compiled, nil
 }
 
 func sandboxNetns(name string) string { return "cleanwall-" + name }
+
+// pinRootOf is the pin root of the embedded runtime of the run of pid.
+func pinRootOf(pid int) string { return fmt.Sprintf("/sys/fs/bpf/cleanwall-run-%d", pid) }
+
+// chain is the CNI chain of the run's sandbox (Socket comes with the runtime).
+func (o *runOptions) chain() cnichain.Options {
+	return cnichain.Options{
+		Name: "cleanwall-run", Subnet: o.subnet, Subnet6: o.subnet6,
+		Cleanwall: true, PolicyFile: o.policyFile,
+		PluginDirs: o.cniDirs, CacheDir: filepath.Join(runDir, "cni-cache"), IPAMDir: filepath.Join(runDir, "ipam"),
+	}
+}
+
+// claim removes what runs whose owner is gone left behind, then takes the
+// sandbox's name and makes the run directory with its ownership record
+// (before anything else is made, so whatever follows can be found again
+// by gc). It holds the gc lock meanwhile: a concurrent gc or run sees no
+// claim or a complete one, and a name belongs to one run record at a time.
+func (o *runOptions) claim(td *teardown) (*runRecord, string, error) {
+	unlock, err := lockGC()
+	if err != nil {
+		return nil, "", err
+	}
+	defer unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), gcTimeout)
+	pass := collect(ctx, runDir)
+	cancel()
+	for _, c := range pass.collected {
+		if c.err != nil {
+			fmt.Fprintf(os.Stderr, "cleanwall: could not remove all that %s left behind: %v (see cleanwall gc)\n", c.title(), c.err)
+		} else {
+			fmt.Fprintf(os.Stderr, "cleanwall: removed what %s left behind (%d items)\n", c.title(), len(c.removed))
+		}
+	}
+	for _, rec := range pass.remaining {
+		if rec.Name == o.name {
+			return nil, "", fail("a sandbox named %q exists already (run of pid %d): pick another --name", o.name, rec.Owner.PID)
+		}
+	}
+	if netns.Exists(sandboxNetns(o.name)) {
+		return nil, "", fail("a sandbox named %q exists already (netns %s): pick another --name", o.name, sandboxNetns(o.name))
+	}
+	me, err := self()
+	if err != nil {
+		return nil, "", fail("identifying this process: %v", err)
+	}
+	dir := filepath.Join(runDir, strconv.Itoa(me.PID))
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, "", fail("creating the run directory: %v (cleanwall gc removes what dead runs left)", err)
+	}
+	td.push(func() error { return os.RemoveAll(dir) })
+	rec := &runRecord{
+		Owner: me, Name: o.name, Netns: sandboxNetns(o.name), ContainerID: "cleanwall-" + o.name, IfName: "eth0",
+		NodeNetns: currentNetns(), CNI: o.chain(),
+	}
+	if err := rec.save(dir); err != nil {
+		return nil, "", fail("%v", err)
+	}
+	return rec, dir, nil
+}
 
 // teardown runs cleanup steps last-in first-out, reporting failures.
 type teardown []func() error
@@ -203,24 +260,23 @@ func cmdRun(args []string) error {
 		return fail("creating %s: %v", runDir, err)
 	}
 
-	client, embedded, err := o.runtime(setupCtx, &td)
+	rec, dir, err := o.claim(&td)
 	if err != nil {
 		return err
 	}
-	nsName := sandboxNetns(o.name)
+	client, embedded, err := o.runtime(setupCtx, &td, rec, dir)
+	if err != nil {
+		return err
+	}
+	nsName := rec.Netns
 	nsPath, err := netns.Create(nsName)
 	if err != nil {
 		return fail("creating the sandbox namespace: %v", err)
 	}
 	td.push(func() error { return netns.Delete(nsName) })
 
-	chain := cnichain.Options{
-		Name: "cleanwall-run", Subnet: o.subnet, Subnet6: o.subnet6,
-		Cleanwall: true, PolicyFile: o.policyFile, Socket: client.Socket,
-		PluginDirs: o.cniDirs, CacheDir: filepath.Join(runDir, "cni-cache"), IPAMDir: filepath.Join(runDir, "ipam"),
-	}
-	containerID := "cleanwall-" + o.name
-	att, err := cnichain.Add(setupCtx, chain, containerID, nsPath, "eth0", nil)
+	containerID := rec.ContainerID
+	att, err := cnichain.Add(setupCtx, rec.CNI, containerID, nsPath, rec.IfName, nil)
 	if err != nil {
 		return fail("attaching the sandbox: %v", err)
 	}
@@ -247,7 +303,7 @@ func cmdRun(args []string) error {
 	// from here on is queued and forwarded to it once it runs; one that
 	// arrived during the setup aborts the run.
 	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2)
+	signal.Notify(sigs, forwardedSignals...)
 	defer signal.Stop(sigs)
 	if setupCtx.Err() != nil { // interrupted during the setup
 		return &exitError{130}
@@ -258,7 +314,7 @@ func cmdRun(args []string) error {
 
 	status := runCommand(nsPath, o.command, sigs)
 
-	if sb, err := client.Get(context.Background(), containerID, "eth0"); err == nil {
+	if sb, err := client.Get(context.Background(), containerID, rec.IfName); err == nil {
 		printSummary(os.Stderr, o.name, o.command, status, sb)
 	} else {
 		fmt.Fprintf(os.Stderr, "cleanwall: reading the counters: %v\n", err)
@@ -272,13 +328,18 @@ func cmdRun(args []string) error {
 
 // runtime returns a client for the cleanwalld answering on the socket, or
 // starts an embedded one of its own (own socket, pin root, state, marks
-// and routing table), torn down with the run.
-func (o *runOptions) runtime(ctx context.Context, td *teardown) (*api.Client, *daemon.Daemon, error) {
+// and routing table), torn down with the run. The ownership record in dir
+// learns which, before the embedded runtime installs anything.
+func (o *runOptions) runtime(ctx context.Context, td *teardown, rec *runRecord, dir string) (*api.Client, *daemon.Daemon, error) {
 	client := api.NewClient(o.socket)
 	sctx, cancel := context.WithTimeout(ctx, time.Second)
 	st, err := client.Status(sctx)
 	cancel()
 	if err == nil && st.Ready {
+		rec.CNI.Socket = client.Socket
+		if err := rec.save(dir); err != nil {
+			return nil, nil, fail("%v", err)
+		}
 		return client, nil, nil
 	}
 	slot, release, err := acquireSlot()
@@ -286,15 +347,13 @@ func (o *runOptions) runtime(ctx context.Context, td *teardown) (*api.Client, *d
 		return nil, nil, err
 	}
 	td.push(release)
-	dir := filepath.Join(runDir, fmt.Sprint(os.Getpid()))
-	td.push(func() error { return os.RemoveAll(dir) })
 	level := slog.LevelWarn
 	if o.verbose {
 		level = slog.LevelInfo
 	}
 	cfg := daemon.Config{
 		Socket:       filepath.Join(dir, "cleanwalld.sock"),
-		PinRoot:      fmt.Sprintf("/sys/fs/bpf/cleanwall-run-%d", os.Getpid()),
+		PinRoot:      pinRootOf(os.Getpid()),
 		StateDir:     filepath.Join(dir, "state"),
 		PolicyDir:    filepath.Join(dir, "policies"),
 		RedirectMark: daemon.DefaultRedirectMark | uint32(slot)<<8,
@@ -313,8 +372,21 @@ func (o *runOptions) runtime(ctx context.Context, td *teardown) (*api.Client, *d
 		_ = os.Remove(cfg.PinRoot)
 		return err
 	})
+	rec.Runtime = runtimeRecordOf(slot, d.Config())
+	rec.CNI.Socket = cfg.Socket
+	if err := rec.save(dir); err != nil {
+		return nil, nil, fail("%v", err)
+	}
 	if err := d.Start(ctx); err != nil {
 		return nil, nil, fail("starting the runtime: %v", err)
+	}
+	// The runtime may place its pins elsewhere than asked (where they
+	// outlive it): gc must look there.
+	if pins := d.Config().PinRoot; pins != rec.Runtime.PinRoot {
+		rec.Runtime.PinRoot = pins
+		if err := rec.save(dir); err != nil {
+			return nil, nil, fail("%v", err)
+		}
 	}
 	return api.NewClient(cfg.Socket), d, nil
 }
@@ -327,18 +399,29 @@ const maxSlots = 63
 // a killed run frees its slot with its process).
 func acquireSlot() (int, func() error, error) {
 	for slot := 1; slot <= maxSlots; slot++ {
-		path := filepath.Join(runDir, fmt.Sprintf("slot-%d.lock", slot))
-		f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+		release, ok, err := trySlot(slot)
 		if err != nil {
-			return 0, nil, fail("opening %s: %v", path, err)
+			return 0, nil, err
 		}
-		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-			f.Close()
-			continue
+		if ok {
+			return slot, release, nil
 		}
-		return slot, f.Close, nil
 	}
 	return 0, nil, fail("%d cleanwall runs are active: wait for one to end", maxSlots)
+}
+
+// trySlot takes a slot's lock if no live run holds it.
+func trySlot(slot int) (release func() error, ok bool, err error) {
+	path := filepath.Join(runDir, fmt.Sprintf("slot-%d.lock", slot))
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, false, fail("opening %s: %v", path, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, false, nil
+	}
+	return f.Close, true, nil
 }
 
 func serveMetrics(addr string, d *daemon.Daemon) (func() error, error) {
@@ -349,55 +432,6 @@ func serveMetrics(addr string, d *daemon.Daemon) (func() error, error) {
 	}
 	go func() { _ = srv.Serve(ln) }()
 	return srv.Close, nil
-}
-
-// runCommand runs the command inside the sandbox namespace with the
-// terminal's stdio, forwards signals, and returns its exit status (128+n
-// for a signal, as shells do).
-func runCommand(nsPath string, argv []string, sigs <-chan os.Signal) int {
-	path, err := exec.LookPath(argv[0])
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "cleanwall: %v\n", err)
-		return 127
-	}
-	cmd := exec.Command(path, argv[1:]...)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
-	cmd.Env = append(os.Environ(), "CLEANWALL_SANDBOX=1")
-	// The child forks from a thread inside the namespace and inherits it.
-	if err := netns.Do(nsPath, cmd.Start); err != nil {
-		fmt.Fprintf(os.Stderr, "cleanwall: starting %s: %v\n", argv[0], err)
-		return 126
-	}
-	interactive := isTerminal(os.Stdin)
-	done := make(chan struct{})
-	go func() {
-		for {
-			select {
-			case s := <-sigs:
-				// A terminal delivers Ctrl-C to the whole foreground group,
-				// the command included: forwarding it would double it.
-				if s == syscall.SIGINT && interactive {
-					continue
-				}
-				_ = cmd.Process.Signal(s)
-			case <-done:
-				return
-			}
-		}
-	}()
-	err = cmd.Wait()
-	close(done)
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return 128 + int(ws.Signal())
-		}
-		return ee.ExitCode()
-	}
-	if err != nil {
-		return 1
-	}
-	return 0
 }
 
 func isTerminal(f *os.File) bool {
