@@ -21,9 +21,11 @@ import (
 // dir, marks and table: `cleanwall gc` checks the owner and the slot lock),
 // and runs Purge in the runtime's node network namespace, where its routing
 // lives. Zero fields are not defaulted, because Purge deletes and a default
-// would aim at the node's cleanwalld: a zero Table and RedirectMark skip the
-// routing, an empty PinRoot the pins, an empty StateDir the records, the
-// attachments they name and the state, an empty Socket the socket.
+// would aim at the node's cleanwalld: a zero Table and RedirectMark skip
+// everything keyed by them (the routing; callers zero them when another live
+// runtime now uses that table), an empty PinRoot the pins, an empty StateDir
+// the records, the attachments they name and the state, an empty Socket the
+// socket.
 //
 // Every step is idempotent. Keep this a list: a new kind of kernel state a
 // runtime installs gets its own step here.
