@@ -25,6 +25,9 @@ func (p *Policy) normalize() {
 			d.QueryTypes = slices.Clone(defaultQueryTypes)
 		}
 	}
+	if l := p.Spec.Limits; l != nil && *l == (LimitsSpec{}) {
+		p.Spec.Limits = nil // "limits: {}" means the daemon's limits
+	}
 	p.Spec.Egress = nilIfEmpty(p.Spec.Egress)
 	for i := range p.Spec.Egress {
 		r := &p.Spec.Egress[i]
@@ -111,6 +114,10 @@ func (p *Policy) Clone() *Policy {
 	q := *p
 	if d := p.Spec.DNS; d != nil {
 		q.Spec.DNS = &DNSSpec{Upstream: d.Upstream, Allow: slices.Clone(d.Allow), QueryTypes: slices.Clone(d.QueryTypes)}
+	}
+	if l := p.Spec.Limits; l != nil {
+		q.Spec.Limits = &LimitsSpec{TCPFlows: clonePtr(l.TCPFlows), UDPFlows: clonePtr(l.UDPFlows),
+			NewFlowsPerSecond: clonePtr(l.NewFlowsPerSecond), DNSQueriesInFlight: clonePtr(l.DNSQueriesInFlight)}
 	}
 	q.Spec.Egress = slices.Clone(p.Spec.Egress)
 	for i := range q.Spec.Egress {

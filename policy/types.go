@@ -36,6 +36,26 @@ type Spec struct {
 	DNS *DNSSpec `yaml:"dns,omitempty" json:"dns,omitempty"`
 	// Egress empty means every flow is dropped.
 	Egress []EgressRule `yaml:"egress,omitempty" json:"egress,omitempty"`
+	// Limits lower the node daemon's per-sandbox limits for this sandbox;
+	// nil means the daemon's limits. A value above the daemon's is
+	// allowed and has no effect: a policy can only lower a limit.
+	Limits *LimitsSpec `yaml:"limits,omitempty" json:"limits,omitempty"`
+}
+
+// LimitsSpec bounds what one sandbox may take of the node's proxies.
+// Each field is optional (nil: the daemon's limit). Over a limit, a new
+// flow is refused and counted; established flows are unaffected.
+type LimitsSpec struct {
+	// TCPFlows bounds the sandbox's concurrent TCP flows (open tcp and
+	// http rules alike).
+	TCPFlows *int `yaml:"tcpFlows,omitempty" json:"tcpFlows,omitempty"`
+	// UDPFlows bounds its concurrent UDP flows.
+	UDPFlows *int `yaml:"udpFlows,omitempty" json:"udpFlows,omitempty"`
+	// NewFlowsPerSecond bounds the rate of new TCP and UDP flows (a token
+	// bucket holding twice the rate).
+	NewFlowsPerSecond *int `yaml:"newFlowsPerSecond,omitempty" json:"newFlowsPerSecond,omitempty"`
+	// DNSQueriesInFlight bounds the DNS queries being answered at once.
+	DNSQueriesInFlight *int `yaml:"dnsQueriesInFlight,omitempty" json:"dnsQueriesInFlight,omitempty"`
 }
 
 // DNSSpec governs the DNS proxy.

@@ -126,6 +126,16 @@ func (v *validator) policy() {
 	if p.Spec.DNS != nil {
 		v.dns("spec.dns", p.Spec.DNS)
 	}
+	if l := p.Spec.Limits; l != nil {
+		for _, f := range []struct {
+			name string
+			v    *int
+		}{{"tcpFlows", l.TCPFlows}, {"udpFlows", l.UDPFlows}, {"newFlowsPerSecond", l.NewFlowsPerSecond}, {"dnsQueriesInFlight", l.DNSQueriesInFlight}} {
+			if f.v != nil && *f.v < 1 {
+				v.add("spec.limits."+f.name, "%d: must be at least 1 (omit it for the daemon's limit)", *f.v)
+			}
+		}
+	}
 	first := make(map[string]int, len(p.Spec.Egress))
 	for i := range p.Spec.Egress {
 		rp := "spec.egress[" + strconv.Itoa(i) + "]"

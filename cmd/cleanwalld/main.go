@@ -63,6 +63,10 @@ func run(args []string) error {
 	fs.DurationVar(&cfg.FQDNMinTTL, "fqdn-min-ttl", 0, "shortest time an address learnt through DNS stays allowed (0: 30s)")
 	fs.DurationVar(&cfg.FQDNMaxTTL, "fqdn-max-ttl", 0, "longest time an address learnt through DNS stays allowed (0: 1h)")
 	fs.Float64Var(&cfg.DNSQueriesPerSecond, "dns-rate", 0, "DNS queries per second per sandbox, burst twice that (0: 100; negative: unlimited); queries beyond it are answered REFUSED and counted rate_limited")
+	fs.IntVar(&cfg.Limits.TCPFlows, "max-tcp-flows", daemon.DefaultLimits.TCPFlows, "concurrent TCP flows per sandbox (negative: unlimited); a policy's spec.limits can lower it")
+	fs.IntVar(&cfg.Limits.UDPFlows, "max-udp-flows", daemon.DefaultLimits.UDPFlows, "concurrent UDP flows per sandbox (negative: unlimited)")
+	fs.Float64Var(&cfg.Limits.NewFlowsPerSecond, "flow-rate", daemon.DefaultLimits.NewFlowsPerSecond, "new TCP and UDP flows per second per sandbox, burst twice that (negative: unlimited)")
+	fs.IntVar(&cfg.Limits.DNSInFlight, "max-dns-inflight", daemon.DefaultLimits.DNSInFlight, "DNS queries over UDP answered at once per sandbox (negative: unlimited)")
 	fs.DurationVar(&cfg.WatchdogInterval, "watchdog-interval", daemon.DefaultWatchdogInterval, "how often attachments, pins and the nftables wall are verified; what is missing is put back within about one interval")
 	fs.BoolVar(&cfg.DNSRefuseNXDomain, "dns-nxdomain", false, "answer names the policy does not allow with NXDOMAIN instead of REFUSED")
 	if err := fs.Parse(args); err != nil {

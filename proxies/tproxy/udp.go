@@ -1,8 +1,8 @@
 package tproxy
 
 import (
+	"container/list"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -29,22 +29,25 @@ type UDPSocket struct {
 	mark  uint32
 	conns []*net.UDPConn
 
+	// MaxReplySockets bounds the cached reply sockets (0: DefaultMaxReplySockets).
+	MaxReplySockets int
+
 	mu      sync.Mutex
-	replies map[replyKey]*replySock
+	replies map[netip.AddrPort]*replySock // by the address replies come from
+	lru     *list.List                    // of those addresses, most recently used first
 	closed  bool
 }
-
-type replyKey struct{ from, to netip.AddrPort }
 
 type replySock struct {
 	conn *net.UDPConn
 	used time.Time
+	elem *list.Element
 }
 
 // ListenUDP opens the transparent UDP sockets on port (0: pick one).
 func ListenUDP(ctx context.Context, port uint16, mark uint32) (*UDPSocket, error) {
 	lc := net.ListenConfig{Control: SocketOptions(mark, false, false)}
-	u := &UDPSocket{Port: port, mark: mark, replies: map[replyKey]*replySock{}}
+	u := &UDPSocket{Port: port, mark: mark, replies: map[netip.AddrPort]*replySock{}, lru: list.New()}
 	for _, family := range []string{"udp4", "udp6"} {
 		addr := "0.0.0.0"
 		if family == "udp6" {
@@ -108,63 +111,93 @@ func (u *UDPSocket) serveConn(c *net.UDPConn, handle func(Datagram)) error {
 	}
 }
 
-// origDstFromOOB parses IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control messages.
+// origDstFromOOB reads the IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control message.
 func origDstFromOOB(oob []byte) (netip.AddrPort, error) {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
-	for _, m := range msgs {
-		switch {
-		case m.Header.Level == unix.SOL_IP && m.Header.Type == unix.IP_ORIGDSTADDR && len(m.Data) >= 8:
-			port := binary.BigEndian.Uint16(m.Data[2:4])
-			return netip.AddrPortFrom(netip.AddrFrom4([4]byte(m.Data[4:8])), port), nil
-		case m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_ORIGDSTADDR && len(m.Data) >= 24:
-			port := binary.BigEndian.Uint16(m.Data[2:4])
-			return netip.AddrPortFrom(netip.AddrFrom16([16]byte(m.Data[8:24])).Unmap(), port), nil
+	for i := range msgs {
+		sa, err := unix.ParseOrigDstAddr(&msgs[i])
+		if err != nil {
+			continue
+		}
+		switch sa := sa.(type) {
+		case *unix.SockaddrInet4:
+			return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)), nil
+		case *unix.SockaddrInet6:
+			return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port)), nil
 		}
 	}
 	return netip.AddrPort{}, errors.New("no original destination in control messages")
 }
 
+// DefaultMaxReplySockets bounds the reply sockets an UDPSocket keeps.
+const DefaultMaxReplySockets = 4096
+
 // Reply sends payload to the sandbox at to, from the address from (the
 // original destination the sandbox used), through a transparent socket
-// bound to from. Reply sockets are cached and expire when idle (Sweep).
+// bound to from. One unconnected reply socket serves every sandbox and
+// source port that asked from: a sandbox sending from thousands of source
+// ports costs no more descriptors than one. Reply sockets are cached,
+// expire when idle (Sweep), and at most MaxReplySockets are kept (the
+// least recently used is closed first).
 func (u *UDPSocket) Reply(from, to netip.AddrPort, payload []byte) error {
-	c, err := u.replySocket(from, to)
+	c, err := u.replySocket(from)
 	if err != nil {
 		return err
 	}
-	_, err = c.Write(payload)
+	_, err = c.WriteToUDPAddrPort(payload, to)
 	return err
 }
 
-func (u *UDPSocket) replySocket(from, to netip.AddrPort) (*net.UDPConn, error) {
-	k := replyKey{from, to}
+func (u *UDPSocket) replySocket(from netip.AddrPort) (*net.UDPConn, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.closed {
 		return nil, net.ErrClosed
 	}
-	if r, ok := u.replies[k]; ok {
+	if r, ok := u.replies[from]; ok {
 		r.used = time.Now()
+		u.lru.MoveToFront(r.elem)
 		return r.conn, nil
 	}
 	network := "udp4"
 	if from.Addr().Is6() {
 		network = "udp6"
 	}
-	d := net.Dialer{
-		LocalAddr: net.UDPAddrFromAddrPort(from),
-		Control:   SocketOptions(u.mark, false, true),
-	}
-	c, err := d.Dial(network, to.String())
+	lc := net.ListenConfig{Control: SocketOptions(u.mark, false, true)}
+	pc, err := lc.ListenPacket(context.Background(), network, from.String())
 	if err != nil {
-		return nil, fmt.Errorf("opening reply socket %s -> %s: %w", from, to, err)
+		return nil, fmt.Errorf("opening reply socket from %s: %w", from, err)
 	}
-	uc := c.(*net.UDPConn)
-	u.replies[k] = &replySock{conn: uc, used: time.Now()}
+	max := u.MaxReplySockets
+	if max <= 0 {
+		max = DefaultMaxReplySockets
+	}
+	for len(u.replies) >= max {
+		oldest := u.lru.Back()
+		u.drop(oldest.Value.(netip.AddrPort))
+	}
+	uc := pc.(*net.UDPConn)
+	u.replies[from] = &replySock{conn: uc, used: time.Now(), elem: u.lru.PushFront(from)}
 	return uc, nil
+}
+
+// drop closes and forgets one reply socket. Called with u.mu held.
+func (u *UDPSocket) drop(from netip.AddrPort) {
+	if r, ok := u.replies[from]; ok {
+		r.conn.Close()
+		u.lru.Remove(r.elem)
+		delete(u.replies, from)
+	}
+}
+
+// ReplySockets is the number of reply sockets held.
+func (u *UDPSocket) ReplySockets() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.replies)
 }
 
 // Sweep closes reply sockets idle for longer than idle.
@@ -172,11 +205,14 @@ func (u *UDPSocket) Sweep(idle time.Duration) {
 	cut := time.Now().Add(-idle)
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	for k, r := range u.replies {
-		if r.used.Before(cut) {
-			r.conn.Close()
-			delete(u.replies, k)
+	for e := u.lru.Back(); e != nil; {
+		prev := e.Prev()
+		from := e.Value.(netip.AddrPort)
+		if u.replies[from].used.After(cut) {
+			break // the rest were used later
 		}
+		u.drop(from)
+		e = prev
 	}
 }
 
@@ -184,9 +220,8 @@ func (u *UDPSocket) Sweep(idle time.Duration) {
 func (u *UDPSocket) Close() error {
 	u.mu.Lock()
 	u.closed = true
-	for k, r := range u.replies {
-		r.conn.Close()
-		delete(u.replies, k)
+	for from := range u.replies {
+		u.drop(from)
 	}
 	u.mu.Unlock()
 	var errs []error

@@ -93,6 +93,7 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	s.rec = &updated
 	s.epoch = epoch
 	s.compiled = compiled
+	s.limits.set(effectiveLimits(d.cfg.Limits, compiled))
 	s.entries = entries
 	s.mu.Unlock()
 	if d.dns != nil {

@@ -20,6 +20,7 @@ const (
 	auditDenyDatapath  = "deny.datapath"
 	auditDenyDNS       = "deny.dns"
 	auditDenyHTTP      = "deny.http"
+	auditDenyProxy     = "deny.proxy"
 	auditDenySuppress  = "deny.suppressed"
 	auditRepair        = "watchdog.repair"
 )

@@ -76,6 +76,10 @@ type Config struct {
 	// UDPIdleTimeout ends a proxied UDP flow (and its reply socket).
 	UDPIdleTimeout time.Duration
 
+	// Limits bound each sandbox's flows (zero fields: DefaultLimits;
+	// negative: unlimited). A policy's spec.limits can lower them.
+	Limits Limits
+
 	// WatchdogInterval is how often attachments, pins and the nftables
 	// wall are verified and repaired (default DefaultWatchdogInterval).
 	WatchdogInterval time.Duration
@@ -128,6 +132,7 @@ func (c *Config) setDefaults() error {
 	if c.UDPIdleTimeout == 0 {
 		c.UDPIdleTimeout = 60 * time.Second
 	}
+	c.Limits.setDefaults()
 	if c.WatchdogInterval <= 0 {
 		c.WatchdogInterval = DefaultWatchdogInterval
 	}

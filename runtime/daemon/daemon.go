@@ -52,6 +52,8 @@ type Daemon struct {
 	audit  *auditor
 
 	observers observers
+	logs      *logLimiter // hot-path log lines (refusals, accept errors)
+	fds       *fdBudget   // descriptors flows may hold, node-wide
 	udpFlow   *udpFlows
 	events    *bpf.EventReader
 	server    *http.Server
@@ -73,6 +75,8 @@ func New(cfg Config) (*Daemon, error) {
 		store:     store{dir: cfg.StateDir},
 		route:     routing{mark: cfg.RedirectMark, mask: RedirectMask, table: cfg.Table, priority: cfg.RulePriority},
 		wall:      newWall(cfg),
+		logs:      newLogLimiter(10, 100*time.Millisecond),
+		fds:       &fdBudget{},
 		sandboxes: map[string]*sandbox{},
 		byIP:      map[netip.Addr]*sandbox{},
 	}
@@ -95,6 +99,12 @@ func (d *Daemon) Datapath() *bpf.Datapath { return d.dp }
 func (d *Daemon) Start(ctx context.Context) (err error) {
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.started = time.Now()
+	if limit, budget, err := raiseNoFile(); err != nil {
+		d.log.Warn("reading the descriptor limit", "error", err)
+	} else {
+		d.fds = budget
+		d.log.Info("descriptors", "limit", limit, "for_flows", budget.max, "reserved", reservedFDs)
+	}
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -155,7 +165,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("re-adopting sandboxes: %w", err)
 	}
 	for _, l := range d.tcp.Listeners() {
-		d.goBackground(func() { d.serveTCP(l) })
+		d.goBackground(func() { d.acceptLoop(l, "tcp", func(c *net.TCPConn) { go d.handleTCP(c) }) })
 	}
 	d.goBackground(func() { _ = d.udp.Serve(d.udpFlow.handle) })
 	d.serveDNS()
@@ -329,7 +339,7 @@ func (d *Daemon) reconcile() error {
 		if cur, err := d.dp.Sandbox(rec.HostIfindex); err == nil && cur.ID == rec.DatapathID {
 			epoch = cur.Epoch // continue from it: the re-apply moves it forward
 		}
-		sb := newSandbox(rec, compiled, current, epoch)
+		sb := newSandbox(rec, compiled, current, epoch, d.cfg.Limits)
 		// The second wall first: it holds whatever happens to the programs.
 		if err := d.wall.addSandbox(rec.wallSandbox()); err != nil {
 			return fmt.Errorf("re-installing the wall of %s: %w", rec.key(), err)

@@ -2,7 +2,7 @@ package daemon
 
 import (
 	"context"
-	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sort"
@@ -81,21 +81,31 @@ func (d *Daemon) startDNS(ctx context.Context) error {
 func (d *Daemon) serveDNS() {
 	sem := make(chan struct{}, maxDNSInflight)
 	for _, l := range d.dnsTCP.Listeners() {
-		d.goBackground(func() { d.serveDNSTCP(l) })
+		d.goBackground(func() { d.acceptLoop(l, "dns-tcp", d.serveDNSTCP) })
 	}
 	d.goBackground(func() {
 		_ = d.dnsUDP.Serve(func(dg tproxy.Datagram) {
+			sb := d.sandboxByIP(dg.Src.Addr())
+			if sb == nil {
+				return
+			}
+			// The sandbox's own share first, then the node's: a sandbox
+			// flooding queries fills only its own.
+			done, over := sb.limits.admit(flowDNS, d.fds)
+			if over != "" {
+				d.metrics.flows.WithLabelValues(sb.rec.ContainerID, "dns", "dns", over).Inc()
+				d.logs.log(d.log, slog.LevelWarn, "refused-dns:"+over, "dns query dropped", "sandbox", sb.rec.key(), "reason", over)
+				return
+			}
 			select {
 			case sem <- struct{}{}:
 			default:
+				done()
 				return
 			}
 			go func() {
 				defer func() { <-sem }()
-				sb := d.sandboxByIP(dg.Src.Addr())
-				if sb == nil {
-					return
-				}
+				defer done()
 				resp, ok := d.dns.Handle(d.ctx, sb.rec.key(), dg.Payload, false)
 				if ok {
 					_ = d.dnsUDP.Reply(dg.OrigDst, dg.Src, resp)
@@ -105,25 +115,17 @@ func (d *Daemon) serveDNS() {
 	})
 }
 
-func (d *Daemon) serveDNSTCP(l *net.TCPListener) {
-	for {
-		c, err := l.AcceptTCP()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		src, _ := tproxy.OriginalDst(c)
-		sb := d.sandboxByIP(src.Addr())
-		if sb == nil {
-			c.SetLinger(0)
-			c.Close()
-			continue
-		}
-		go func() { _ = d.dns.ServeTCP(d.ctx, sb.rec.key(), c) }()
+// serveDNSTCP hands a DNS-over-TCP connection to the DNS proxy, which
+// bounds the connections of each sandbox (dnsproxy.Limits.TCPMaxConns).
+func (d *Daemon) serveDNSTCP(c *net.TCPConn) {
+	src, _ := tproxy.OriginalDst(c)
+	sb := d.sandboxByIP(src.Addr())
+	if sb == nil {
+		c.SetLinger(0)
+		c.Close()
+		return
 	}
+	go func() { _ = d.dns.ServeTCP(d.ctx, sb.rec.key(), c) }()
 }
 
 func (d *Daemon) dnsDenied(sandbox string, ev dnsproxy.DenyEvent) {

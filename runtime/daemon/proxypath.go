@@ -7,12 +7,14 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/cleanwall/cleanwall/policy"
 	tcpproxy "github.com/cleanwall/cleanwall/proxies/tcp"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
+	"github.com/cleanwall/cleanwall/runtime/api"
 )
 
 // flow is one proxied connection (TCP) or datagram flow (UDP).
@@ -167,21 +169,6 @@ func (d *Daemon) kernelRuleAt(sb *sandbox, dst netip.AddrPort, proto policy.Prot
 	return rule, learnt, "", rec
 }
 
-func (d *Daemon) serveTCP(l *net.TCPListener) {
-	for {
-		c, err := l.AcceptTCP()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			d.log.Warn("accept failed", "error", err)
-			time.Sleep(10 * time.Millisecond)
-			continue
-		}
-		go d.handleTCP(c)
-	}
-}
-
 func (d *Daemon) handleTCP(c *net.TCPConn) {
 	src, dst := tproxy.OriginalDst(c)
 	var (
@@ -191,6 +178,7 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 		f      *flow
 		ctx    context.Context
 		cancel context.CancelCauseFunc
+		done   func() // gives back what the flow took of the sandbox's limits
 	)
 	for {
 		var refusal string
@@ -204,6 +192,16 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 			c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
 			c.Close()
 			return
+		}
+		if done == nil {
+			var over string
+			if done, over = sb.limits.admit(flowTCP, d.fds); over != "" {
+				d.refuseFlow(sb, rule, "tcp", src, dst, over)
+				c.SetLinger(0)
+				c.Close()
+				return
+			}
+			defer done()
 		}
 		if ctx == nil {
 			ctx, cancel = context.WithCancelCause(d.ctx)
@@ -288,7 +286,12 @@ func (d *Daemon) refuseFlow(sb *sandbox, rule *policy.Rule, proto string, src, d
 	if sb != nil {
 		key = sb.rec.key()
 	}
-	d.log.Warn("flow refused by proxy", "sandbox", key, "proto", proto, "src", src, "dst", dst, "reason", reason)
+	d.logs.log(d.log, slog.LevelWarn, "refused:"+reason, "flow refused by proxy", "sandbox", key, "proto", proto, "src", src, "dst", dst, "reason", reason)
+	if d.observers.active() {
+		d.observers.publish(api.DenyEvent{Time: now(), Sandbox: key, Source: "proxy", Reason: reason, Proto: strings.ToUpper(proto),
+			Src: src.String(), Dst: dst.String()})
+	}
+	d.audit.deny(auditDenyProxy, map[string]any{"sandbox": key, "reason": reason, "proto": proto, "src": src.String(), "dst": dst.String()})
 }
 
 // udpFlows relays UDP flows of open-mode rules: one upstream socket per
@@ -335,7 +338,14 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 		f      *flow
 		ctx    context.Context
 		cancel context.CancelCauseFunc
+		done   func() // gives back what the flow took of the sandbox's limits
 	)
+	fail := func(err error) (*udpFlow, error) {
+		if done != nil {
+			done()
+		}
+		return nil, err
+	}
 	for {
 		var refusal string
 		var rec *record
@@ -348,7 +358,17 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 				cancel(nil)
 			}
 			d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, refusal)
-			return nil, errors.New(refusal)
+			return fail(errors.New(refusal))
+		}
+		if done == nil {
+			var over string
+			if done, over = sb.limits.admit(flowUDP, d.fds); over != "" {
+				if cancel != nil {
+					cancel(nil)
+				}
+				d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, over)
+				return nil, errors.New(over)
+			}
 		}
 		if ctx == nil {
 			ctx, cancel = context.WithCancelCause(d.ctx)
@@ -358,7 +378,7 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 		if gone != nil {
 			cancel(nil)
 			d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, "sandbox-deleted")
-			return nil, gone
+			return fail(gone)
 		}
 		if ok {
 			break
@@ -369,8 +389,8 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 	if err != nil {
 		sb.removeFlow(f)
 		cancel(err)
-		d.log.Warn("udp upstream failed", "dst", dg.OrigDst, "error", err)
-		return nil, err
+		d.logs.log(d.log, slog.LevelWarn, "udp-upstream", "udp upstream failed", "dst", dg.OrigDst, "error", err)
+		return fail(err)
 	}
 	m := d.metrics.flowSet(sb, rule)
 	uf := &udpFlow{f: f, m: m, up: conn, last: time.Now()}
@@ -380,6 +400,7 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 	u.mu.Unlock()
 	m.accepted.Inc()
 	context.AfterFunc(ctx, func() {
+		done()
 		conn.Close()
 		u.mu.Lock()
 		if u.m[k] == uf {

@@ -43,11 +43,15 @@ type sandbox struct {
 	epoch uint64
 	// closed is set when teardown starts: no new flow may register.
 	closed bool
+	// limits bound the sandbox's flows (its policy's spec.limits lowering
+	// the daemon's).
+	limits *flowLimiter
 }
 
-func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry, epoch uint64) *sandbox {
+func newSandbox(rec *record, compiled *policy.Compiled, entries []bpf.RuleEntry, epoch uint64, limits Limits) *sandbox {
 	s := &sandbox{epoch: epoch, rec: rec, compiled: compiled, entries: entries, static: staticHosts(entries),
-		http: httpRulesOf(compiled, nil), learned: map[learnKey]uint64{}, flows: map[*flow]struct{}{}}
+		http: httpRulesOf(compiled, nil), learned: map[learnKey]uint64{}, flows: map[*flow]struct{}{},
+		limits: newFlowLimiter(effectiveLimits(limits, compiled))}
 	s.slots[rec.Generation%2] = compiled
 	return s
 }
@@ -423,7 +427,7 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 	}
 	rollback = nil // committed
 
-	sb := newSandbox(rec, compiled, entries, entry.Epoch)
+	sb := newSandbox(rec, compiled, entries, entry.Epoch, d.cfg.Limits)
 	d.register(sb)
 	d.log.Info("sandbox attached", "sandbox", rec.key(), "interface", rec.HostInterface,
 		"datapath_id", id, "policy", compiled.Name, "rules", len(entries), "attach", att.Mode)

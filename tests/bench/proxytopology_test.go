@@ -58,6 +58,12 @@ type proxyTopology struct {
 // from the sandbox's bucket as in a deployment.
 const benchDNSRate = 1_000_000
 
+// benchFlowRate is cleanwalld's per-sandbox new-flow rate (--flow-rate) in
+// the benchmarks: far above the connect loops' rate, so that they measure
+// the proxy path (every flow still takes a token, as in a deployment)
+// rather than the default limit of 1000 new flows/s.
+const benchFlowRate = 1_000_000
+
 // nginxProxyAddr is where the reverse proxy listens (the node's address on
 // its link to the remote namespace: local to the node, routed for the
 // direct sandbox).
@@ -66,7 +72,8 @@ var nginxProxyAddr = netip.AddrPortFrom(harness.NodeRemoteIP, originPort)
 func newProxyTopology(t *testing.T, withHTTP bool) *proxyTopology {
 	env := harness.New(t)
 	// At log level info, as startDaemon: at debug the daemon logs per flow.
-	top := &proxyTopology{env: env, daemon: env.StartDaemon("--log-level", "info", "--dns-rate", strconv.Itoa(benchDNSRate))}
+	top := &proxyTopology{env: env, daemon: env.StartDaemon("--log-level", "info", "--dns-rate", strconv.Itoa(benchDNSRate),
+		"--flow-rate", strconv.Itoa(benchFlowRate))}
 	top.pid = top.daemon.Pid()
 	top.dns = env.DNSServer(benchRecord)
 	var err error

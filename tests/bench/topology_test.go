@@ -65,7 +65,7 @@ func setSysctls(nsPath string, kv map[string]string) error {
 // startDaemon starts cleanwalld at log level info: at debug it logs a line
 // per flow, which the connect scenario would then measure.
 func startDaemon(env *harness.Env) *harness.Daemon {
-	return env.StartDaemon("--log-level", "info")
+	return env.StartDaemon("--log-level", "info", "--flow-rate", strconv.Itoa(benchFlowRate))
 }
 
 func newTopology(t *testing.T) *topology {
