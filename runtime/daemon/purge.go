@@ -36,8 +36,9 @@ func Purge(cfg Config) ([]string, error) {
 	p := &purger{cfg: cfg}
 	p.step("sandbox attachments", p.attachments) // 1. what its state records attached
 	p.step("routing", p.routing)                 // 2. the fwmark rules and local routes of its mark and table
-	p.step("pins", p.pins)                       // 3. every pin under its pin root, then the root
-	p.step("state", p.state)                     // 4. its state dir (records, audit log) and API socket
+	p.step("nftables wall", p.wall)              // 3. the nftables tables of its table number
+	p.step("pins", p.pins)                       // 4. every pin under its pin root, then the root
+	p.step("state", p.state)                     // 5. its state dir (records, audit log) and API socket
 	return p.removed, errors.Join(p.errs...)
 }
 
@@ -141,6 +142,24 @@ func (p *purger) routing() error {
 	return errors.Join(errs...)
 }
 
+// wall deletes the runtime's nftables tables (netdev and inet), named by
+// its table number: only when the routing is the runtime's to remove too.
+func (p *purger) wall() error {
+	if p.cfg.Table == 0 {
+		return nil
+	}
+	w := newWall(p.cfg)
+	present, err := w.present()
+	if err != nil || !present {
+		return err
+	}
+	if err := w.remove(); err != nil {
+		return err
+	}
+	p.did("nftables tables %s", w.name)
+	return nil
+}
+
 // pins removes the pin root: link pins first (their links detach), then
 // the maps, then the directories. A pin root the runtime mounted a bpffs
 // on itself (outside /sys/fs/bpf) is unmounted once empty.
@@ -153,7 +172,14 @@ func (p *purger) pins() error {
 		return fmt.Errorf("pin root %q is not a directory of its own", p.cfg.PinRoot)
 	}
 	if _, err := os.Lstat(root); errors.Is(err, os.ErrNotExist) {
-		return nil
+		// A runtime in a private mount namespace pinned on the host's
+		// bpffs (bpf.ResolvePinRoot); a record saved before it resolved
+		// its pin root names the path it asked for.
+		host := "/proc/2/root" + root
+		if _, err := os.Lstat(host); err != nil {
+			return nil
+		}
+		root = host
 	}
 	n := 0
 	var errs []error

@@ -410,6 +410,24 @@ func (w *wall) counts() (wallCounts, error) {
 	return out, nil
 }
 
+// present reports whether either table exists.
+func (w *wall) present() (bool, error) {
+	c, err := nftConn()
+	if err != nil {
+		return false, err
+	}
+	tables, err := c.ListTables()
+	if err != nil {
+		return false, fmt.Errorf("listing nftables tables: %w", err)
+	}
+	for _, t := range tables {
+		if t.Name == w.name && (t.Family == nftables.TableFamilyNetdev || t.Family == nftables.TableFamilyINet) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 // remove deletes both tables (uninstall of a runtime that owns its node
 // namespace alone, or the leftovers of a dead one). Missing is fine.
 func (w *wall) remove() error {

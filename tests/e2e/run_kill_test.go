@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
+
 	"github.com/cleanwall/cleanwall/internal/netns"
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
@@ -223,12 +225,40 @@ func leftoversPresent(t *testing.T, env *harness.Env, d runFootprint, live bool)
 	if !strings.Contains(nodeIP(t, env, "rule"), fmt.Sprintf("lookup %d", d.owner.Runtime.Table)) {
 		missing = append(missing, "ip rule")
 	}
+	if !strings.Contains(nodeNft(t, env), fmt.Sprintf("cleanwall_%d", d.owner.Runtime.Table)) {
+		missing = append(missing, "nftables tables")
+	}
 	if live && !strings.Contains(nodeIP(t, env, "link"), "veth") {
 		missing = append(missing, "host veth")
 	}
 	if len(missing) > 0 {
 		t.Fatalf("run %s should still have its %s (is something else collecting runs?)", d.name, strings.Join(missing, ", "))
 	}
+}
+
+// nodeNft lists the nftables tables of the node namespace ("family name"
+// per line).
+func nodeNft(t *testing.T, env *harness.Env) string {
+	t.Helper()
+	var b strings.Builder
+	err := env.InNode(func() error {
+		c, err := nftables.New()
+		if err != nil {
+			return err
+		}
+		tables, err := c.ListTables()
+		if err != nil {
+			return err
+		}
+		for _, tb := range tables {
+			fmt.Fprintf(&b, "%d %s\n", tb.Family, tb.Name)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b.String()
 }
 
 // assertRunGone checks nothing of a dead run is left anywhere.
@@ -243,6 +273,9 @@ func assertRunGone(t *testing.T, env *harness.Env, d runFootprint) {
 		if out := nodeIP(t, env, fam, "route", "show", "table", table); strings.TrimSpace(out) != "" {
 			t.Errorf("ip %s routes of table %s left in the node namespace:\n%s", fam, table, out)
 		}
+	}
+	if out := nodeNft(t, env); strings.Contains(out, "cleanwall_"+table) {
+		t.Errorf("nftables tables cleanwall_%s left in the node namespace:\n%s", table, out)
 	}
 	if _, err := os.Stat(netns.Path(d.owner.Netns)); !os.IsNotExist(err) {
 		t.Errorf("netns file %s left (%v)", netns.Path(d.owner.Netns), err)
