@@ -14,29 +14,11 @@ import (
 // counter sums a sandbox's counters for a verdict and reason (and rule).
 func counter(t *testing.T, d *harness.Daemon, s *harness.Sandbox, verdict, reason, rule string) uint64 {
 	t.Helper()
-	sb, err := d.Client().Get(harness.Ctx(), s.ContainerID, "")
-	if err != nil {
-		t.Fatalf("reading counters: %v", err)
-	}
-	var n uint64
-	for _, c := range sb.Counters {
-		if c.Verdict == verdict && c.Reason == reason && (rule == "" || c.Rule == rule) {
-			n += c.Packets
-		}
-	}
-	return n
+	return d.Counter(t, s, verdict, reason, rule)
 }
 
 func countersString(t *testing.T, d *harness.Daemon, s *harness.Sandbox) string {
-	sb, err := d.Client().Get(harness.Ctx(), s.ContainerID, "")
-	if err != nil {
-		return err.Error()
-	}
-	var b strings.Builder
-	for _, c := range sb.Counters {
-		fmt.Fprintf(&b, "%s/%s rule=%q packets=%d; ", c.Verdict, c.Reason, c.Rule, c.Packets)
-	}
-	return b.String()
+	return d.CountersString(s)
 }
 
 func TestAllowedTCPGoesThroughTheProxy(t *testing.T) {

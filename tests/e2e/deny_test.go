@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/gopacket"
-	"github.com/google/gopacket/layers"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 
@@ -131,19 +129,7 @@ func TestIPv6AllowedByRule(t *testing.T) {
 // server, with the given source MAC and IP.
 func synFrame(t *testing.T, sb *harness.Sandbox, srcMAC net.HardwareAddr, src netip.Addr) []byte {
 	t.Helper()
-	gw, err := sb.GatewayMAC()
-	if err != nil {
-		t.Fatal(err)
-	}
-	eth := &layers.Ethernet{SrcMAC: srcMAC, DstMAC: gw, EthernetType: layers.EthernetTypeIPv4}
-	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: src.AsSlice(), DstIP: harness.RemoteIP.AsSlice()}
-	tcp := &layers.TCP{SrcPort: 40000, DstPort: 8080, SYN: true, Window: 1024, Seq: 1}
-	_ = tcp.SetNetworkLayerForChecksum(ip)
-	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, tcp); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
+	return sb.SYNFrame(t, srcMAC, src, netip.AddrPortFrom(harness.RemoteIP, 8080))
 }
 
 func TestSpoofedSourceIPIsDropped(t *testing.T) {
