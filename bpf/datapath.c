@@ -132,6 +132,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cw_listeners SEC(".maps");
 
+/* New-flow budgets by sandbox (struct flow_rate). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct flow_rate_key);
+	__type(value, struct flow_rate);
+	__uint(max_entries, 4096);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cw_flow_rate SEC(".maps");
+
+/* UDP flows already counted against a budget. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct udp_flow_key);
+	__type(value, struct udp_flow);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cw_udp_flows SEC(".maps");
+
 /* Force BTF for types only userspace uses. */
 const struct deny_event *unused_deny_event __attribute__((unused));
 const enum verdict *unused_verdict __attribute__((unused));
@@ -519,6 +537,49 @@ static __always_inline struct bpf_sock *syn_sock(struct __sk_buff *skb, struct p
 	return listener_sock(skb, p, cfg, listener);
 }
 
+/* Take one new flow from the sandbox's budget: 1 if it fits. A sandbox
+ * over its rate loses the flow here, in the kernel, before it costs the
+ * proxies an accept or a read: that is what keeps a flooding sandbox from
+ * starving the others. No budget written: no limit. */
+static __noinline int take_flow(__u32 sandbox_id)
+{
+	struct flow_rate_key k = {.sandbox_id = sandbox_id};
+	struct flow_rate *r = bpf_map_lookup_elem(&cw_flow_rate, &k);
+	if (!r)
+		return 1;
+	__u64 now = bpf_ktime_get_ns();
+	int ok = 0;
+	bpf_spin_lock(&r->lock);
+	__u64 credit = r->credit_ns + (now - r->last_ns);
+	if (credit > r->cap_ns || now < r->last_ns)
+		credit = r->cap_ns;
+	r->last_ns = now;
+	if (credit >= r->cost_ns) {
+		credit -= r->cost_ns;
+		ok = 1;
+	}
+	r->credit_ns = credit;
+	bpf_spin_unlock(&r->lock);
+	return ok;
+}
+
+/* A UDP datagram of a flow the budget already paid for passes; one of a
+ * new flow takes from it. 1: allowed. */
+static __always_inline int take_udp_flow(struct pkt *p)
+{
+	struct udp_flow_key k = {.sandbox_id = p->sandbox_id, .family = p->family, .sport = p->sport, .dport = p->dport};
+	__builtin_memcpy(k.saddr, p->saddr, 16);
+	__builtin_memcpy(k.daddr, p->daddr, 16);
+	if (bpf_map_lookup_elem(&cw_udp_flows, &k))
+		return 1;
+	if (!take_flow(p->sandbox_id))
+		return 0;
+	struct udp_flow v = {.seen_ns = bpf_ktime_get_ns()};
+	/* A full LRU evicts the oldest: that flow pays again, nothing opens. */
+	bpf_map_update_elem(&cw_udp_flows, &k, &v, BPF_ANY);
+	return 1;
+}
+
 /* The rule verdict for a new flow: from the verdict cache when this
  * sandbox's current rule epoch has seen the destination, else from the
  * LPM trie (the cost of which grows with the depth of the trie), cached. */
@@ -599,6 +660,10 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 		rule_id = v.rule_id;
 		listener = v.listener;
 		reason = REASON_RULE;
+		/* Here every TCP packet is a SYN: established ones went to
+		 * their socket above. DNS has budgets of its own. */
+		if (!(p->proto == PROTO_UDP ? take_udp_flow(p) : take_flow(p->sandbox_id)))
+			return drop(p, REASON_FLOW_LIMIT);
 	}
 
 	struct bpf_sock *sk = listener_sock(skb, p, cfg, listener);

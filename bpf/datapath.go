@@ -90,6 +90,7 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	for name, size := range map[string]uint32{
 		MapSandboxes: opts.MaxSandboxes,
+		MapFlowRate:  opts.MaxSandboxes,
 		MapRules:     opts.MaxRules,
 		MapCounters:  opts.MaxCounters,
 		MapEvents:    opts.EventRingBytes,

@@ -52,6 +52,7 @@ enum reason {
 	REASON_NDP_DAD = 43,      /* duplicate address detection (NS from ::) */
 	REASON_NDP_CHECKSUM = 44, /* an ND message with a wrong ICMPv6 checksum */
 	REASON_TIME_WAIT = 45,    /* a SYN met a time-wait socket and no steering program of ours answers */
+	REASON_FLOW_LIMIT = 46,   /* a new flow over the sandbox's new-flow rate */
 };
 
 /* Which proxy socket a redirected flow is assigned to (index into the ports
@@ -176,6 +177,40 @@ struct steer {
 	__u64 created_ns; /* CLOCK_MONOTONIC; honoured for STEER_TTL_NS */
 	__u8 listener;    /* enum listener */
 	__u8 pad[7];
+};
+
+/* A sandbox's budget of new flows (TCP SYNs, new UDP flows), a token
+ * bucket kept in nanoseconds of credit: a flow costs cost_ns, the bucket
+ * holds at most cap_ns (the burst). The daemon writes cost and cap; the
+ * datapath moves credit and last under the lock. No entry: no limit. */
+struct flow_rate_key {
+	__u32 sandbox_id;
+};
+
+struct flow_rate {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 cost_ns;
+	__u64 cap_ns;
+	__u64 credit_ns;
+	__u64 last_ns; /* CLOCK_MONOTONIC of the last new flow */
+};
+
+/* A UDP flow the datapath has counted as new (LRU): its next datagrams
+ * take nothing from the budget. */
+struct udp_flow_key {
+	__u32 sandbox_id;
+	__u8 family;
+	__u8 pad;
+	__u16 sport;
+	__u16 dport;
+	__u16 pad2;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+struct udp_flow {
+	__u64 seen_ns;
 };
 
 struct deny_event {

@@ -62,6 +62,24 @@ type datapathDenyEvent struct {
 	Ethertype   uint16
 }
 
+type datapathFlowRate struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Pad      uint32
+	CostNs   uint64
+	CapNs    uint64
+	CreditNs uint64
+	LastNs   uint64
+}
+
+type datapathFlowRateKey struct {
+	_         structs.HostLayout
+	SandboxId uint32
+}
+
 type datapathListener uint32
 
 const (
@@ -106,6 +124,7 @@ const (
 	datapathReasonREASON_NDP_DAD         datapathReason = 43
 	datapathReasonREASON_NDP_CHECKSUM    datapathReason = 44
 	datapathReasonREASON_TIME_WAIT       datapathReason = 45
+	datapathReasonREASON_FLOW_LIMIT      datapathReason = 46
 )
 
 type datapathRule struct {
@@ -180,6 +199,23 @@ type datapathSteerKey struct {
 	Daddr  [16]uint8
 }
 
+type datapathUdpFlow struct {
+	_      structs.HostLayout
+	SeenNs uint64
+}
+
+type datapathUdpFlowKey struct {
+	_         structs.HostLayout
+	SandboxId uint32
+	Family    uint8
+	Pad       uint8
+	Sport     uint16
+	Dport     uint16
+	Pad2      uint16
+	Saddr     [16]uint8
+	Daddr     [16]uint8
+}
+
 type datapathVerdict uint32
 
 const (
@@ -205,10 +241,12 @@ const (
 	datapathMapCwConfig           = "cw_config"
 	datapathMapCwCounters         = "cw_counters"
 	datapathMapCwEvents           = "cw_events"
+	datapathMapCwFlowRate         = "cw_flow_rate"
 	datapathMapCwListeners        = "cw_listeners"
 	datapathMapCwRules            = "cw_rules"
 	datapathMapCwSandboxes        = "cw_sandboxes"
 	datapathMapCwSteer            = "cw_steer"
+	datapathMapCwUdpFlows         = "cw_udp_flows"
 	datapathMapCwVerdicts         = "cw_verdicts"
 	datapathProgBridgeIngress     = "bridge_ingress"
 	datapathProgSandboxEgress     = "sandbox_egress"
@@ -274,10 +312,12 @@ type datapathMapSpecs struct {
 	CwConfig    *ebpf.MapSpec `ebpf:"cw_config"`
 	CwCounters  *ebpf.MapSpec `ebpf:"cw_counters"`
 	CwEvents    *ebpf.MapSpec `ebpf:"cw_events"`
+	CwFlowRate  *ebpf.MapSpec `ebpf:"cw_flow_rate"`
 	CwListeners *ebpf.MapSpec `ebpf:"cw_listeners"`
 	CwRules     *ebpf.MapSpec `ebpf:"cw_rules"`
 	CwSandboxes *ebpf.MapSpec `ebpf:"cw_sandboxes"`
 	CwSteer     *ebpf.MapSpec `ebpf:"cw_steer"`
+	CwUdpFlows  *ebpf.MapSpec `ebpf:"cw_udp_flows"`
 	CwVerdicts  *ebpf.MapSpec `ebpf:"cw_verdicts"`
 }
 
@@ -315,10 +355,12 @@ type datapathMaps struct {
 	CwConfig    *ebpf.Map `ebpf:"cw_config"`
 	CwCounters  *ebpf.Map `ebpf:"cw_counters"`
 	CwEvents    *ebpf.Map `ebpf:"cw_events"`
+	CwFlowRate  *ebpf.Map `ebpf:"cw_flow_rate"`
 	CwListeners *ebpf.Map `ebpf:"cw_listeners"`
 	CwRules     *ebpf.Map `ebpf:"cw_rules"`
 	CwSandboxes *ebpf.Map `ebpf:"cw_sandboxes"`
 	CwSteer     *ebpf.Map `ebpf:"cw_steer"`
+	CwUdpFlows  *ebpf.Map `ebpf:"cw_udp_flows"`
 	CwVerdicts  *ebpf.Map `ebpf:"cw_verdicts"`
 }
 
@@ -327,10 +369,12 @@ func (m *datapathMaps) Close() error {
 		m.CwConfig,
 		m.CwCounters,
 		m.CwEvents,
+		m.CwFlowRate,
 		m.CwListeners,
 		m.CwRules,
 		m.CwSandboxes,
 		m.CwSteer,
+		m.CwUdpFlows,
 		m.CwVerdicts,
 	)
 }

@@ -60,6 +60,7 @@ const (
 	ReasonNDPDAD         = Reason(datapathReasonREASON_NDP_DAD)
 	ReasonNDPChecksum    = Reason(datapathReasonREASON_NDP_CHECKSUM)
 	ReasonTimeWait       = Reason(datapathReasonREASON_TIME_WAIT)
+	ReasonFlowLimit      = Reason(datapathReasonREASON_FLOW_LIMIT)
 )
 
 var reasonNames = map[Reason]string{
@@ -94,6 +95,7 @@ var reasonNames = map[Reason]string{
 	ReasonNDPDAD:         "ndp-dad",
 	ReasonNDPChecksum:    "ndp-checksum",
 	ReasonTimeWait:       "time-wait",
+	ReasonFlowLimit:      "flow-limit",
 }
 
 func (r Reason) String() string {

@@ -18,6 +18,10 @@ func (d *Datapath) maps() map[string]*ebpf.Map {
 		MapCounters:  d.objs.CwCounters,
 		MapEvents:    d.objs.CwEvents,
 		MapVerdicts:  d.objs.CwVerdicts,
+		MapSteer:     d.objs.CwSteer,
+		MapListeners: d.objs.CwListeners,
+		MapFlowRate:  d.objs.CwFlowRate,
+		MapUDPFlows:  d.objs.CwUdpFlows,
 	}
 }
 

@@ -318,6 +318,7 @@ func (d *Daemon) reconcile() error {
 			d.deleteEntryIfOwned(rec.HostIfindex, rec.DatapathID)
 			_, _ = d.dp.DeleteRules(rec.DatapathID, -1)
 			_ = d.dp.DeleteCounters(rec.DatapathID)
+			_ = d.dp.DeleteFlowRate(rec.DatapathID)
 			_ = d.store.remove(rec.ContainerID, rec.IfName)
 			continue
 		}
@@ -357,6 +358,9 @@ func (d *Daemon) reconcile() error {
 			return fmt.Errorf("re-attaching %s: %w", rec.key(), err)
 		}
 		rec.Attachment = att
+		if err := d.dp.SetFlowRate(rec.DatapathID, flowRate(*sb.limits.lim.Load())); err != nil {
+			return err
+		}
 		d.register(sb)
 		if _, err := d.apply(sb, compiled, rec.Policy, rec.PolicySource); err != nil {
 			return fmt.Errorf("re-applying the policy of %s: %w", rec.key(), err)
@@ -417,6 +421,11 @@ func (d *Daemon) removeOrphans() {
 			}
 			d.log.Info("removing orphan wall chain", "chain", name)
 			_ = d.wall.removeSandbox(id)
+		}
+	}
+	for _, id := range d.dp.FlowRateIDs() {
+		if !owned[id] {
+			_ = d.dp.DeleteFlowRate(id)
 		}
 	}
 	seen := map[uint32]bool{}

@@ -91,9 +91,13 @@ func (d *Daemon) serveDNS() {
 			}
 			// The sandbox's own share first, then the node's: a sandbox
 			// flooding queries fills only its own.
+			if !sb.limits.admitDNSDatagram(d.dnsRate()) {
+				d.metrics.refusal(sb, nil, reasonFlowLimit).Inc()
+				return
+			}
 			done, over := sb.limits.admit(flowDNS, d.fds)
 			if over != "" {
-				d.metrics.flows.WithLabelValues(sb.rec.ContainerID, "dns", "dns", over).Inc()
+				d.metrics.refusal(sb, nil, over).Inc()
 				d.logs.log(d.log, slog.LevelWarn, "refused-dns:"+over, "dns query dropped", "sandbox", sb.rec.key(), "reason", over)
 				return
 			}
@@ -117,6 +121,18 @@ func (d *Daemon) serveDNS() {
 
 // serveDNSTCP hands a DNS-over-TCP connection to the DNS proxy, which
 // bounds the connections of each sandbox (dnsproxy.Limits.TCPMaxConns).
+// dnsRate is the DNS proxy's per-sandbox query rate (negative: none).
+func (d *Daemon) dnsRate() float64 {
+	switch r := d.cfg.DNSQueriesPerSecond; {
+	case r < 0:
+		return -1
+	case r == 0:
+		return 100 // the DNS proxy's default
+	default:
+		return r
+	}
+}
+
 func (d *Daemon) serveDNSTCP(c *net.TCPConn) {
 	src, _ := tproxy.OriginalDst(c)
 	sb := d.sandboxByIP(src.Addr())

@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/policy"
 )
 
@@ -26,6 +27,9 @@ type Limits struct {
 	UDPFlows int
 	// NewFlowsPerSecond: new TCP and UDP flows per second (a token bucket
 	// holding twice the rate).
+	// The datapath enforces it (a SYN or a new UDP flow over it is dropped
+	// in the kernel, reason flow-limit), so that a flood costs the proxies
+	// nothing.
 	NewFlowsPerSecond float64
 	// DNSInFlight: DNS queries over UDP being answered at once (DNS over
 	// TCP has its own per-sandbox connection limit in the DNS proxy).
@@ -102,10 +106,18 @@ type flowLimiter struct {
 	lim    atomic.Pointer[Limits]
 	active [numFlowKinds]atomic.Int64
 
-	mu     sync.Mutex
-	tokens float64
-	last   time.Time
+	// dns is a token bucket of DNS datagrams, at dnsShedFactor times the
+	// DNS proxy's own rate limit: a flood far above that limit would be
+	// answered REFUSED one query at a time at the daemon's expense; it is
+	// dropped on arrival instead (counted), and the client retries.
+	dnsMu     sync.Mutex
+	dnsTokens float64
+	dnsLast   time.Time
 }
+
+// dnsShedFactor: DNS datagrams beyond this multiple of the DNS rate limit
+// are dropped unanswered.
+const dnsShedFactor = 4
 
 func newFlowLimiter(l Limits) *flowLimiter {
 	f := &flowLimiter{}
@@ -115,14 +127,7 @@ func newFlowLimiter(l Limits) *flowLimiter {
 
 // set changes the limits (a policy apply); flows above a lowered limit
 // stay, new ones wait until the sandbox is below it.
-func (f *flowLimiter) set(l Limits) {
-	f.lim.Store(&l)
-	f.mu.Lock()
-	if f.last.IsZero() {
-		f.tokens = burst(l.NewFlowsPerSecond)
-	}
-	f.mu.Unlock()
-}
+func (f *flowLimiter) set(l Limits) { f.lim.Store(&l) }
 
 func burst(rate float64) float64 { return 2 * rate }
 
@@ -132,10 +137,6 @@ func (f *flowLimiter) admit(k flowKind, node *fdBudget) (done func(), refusal st
 	l := f.lim.Load()
 	max := [numFlowKinds]int{flowTCP: l.TCPFlows, flowUDP: l.UDPFlows, flowDNS: l.DNSInFlight}[k]
 	if n := f.active[k].Add(1); max >= 0 && n > int64(max) {
-		f.active[k].Add(-1)
-		return nil, reasonFlowLimit
-	}
-	if k != flowDNS && !f.takeToken(l.NewFlowsPerSecond) {
 		f.active[k].Add(-1)
 		return nil, reasonFlowLimit
 	}
@@ -152,23 +153,37 @@ func (f *flowLimiter) admit(k flowKind, node *fdBudget) (done func(), refusal st
 	}, ""
 }
 
-// takeToken is the new-flow rate's token bucket.
-func (f *flowLimiter) takeToken(rate float64) bool {
-	if rate < 0 {
+// admitDNSDatagram reports whether a DNS datagram may reach the DNS proxy
+// at all, at rate qps (the DNS proxy's limit; negative: unlimited).
+func (f *flowLimiter) admitDNSDatagram(qps float64) bool {
+	if qps < 0 {
 		return true
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	rate := dnsShedFactor * qps
+	f.dnsMu.Lock()
+	defer f.dnsMu.Unlock()
 	now := time.Now()
-	if !f.last.IsZero() {
-		f.tokens = math.Min(burst(rate), f.tokens+now.Sub(f.last).Seconds()*rate)
+	if f.dnsLast.IsZero() {
+		f.dnsTokens = 2 * rate
+	} else {
+		f.dnsTokens = math.Min(2*rate, f.dnsTokens+now.Sub(f.dnsLast).Seconds()*rate)
 	}
-	f.last = now
-	if f.tokens < 1 {
+	f.dnsLast = now
+	if f.dnsTokens < 1 {
 		return false
 	}
-	f.tokens--
+	f.dnsTokens--
 	return true
+}
+
+// flowRate is the datapath's new-flow budget of limits l: the rate is
+// enforced in the kernel (bpf.FlowRate), where a flood costs nothing but
+// the drop. A negative rate is no budget.
+func flowRate(l Limits) bpf.FlowRate {
+	if l.NewFlowsPerSecond < 0 {
+		return bpf.FlowRate{}
+	}
+	return bpf.FlowRate{PerSecond: l.NewFlowsPerSecond, Burst: burst(l.NewFlowsPerSecond)}
 }
 
 // fdBudget is the node-wide share of descriptors flows may hold: the

@@ -68,37 +68,20 @@ func TestFlowLimiterConcurrency(t *testing.T) {
 	}
 }
 
-func TestFlowLimiterRate(t *testing.T) {
-	f := newFlowLimiter(Limits{TCPFlows: -1, UDPFlows: -1, NewFlowsPerSecond: 10, DNSInFlight: -1})
-	node := &fdBudget{}
-	ok := 0
-	for i := 0; i < 50; i++ {
-		if done, r := f.admit(flowTCP, node); r == "" {
-			ok++
-			done()
-		}
+func TestFlowRateOfLimits(t *testing.T) {
+	// The new-flow rate goes to the datapath, with a burst of twice it.
+	if r := flowRate(Limits{NewFlowsPerSecond: 50}); r.PerSecond != 50 || r.Burst != 100 {
+		t.Errorf("budget %+v", r)
 	}
-	if ok < 20 || ok > 21 { // the burst is twice the rate
-		t.Fatalf("%d of 50 admitted at once, want the burst of 20", ok)
+	if r := flowRate(Limits{NewFlowsPerSecond: -1}); r.PerSecond != 0 {
+		t.Errorf("an unlimited rate wrote a budget: %+v", r)
 	}
-	f.mu.Lock()
-	f.last = f.last.Add(-time.Second) // a second passes
-	f.mu.Unlock()
-	ok = 0
-	for i := 0; i < 50; i++ {
-		if done, r := f.admit(flowUDP, node); r == "" {
-			ok++
-			done()
-		}
-	}
-	if ok < 10 || ok > 11 {
-		t.Fatalf("%d admitted after a second at 10/s", ok)
-	}
-	// DNS queries are bounded in flight, not by the flow rate.
+	// The limiter itself never refuses for the rate: the kernel does.
+	f := newFlowLimiter(Limits{TCPFlows: -1, UDPFlows: -1, NewFlowsPerSecond: 1, DNSInFlight: -1})
 	for i := 0; i < 100; i++ {
-		done, r := f.admit(flowDNS, node)
+		done, r := f.admit(flowTCP, &fdBudget{})
 		if r != "" {
-			t.Fatalf("DNS query %d refused: %q", i, r)
+			t.Fatalf("flow %d refused: %q", i, r)
 		}
 		done()
 	}
@@ -176,5 +159,34 @@ func TestAcceptBackoff(t *testing.T) {
 	b.ok()
 	if got := b.failed(); got != 5*time.Millisecond {
 		t.Fatalf("after a success: %v", got)
+	}
+}
+
+func TestDNSDatagramShedding(t *testing.T) {
+	f := newFlowLimiter(DefaultLimits)
+	ok := 0
+	for i := 0; i < 1000; i++ {
+		if f.admitDNSDatagram(10) {
+			ok++
+		}
+	}
+	// A burst of twice dnsShedFactor x 10/s, then nothing until refilled.
+	if ok != 2*dnsShedFactor*10 {
+		t.Fatalf("%d of 1000 datagrams admitted at once, want %d", ok, 2*dnsShedFactor*10)
+	}
+	f.dnsLast = f.dnsLast.Add(-time.Second)
+	ok = 0
+	for i := 0; i < 1000; i++ {
+		if f.admitDNSDatagram(10) {
+			ok++
+		}
+	}
+	if ok < dnsShedFactor*10 || ok > dnsShedFactor*10+1 {
+		t.Fatalf("%d admitted after a second", ok)
+	}
+	for i := 0; i < 10000; i++ {
+		if !f.admitDNSDatagram(-1) {
+			t.Fatal("unlimited DNS dropped a datagram")
+		}
 	}
 }

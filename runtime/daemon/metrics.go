@@ -28,6 +28,7 @@ type metrics struct {
 	// delete a series today; whatever starts deleting a sandbox's series
 	// must drop its entries here too.
 	flowSets sync.Map
+	refusals sync.Map // refusalKey -> prometheus.Counter
 }
 
 type flowKey struct{ sandbox, rule, mode string }
@@ -76,6 +77,24 @@ func (m *metrics) flowSet(sb *sandbox, rule *policy.Rule) *flowMetrics {
 	return got.(*flowMetrics)
 }
 
+// refusalKey is a refused flow's label set.
+type refusalKey struct {
+	flowKey
+	reason string
+}
+
+// refusal returns the counter of refusals of this label set, cached like
+// flowSet's: a sandbox can make refusals as fast as it sends packets.
+func (m *metrics) refusal(sb *sandbox, rule *policy.Rule, reason string) prometheus.Counter {
+	k := refusalKey{flowKeyOf(sb, rule), reason}
+	if c, ok := m.refusals.Load(k); ok {
+		return c.(prometheus.Counter)
+	}
+	c := m.flows.WithLabelValues(k.sandbox, k.rule, k.mode, reason)
+	got, _ := m.refusals.LoadOrStore(k, c)
+	return got.(prometheus.Counter)
+}
+
 // ended counts a flow's result.
 func (fm *flowMetrics) ended(r flowResult) {
 	c := fm.results[r].Load()
@@ -115,11 +134,6 @@ func newMetrics(d *Daemon) *metrics {
 		&datapathCollector{d: d},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
-}
-
-func (m *metrics) flowLabels(sb *sandbox, rule *policy.Rule) []string {
-	k := flowKeyOf(sb, rule)
-	return []string{k.sandbox, k.rule, k.mode}
 }
 
 func flowKeyOf(sb *sandbox, rule *policy.Rule) flowKey {

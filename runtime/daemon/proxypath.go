@@ -180,6 +180,18 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 		cancel context.CancelCauseFunc
 		done   func() // gives back what the flow took of the sandbox's limits
 	)
+	// The sandbox's limits first: a flood of flows over them costs one
+	// accept and a reset each, not a rule lookup.
+	if sb = d.sandboxByIP(src.Addr()); sb != nil {
+		var over string
+		if done, over = sb.limits.admit(flowTCP, d.fds); over != "" {
+			d.refuseFlow(sb, nil, "tcp", src, dst, over)
+			c.SetLinger(0)
+			c.Close()
+			return
+		}
+		defer done()
+	}
 	for {
 		var refusal string
 		var rec *record
@@ -192,16 +204,6 @@ func (d *Daemon) handleTCP(c *net.TCPConn) {
 			c.SetLinger(0) // reset: the sandbox learns at once that the flow is refused
 			c.Close()
 			return
-		}
-		if done == nil {
-			var over string
-			if done, over = sb.limits.admit(flowTCP, d.fds); over != "" {
-				d.refuseFlow(sb, rule, "tcp", src, dst, over)
-				c.SetLinger(0)
-				c.Close()
-				return
-			}
-			defer done()
 		}
 		if ctx == nil {
 			ctx, cancel = context.WithCancelCause(d.ctx)
@@ -280,8 +282,7 @@ func (d *Daemon) dialUpstreamTCP(ctx context.Context, dst netip.AddrPort) (net.C
 }
 
 func (d *Daemon) refuseFlow(sb *sandbox, rule *policy.Rule, proto string, src, dst netip.AddrPort, reason string) {
-	labels := d.metrics.flowLabels(sb, rule)
-	d.metrics.flows.WithLabelValues(append(labels, reason)...).Inc()
+	d.metrics.refusal(sb, rule, reason).Inc()
 	key := "unknown"
 	if sb != nil {
 		key = sb.rec.key()
@@ -346,6 +347,15 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 		}
 		return nil, err
 	}
+	// The sandbox's limits first: a flood of datagrams from ever new
+	// source ports costs a map lookup each, not a rule lookup.
+	if sb = d.sandboxByIP(dg.Src.Addr()); sb != nil {
+		var over string
+		if done, over = sb.limits.admit(flowUDP, d.fds); over != "" {
+			d.refuseFlow(sb, nil, "udp", dg.Src, dg.OrigDst, over)
+			return nil, errors.New(over)
+		}
+	}
 	for {
 		var refusal string
 		var rec *record
@@ -359,16 +369,6 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 			}
 			d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, refusal)
 			return fail(errors.New(refusal))
-		}
-		if done == nil {
-			var over string
-			if done, over = sb.limits.admit(flowUDP, d.fds); over != "" {
-				if cancel != nil {
-					cancel(nil)
-				}
-				d.refuseFlow(sb, rule, "udp", dg.Src, dg.OrigDst, over)
-				return nil, errors.New(over)
-			}
 		}
 		if ctx == nil {
 			ctx, cancel = context.WithCancelCause(d.ctx)

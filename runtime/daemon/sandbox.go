@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -404,6 +405,10 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 		return api.Sandbox{}, fmt.Errorf("programming sandbox %s: %w", rec.key(), err)
 	}
 	rollback.push(func() { d.deleteEntryIfOwned(rec.HostIfindex, id) })
+	if err := d.dp.SetFlowRate(id, flowRate(effectiveLimits(d.cfg.Limits, compiled))); err != nil {
+		return api.Sandbox{}, err
+	}
+	rollback.push(func() { _ = d.dp.DeleteFlowRate(id) })
 	if bridge != nil {
 		if err := d.ensureBridge(req.Bridge, bridge.Attrs().Index); err != nil {
 			return api.Sandbox{}, err
@@ -518,6 +523,9 @@ func (d *Daemon) teardown(s *sandbox) error {
 		errs = append(errs, err)
 	}
 	_ = d.dp.DeleteCounters(rec.DatapathID)
+	if err := d.dp.DeleteFlowRate(rec.DatapathID); err != nil {
+		errs = append(errs, err)
+	}
 	if err := d.wall.removeSandbox(rec.DatapathID); err != nil {
 		errs = append(errs, err)
 	}
@@ -639,6 +647,14 @@ func (d *Daemon) check(s *sandbox) error {
 	}
 	if err := checkIsolated(rec); err != nil {
 		return err
+	}
+	wantRate := flowRate(*s.limits.lim.Load())
+	gotRate, ok, err := d.dp.FlowRateOf(rec.DatapathID)
+	if err != nil {
+		return err
+	}
+	if ok != (wantRate.PerSecond > 0) || (ok && (math.Abs(gotRate.PerSecond-wantRate.PerSecond) > wantRate.PerSecond/1000 || math.Abs(gotRate.Burst-wantRate.Burst) > 1)) {
+		return fmt.Errorf("new-flow budget differs: have %+v, want %+v", gotRate, wantRate)
 	}
 	got, err := d.dp.Sandbox(rec.HostIfindex)
 	if err != nil {

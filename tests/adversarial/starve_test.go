@@ -185,17 +185,22 @@ func TestOneSandboxCannotStarveTheNode(t *testing.T) {
 	}
 }
 
-// TestNewFlowRateLimit: a policy's newFlowsPerSecond (5, burst 10) refuses
-// flows beyond the burst and admits them again as the bucket refills.
+// TestNewFlowRateLimit: a policy's newFlowsPerSecond (5, burst 10) is
+// enforced in the datapath: SYNs beyond the burst are dropped in the
+// kernel and counted as flow-limit (the proxies never see them), and flows
+// are admitted again as the budget refills.
 func TestNewFlowRateLimit(t *testing.T) {
 	env := harness.New(t)
 	d := env.StartDaemon("--log-level", "info")
-	env.TCPServer("198.51.100.10:8080")
+	srv := env.TCPServer("198.51.100.10:8080")
 	sb := env.MustAddSandbox("rate", harness.SandboxOptions{Policy: policyRate, NoIPv6: true})
+	before := d.Counter(t, sb, "drop", "flow-limit", "")
 	ok := 0
 	start := time.Now()
 	for i := 0; i < 30; i++ {
-		c, err := sb.Dial("tcp4", "198.51.100.10:8080", 2*time.Second)
+		// Shorter than the first SYN retransmission (1 s): a dropped SYN
+		// is a failed connect here.
+		c, err := sb.Dial("tcp4", "198.51.100.10:8080", 300*time.Millisecond)
 		if err != nil {
 			continue
 		}
@@ -208,13 +213,21 @@ func TestNewFlowRateLimit(t *testing.T) {
 	if max := 10 + int(5*time.Since(start).Seconds()) + 1; ok < 10 || ok > max {
 		t.Fatalf("%d of 30 flows passed in %v, want 10 to %d", ok, time.Since(start), max)
 	}
-	if n := flowLimitRefusals(t, d, sb); n < float64(30-ok) {
-		t.Errorf("flow-limit refusals %v, want %d", n, 30-ok)
+	if n := d.Counter(t, sb, "drop", "flow-limit", "") - before; n < uint64(30-ok) {
+		t.Errorf("%d SYNs dropped as flow-limit for %d refused flows", n, 30-ok)
 	}
-	time.Sleep(time.Second) // the bucket refills: the limit is a rate, not a quota
-	c, err := sb.Dial("tcp4", "198.51.100.10:8080", 2*time.Second)
-	if err != nil || !reaches(c) {
-		t.Fatalf("no flow admitted after the bucket refilled: %v", err)
+	if n := len(srv.Conns()); n != ok {
+		t.Errorf("the server saw %d connections for %d admitted flows", n, ok)
 	}
-	c.Close()
+	// The budget refills: a rate, not a quota.
+	if !harness.Eventually(3*time.Second, func() bool {
+		c, err := sb.Dial("tcp4", "198.51.100.10:8080", 300*time.Millisecond)
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		return reaches(c)
+	}) {
+		t.Fatal("no flow admitted after the budget refilled")
+	}
 }
