@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -66,15 +65,7 @@ func TestAllowedTCPGoesThroughTheProxy(t *testing.T) {
 	}
 }
 
-func grep(s, sub string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, sub) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
-}
+func grep(s, sub string) string { return harness.Grep(s, sub) }
 
 // A deny test proves the packet did not arrive and that the drop was counted.
 func TestDisallowedPortIsDroppedAndCounted(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -18,6 +19,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/google/gopacket"
 	"github.com/google/gopacket/layers"
+	"github.com/miekg/dns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -349,4 +351,42 @@ func (e *Env) TCXPrograms(t testing.TB, ifname string) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// Curl runs Debian's curl inside the sandbox and returns the HTTP status,
+// the response headers and the body.
+func (s *Sandbox) Curl(t testing.TB, args ...string) (int, string, string) {
+	t.Helper()
+	hdr := filepath.Join(t.TempDir(), "headers")
+	all := append([]string{"netns", "exec", filepath.Base(s.NS), "curl", "-sS", "-m", "5", "-D", hdr, "-o", "-", "-w", "\n%{http_code}"}, args...)
+	out, err := exec.Command("ip", all...).Output()
+	if err != nil && len(out) == 0 {
+		t.Fatalf("curl %v: %v", args, err)
+	}
+	str := string(out)
+	i := strings.LastIndex(str, "\n")
+	code, _ := strconv.Atoi(str[i+1:])
+	h, _ := os.ReadFile(hdr)
+	return code, string(h), str[:i]
+}
+
+// DNSExchange sends one raw query from inside the sandbox (miekg's client:
+// it checks that the answer comes from the address asked).
+func (s *Sandbox) DNSExchange(resolver, name string, qtype uint16, tcp bool) (*dns.Msg, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), qtype)
+	c := &dns.Client{Timeout: 3 * time.Second}
+	if tcp {
+		c.Net = "tcp"
+	}
+	var conn *dns.Conn
+	if err := s.Do(func() (err error) {
+		conn, err = c.Dial(resolver)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	r, _, err := c.ExchangeWithConn(m, conn)
+	return r, err
 }

@@ -331,3 +331,14 @@ func MetricSum(metrics, name string, labels ...string) float64 {
 	}
 	return sum
 }
+
+// Grep returns the lines of s that contain sub (metrics, logs).
+func Grep(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}

@@ -1,4 +1,4 @@
-package e2e
+package adversarial
 
 import (
 	"bytes"
@@ -85,7 +85,7 @@ func TestHTTPPatterns(t *testing.T) {
 	want := map[string]float64{}
 	for _, c := range refused {
 		t.Run(c.name, func(t *testing.T) {
-			code, hdr, _ := curlIn(t, sb, c.args...)
+			code, hdr, _ := sb.Curl(t, c.args...)
 			if code != 403 {
 				t.Fatalf("status %d, want 403\n%s\n%s", code, hdr, d.Log())
 			}
@@ -97,11 +97,11 @@ func TestHTTPPatterns(t *testing.T) {
 	}
 
 	// Allowed requests still pass, the gzip body byte for byte.
-	code, _, body := curlIn(t, sb, url+"/v1/results/42?page=2")
+	code, _, body := sb.Curl(t, url+"/v1/results/42?page=2")
 	if code != 200 || body != "ok /v1/results/42\n" {
 		t.Fatalf("allowed GET: %d %q", code, body)
 	}
-	code, hdr, _ := curlIn(t, sb, "-X", "POST", "-H", "Content-Type: application/json", "-H", "Content-Encoding: gzip", "--data-binary", gzipClean, url+"/v1/results")
+	code, hdr, _ := sb.Curl(t, "-X", "POST", "-H", "Content-Type: application/json", "-H", "Content-Encoding: gzip", "--data-binary", gzipClean, url+"/v1/results")
 	if code != 200 {
 		t.Fatalf("allowed gzip POST: %d\n%s", code, hdr)
 	}

@@ -1,4 +1,4 @@
-package e2e
+package adversarial
 
 import (
 	"bytes"
@@ -203,7 +203,7 @@ func TestBridgeCovertChannel(t *testing.T) {
 	// The sniffer sees what reaches B: B's own flow through the proxy
 	// brings frames from the gateway.
 	if c, err := b.Dial("tcp4", "198.51.100.10:8080", 5*time.Second); err != nil {
-		t.Fatalf("B's allowed flow: %v (%s)", err, countersString(t, d, b))
+		t.Fatalf("B's allowed flow: %v (%s)", err, d.CountersString(b))
 	} else {
 		c.Close()
 	}
@@ -245,7 +245,7 @@ func TestBridgeCovertChannel(t *testing.T) {
 		want[at.reason]++
 	}
 	for r := range want {
-		before[r] = counter(t, d, a, "drop", r.String(), "")
+		before[r] = d.Counter(t, a, "drop", r.String(), "")
 	}
 	for _, at := range attacks {
 		if err := a.Inject(at.frame); err != nil {
@@ -254,7 +254,7 @@ func TestBridgeCovertChannel(t *testing.T) {
 	}
 	counted := func() bool {
 		for r, n := range want {
-			if counter(t, d, a, "drop", r.String(), "")-before[r] < n {
+			if d.Counter(t, a, "drop", r.String(), "")-before[r] < n {
 				return false
 			}
 		}
@@ -271,8 +271,8 @@ func TestBridgeCovertChannel(t *testing.T) {
 		t.Errorf("%d frames carrying A's data arrived in sandbox B", n)
 	}
 	for r, n := range want {
-		if got := counter(t, d, a, "drop", r.String(), "") - before[r]; got != n {
-			t.Errorf("%d drops counted as %s, want %d: %s", got, r, n, countersString(t, d, a))
+		if got := d.Counter(t, a, "drop", r.String(), "") - before[r]; got != n {
+			t.Errorf("%d drops counted as %s, want %d: %s", got, r, n, d.CountersString(a))
 		}
 	}
 	if t.Failed() {
@@ -284,7 +284,7 @@ func TestBridgeCovertChannel(t *testing.T) {
 	for _, dst := range []string{"198.51.100.10:8080", "[2001:db8:100::10]:8080"} {
 		c, err := a.Dial("tcp", dst, 5*time.Second)
 		if err != nil {
-			t.Fatalf("A's allowed flow to %s: %v (%s)", dst, err, countersString(t, d, a))
+			t.Fatalf("A's allowed flow to %s: %v (%s)", dst, err, d.CountersString(a))
 		}
 		c.Write([]byte("ok"))
 		if ack, err := harness.ReadAck(c, 5*time.Second); err != nil || ack != "ack:2" {
@@ -292,12 +292,12 @@ func TestBridgeCovertChannel(t *testing.T) {
 		}
 		c.Close()
 	}
-	if counter(t, d, a, "pass", bpf.ReasonARP.String(), "") == 0 || counter(t, d, a, "pass", bpf.ReasonNDP.String(), "") == 0 {
-		t.Fatalf("A's ARP and ND for the gateway not counted as passed: %s", countersString(t, d, a))
+	if d.Counter(t, a, "pass", bpf.ReasonARP.String(), "") == 0 || d.Counter(t, a, "pass", bpf.ReasonNDP.String(), "") == 0 {
+		t.Fatalf("A's ARP and ND for the gateway not counted as passed: %s", d.CountersString(a))
 	}
 	for _, r := range []bpf.Reason{bpf.ReasonTrailer, bpf.ReasonARPField, bpf.ReasonNDPField, bpf.ReasonNDPOption, bpf.ReasonNDPChecksum, bpf.ReasonNDPDAD} {
-		if got := counter(t, d, a, "drop", r.String(), "") - before[r]; got != want[r] {
-			t.Errorf("A's own kernel traffic dropped as %s (%d beyond the attacks): %s", r, got-want[r], countersString(t, d, a))
+		if got := d.Counter(t, a, "drop", r.String(), "") - before[r]; got != want[r] {
+			t.Errorf("A's own kernel traffic dropped as %s (%d beyond the attacks): %s", r, got-want[r], d.CountersString(a))
 		}
 	}
 }
