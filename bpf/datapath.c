@@ -141,7 +141,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cw_flow_rate SEC(".maps");
 
-/* UDP flows already counted against a budget. */
+/* UDP flows a proxy holds (written by the daemon): their datagrams take
+ * nothing from the budget. LRU: a full map forgets the oldest, whose
+ * datagrams then pay again; nothing opens. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct udp_flow_key);
@@ -156,6 +158,7 @@ const enum verdict *unused_verdict __attribute__((unused));
 const enum reason *unused_reason __attribute__((unused));
 const enum listener *unused_listener __attribute__((unused));
 const enum sandbox_flags *unused_sandbox_flags __attribute__((unused));
+const enum budget_kind *unused_budget_kind __attribute__((unused));
 
 struct eth_hdr {
 	__u8 dst[6];
@@ -306,9 +309,41 @@ static __noinline void count(struct pkt *p, __u32 rule_id, __u8 verdict, __u8 re
 		c->flows++;
 }
 
+/* Take one new flow (or DNS datagram) from the sandbox's budget of that
+ * kind: 1 if it fits. A sandbox over its rate loses the flow here, in the
+ * kernel, before it costs the proxies an accept or a read: that is what
+ * keeps a flooding sandbox from starving the others. No budget written: no
+ * limit. */
+static __noinline int take_budget(__u32 sandbox_id, __u32 kind)
+{
+	struct flow_rate_key k = {.sandbox_id = sandbox_id, .kind = kind};
+	struct flow_rate *r = bpf_map_lookup_elem(&cw_flow_rate, &k);
+	if (!r)
+		return 1;
+	__u64 now = bpf_ktime_get_ns();
+	int ok = 0;
+	bpf_spin_lock(&r->lock);
+	__u64 credit = r->credit_ns + (now - r->last_ns);
+	if (credit > r->cap_ns || now < r->last_ns)
+		credit = r->cap_ns;
+	r->last_ns = now;
+	if (credit >= r->cost_ns) {
+		credit -= r->cost_ns;
+		ok = 1;
+	}
+	r->credit_ns = credit;
+	bpf_spin_unlock(&r->lock);
+	return ok;
+}
+
+/* Drop and count; report a deny event within the sandbox's event budget
+ * (BUDGET_EVENTS): a sandbox dropping packets as fast as it can send them
+ * must not make the daemon read as many events. The counters stay exact. */
 static __noinline int drop(struct pkt *p, __u8 reason)
 {
 	count(p, 0, VERDICT_DROP, reason);
+	if (!take_budget(p->sandbox_id, BUDGET_EVENTS))
+		return TC_ACT_SHOT;
 
 	struct deny_event *ev = bpf_ringbuf_reserve(&cw_events, sizeof(*ev), 0);
 	if (ev) {
@@ -537,34 +572,9 @@ static __always_inline struct bpf_sock *syn_sock(struct __sk_buff *skb, struct p
 	return listener_sock(skb, p, cfg, listener);
 }
 
-/* Take one new flow from the sandbox's budget: 1 if it fits. A sandbox
- * over its rate loses the flow here, in the kernel, before it costs the
- * proxies an accept or a read: that is what keeps a flooding sandbox from
- * starving the others. No budget written: no limit. */
-static __noinline int take_flow(__u32 sandbox_id)
-{
-	struct flow_rate_key k = {.sandbox_id = sandbox_id};
-	struct flow_rate *r = bpf_map_lookup_elem(&cw_flow_rate, &k);
-	if (!r)
-		return 1;
-	__u64 now = bpf_ktime_get_ns();
-	int ok = 0;
-	bpf_spin_lock(&r->lock);
-	__u64 credit = r->credit_ns + (now - r->last_ns);
-	if (credit > r->cap_ns || now < r->last_ns)
-		credit = r->cap_ns;
-	r->last_ns = now;
-	if (credit >= r->cost_ns) {
-		credit -= r->cost_ns;
-		ok = 1;
-	}
-	r->credit_ns = credit;
-	bpf_spin_unlock(&r->lock);
-	return ok;
-}
-
-/* A UDP datagram of a flow the budget already paid for passes; one of a
- * new flow takes from it. 1: allowed. */
+/* A UDP datagram of a flow a proxy holds (the daemon notes it in
+ * cw_udp_flows when it admits the flow and forgets it when the flow ends)
+ * passes; any other takes from the budget of new flows. 1: allowed. */
 static __always_inline int take_udp_flow(struct pkt *p)
 {
 	struct udp_flow_key k = {.sandbox_id = p->sandbox_id, .family = p->family, .sport = p->sport, .dport = p->dport};
@@ -572,12 +582,7 @@ static __always_inline int take_udp_flow(struct pkt *p)
 	__builtin_memcpy(k.daddr, p->daddr, 16);
 	if (bpf_map_lookup_elem(&cw_udp_flows, &k))
 		return 1;
-	if (!take_flow(p->sandbox_id))
-		return 0;
-	struct udp_flow v = {.seen_ns = bpf_ktime_get_ns()};
-	/* A full LRU evicts the oldest: that flow pays again, nothing opens. */
-	bpf_map_update_elem(&cw_udp_flows, &k, &v, BPF_ANY);
-	return 1;
+	return take_budget(p->sandbox_id, BUDGET_FLOWS);
 }
 
 /* The rule verdict for a new flow: from the verdict cache when this
@@ -661,9 +666,16 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 		listener = v.listener;
 		reason = REASON_RULE;
 		/* Here every TCP packet is a SYN: established ones went to
-		 * their socket above. DNS has budgets of its own. */
-		if (!(p->proto == PROTO_UDP ? take_udp_flow(p) : take_flow(p->sandbox_id)))
+		 * their socket above. */
+		if (!(p->proto == PROTO_UDP ? take_udp_flow(p) : take_budget(p->sandbox_id, BUDGET_FLOWS)))
 			return drop(p, REASON_FLOW_LIMIT);
+	} else if (p->proto == PROTO_UDP) {
+		/* Every DNS datagram is a query: far over the DNS proxy's own
+		 * rate limit, it is not worth a read. */
+		if (!take_budget(p->sandbox_id, BUDGET_DNS))
+			return drop(p, REASON_DNS_LIMIT);
+	} else if (!take_budget(p->sandbox_id, BUDGET_FLOWS)) {
+		return drop(p, REASON_FLOW_LIMIT);
 	}
 
 	struct bpf_sock *sk = listener_sock(skb, p, cfg, listener);

@@ -53,6 +53,7 @@ enum reason {
 	REASON_NDP_CHECKSUM = 44, /* an ND message with a wrong ICMPv6 checksum */
 	REASON_TIME_WAIT = 45,    /* a SYN met a time-wait socket and no steering program of ours answers */
 	REASON_FLOW_LIMIT = 46,   /* a new flow over the sandbox's new-flow rate */
+	REASON_DNS_LIMIT = 47,    /* a DNS datagram far over the sandbox's DNS rate */
 };
 
 /* Which proxy socket a redirected flow is assigned to (index into the ports
@@ -179,12 +180,19 @@ struct steer {
 	__u8 pad[7];
 };
 
-/* A sandbox's budget of new flows (TCP SYNs, new UDP flows), a token
- * bucket kept in nanoseconds of credit: a flow costs cost_ns, the bucket
+/* A sandbox's budget of new flows (TCP SYNs, new UDP flows) or of DNS
+ * datagrams, a token bucket kept in nanoseconds of credit: a flow costs cost_ns, the bucket
  * holds at most cap_ns (the burst). The daemon writes cost and cap; the
  * datapath moves credit and last under the lock. No entry: no limit. */
+enum budget_kind {
+	BUDGET_FLOWS = 0, /* new TCP and UDP flows to the sandbox's rules, DNS over TCP */
+	BUDGET_DNS = 1,   /* DNS datagrams (UDP port 53, any destination) */
+	BUDGET_EVENTS = 2, /* deny events reported (drops are always counted) */
+};
+
 struct flow_rate_key {
 	__u32 sandbox_id;
+	__u32 kind; /* enum budget_kind */
 };
 
 struct flow_rate {
@@ -196,8 +204,9 @@ struct flow_rate {
 	__u64 last_ns; /* CLOCK_MONOTONIC of the last new flow */
 };
 
-/* A UDP flow the datapath has counted as new (LRU): its next datagrams
- * take nothing from the budget. */
+/* A UDP flow a proxy holds (the daemon notes it when it admits the flow,
+ * forgets it when the flow ends): its datagrams take nothing from the
+ * budget of new flows. */
 struct udp_flow_key {
 	__u32 sandbox_id;
 	__u8 family;
@@ -210,7 +219,7 @@ struct udp_flow_key {
 };
 
 struct udp_flow {
-	__u64 seen_ns;
+	__u64 since_ns; /* CLOCK_MONOTONIC when the daemon admitted it */
 };
 
 struct deny_event {

@@ -78,6 +78,7 @@ type datapathFlowRate struct {
 type datapathFlowRateKey struct {
 	_         structs.HostLayout
 	SandboxId uint32
+	Kind      uint32
 }
 
 type datapathListener uint32
@@ -125,6 +126,7 @@ const (
 	datapathReasonREASON_NDP_CHECKSUM    datapathReason = 44
 	datapathReasonREASON_TIME_WAIT       datapathReason = 45
 	datapathReasonREASON_FLOW_LIMIT      datapathReason = 46
+	datapathReasonREASON_DNS_LIMIT       datapathReason = 47
 )
 
 type datapathRule struct {
@@ -200,8 +202,8 @@ type datapathSteerKey struct {
 }
 
 type datapathUdpFlow struct {
-	_      structs.HostLayout
-	SeenNs uint64
+	_       structs.HostLayout
+	SinceNs uint64
 }
 
 type datapathUdpFlowKey struct {
@@ -251,6 +253,7 @@ const (
 	datapathProgBridgeIngress     = "bridge_ingress"
 	datapathProgSandboxEgress     = "sandbox_egress"
 	datapathProgSteerListener     = "steer_listener"
+	datapathVarUnusedBudgetKind   = "unused_budget_kind"
 	datapathVarUnusedDenyEvent    = "unused_deny_event"
 	datapathVarUnusedListener     = "unused_listener"
 	datapathVarUnusedReason       = "unused_reason"
@@ -325,6 +328,7 @@ type datapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
+	UnusedBudgetKind   *ebpf.VariableSpec `ebpf:"unused_budget_kind"`
 	UnusedDenyEvent    *ebpf.VariableSpec `ebpf:"unused_deny_event"`
 	UnusedListener     *ebpf.VariableSpec `ebpf:"unused_listener"`
 	UnusedReason       *ebpf.VariableSpec `ebpf:"unused_reason"`
@@ -383,6 +387,7 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
+	UnusedBudgetKind   *ebpf.Variable `ebpf:"unused_budget_kind"`
 	UnusedDenyEvent    *ebpf.Variable `ebpf:"unused_deny_event"`
 	UnusedListener     *ebpf.Variable `ebpf:"unused_listener"`
 	UnusedReason       *ebpf.Variable `ebpf:"unused_reason"`

@@ -61,6 +61,7 @@ const (
 	ReasonNDPChecksum    = Reason(datapathReasonREASON_NDP_CHECKSUM)
 	ReasonTimeWait       = Reason(datapathReasonREASON_TIME_WAIT)
 	ReasonFlowLimit      = Reason(datapathReasonREASON_FLOW_LIMIT)
+	ReasonDNSLimit       = Reason(datapathReasonREASON_DNS_LIMIT)
 )
 
 var reasonNames = map[Reason]string{
@@ -96,6 +97,7 @@ var reasonNames = map[Reason]string{
 	ReasonNDPChecksum:    "ndp-checksum",
 	ReasonTimeWait:       "time-wait",
 	ReasonFlowLimit:      "flow-limit",
+	ReasonDNSLimit:       "dns-limit",
 }
 
 func (r Reason) String() string {

@@ -29,6 +29,11 @@ trap cleanup EXIT
 trap 'echo; echo "interrupted: cleaning up"; exit 130' INT TERM
 cleanup
 
+# The pins that keep a sandbox enforced must outlive cleanwall: under ip netns
+# exec (a private mount namespace) they go to the host's bpffs, which every
+# systemd host mounts at boot and a bare machine may not have.
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
 echo "== building the demo topology (node namespace without uplink, remote serving 198.51.100.10:8080)"
 ip netns add $NODE
 ip netns add $REMOTE

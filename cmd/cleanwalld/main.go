@@ -67,6 +67,7 @@ func run(args []string) error {
 	fs.IntVar(&cfg.Limits.UDPFlows, "max-udp-flows", daemon.DefaultLimits.UDPFlows, "concurrent UDP flows per sandbox (negative: unlimited)")
 	fs.Float64Var(&cfg.Limits.NewFlowsPerSecond, "flow-rate", daemon.DefaultLimits.NewFlowsPerSecond, "new TCP and UDP flows per second per sandbox, burst twice that (negative: unlimited)")
 	fs.IntVar(&cfg.Limits.DNSInFlight, "max-dns-inflight", daemon.DefaultLimits.DNSInFlight, "DNS queries over UDP answered at once per sandbox (negative: unlimited)")
+	fs.Float64Var(&cfg.DenyEventsPerSecond, "deny-event-rate", daemon.DefaultDenyEventsPerSecond, "deny events per second per sandbox reported by the datapath (observe, audit, log), burst twice that; every drop is counted regardless (negative: report every drop)")
 	fs.DurationVar(&cfg.WatchdogInterval, "watchdog-interval", daemon.DefaultWatchdogInterval, "how often attachments, pins and the nftables wall are verified; what is missing is put back within about one interval")
 	fs.BoolVar(&cfg.DNSRefuseNXDomain, "dns-nxdomain", false, "answer names the policy does not allow with NXDOMAIN instead of REFUSED")
 	if err := fs.Parse(args); err != nil {

@@ -103,8 +103,8 @@ func (d *Daemon) apply(s *sandbox, compiled *policy.Compiled, doc []byte, source
 	if err := d.dp.DeleteRuleEntries(rec.DatapathID, old, stale); err != nil {
 		d.log.Warn("removing the old generation", "sandbox", rec.key(), "error", err)
 	}
-	if err := d.dp.SetFlowRate(rec.DatapathID, flowRate(limits)); err != nil {
-		d.log.Warn("writing the new-flow budget: the previous one stays", "sandbox", rec.key(), "error", err)
+	if err := d.writeBudgets(rec.DatapathID, limits); err != nil {
+		d.log.Warn("writing the kernel budgets: the previous ones stay", "sandbox", rec.key(), "error", err)
 	}
 	if err := d.store.save(&updated); err != nil {
 		d.log.Error("persisting the new generation failed; a restart re-applies the previous document", "sandbox", rec.key(), "error", err)

@@ -33,7 +33,9 @@ const (
 	// redirect rule, or the proxy's own replies would be routed locally.
 	DefaultSocketMark = 0x0c1f0000
 	DefaultTable      = 3102
-	DefaultPriority   = 100
+	// DefaultDenyEventsPerSecond is each sandbox's budget of deny events.
+	DefaultDenyEventsPerSecond = 100
+	DefaultPriority            = 100
 	// RedirectMask is the part of the mark the fwmark rule matches.
 	RedirectMask = 0xffffff00
 )
@@ -79,6 +81,11 @@ type Config struct {
 	// Limits bound each sandbox's flows (zero fields: DefaultLimits;
 	// negative: unlimited). A policy's spec.limits can lower them.
 	Limits Limits
+
+	// DenyEventsPerSecond bounds the deny events each sandbox's drops
+	// report (burst twice that; 0: DefaultDenyEventsPerSecond; negative:
+	// every drop). Drops are always counted.
+	DenyEventsPerSecond float64
 
 	// WatchdogInterval is how often attachments, pins and the nftables
 	// wall are verified and repaired (default DefaultWatchdogInterval).
@@ -133,6 +140,9 @@ func (c *Config) setDefaults() error {
 		c.UDPIdleTimeout = 60 * time.Second
 	}
 	c.Limits.setDefaults()
+	if c.DenyEventsPerSecond == 0 {
+		c.DenyEventsPerSecond = DefaultDenyEventsPerSecond
+	}
 	if c.WatchdogInterval <= 0 {
 		c.WatchdogInterval = DefaultWatchdogInterval
 	}

@@ -358,7 +358,7 @@ func (d *Daemon) reconcile() error {
 			return fmt.Errorf("re-attaching %s: %w", rec.key(), err)
 		}
 		rec.Attachment = att
-		if err := d.dp.SetFlowRate(rec.DatapathID, flowRate(*sb.limits.lim.Load())); err != nil {
+		if err := d.writeBudgets(rec.DatapathID, *sb.limits.lim.Load()); err != nil {
 			return err
 		}
 		d.register(sb)

@@ -91,10 +91,6 @@ func (d *Daemon) serveDNS() {
 			}
 			// The sandbox's own share first, then the node's: a sandbox
 			// flooding queries fills only its own.
-			if !sb.limits.admitDNSDatagram(d.dnsRate()) {
-				d.metrics.refusal(sb, nil, reasonFlowLimit).Inc()
-				return
-			}
 			done, over := sb.limits.admit(flowDNS, d.fds)
 			if over != "" {
 				d.metrics.refusal(sb, nil, over).Inc()

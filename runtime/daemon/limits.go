@@ -2,11 +2,11 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"os"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -15,10 +15,11 @@ import (
 )
 
 // Limits bound what one sandbox may take of the node's proxies, so that one
-// sandbox cannot starve the others or the daemon's API. Over a limit, a new
-// flow is refused (TCP: reset; UDP: its datagram dropped; DNS: no answer,
-// the client retries) and counted as reason "flow-limit"; established flows
-// and other sandboxes are unaffected. A zero field takes the default, a
+// sandbox cannot starve the others or the daemon's API. Over a concurrency
+// limit, a new flow is refused (TCP: reset; UDP: its datagram dropped; DNS:
+// no answer, the client retries); over the rate, the datapath drops it; both
+// are counted as reason "flow-limit". Established flows and other
+// sandboxes are unaffected. A zero field takes the default, a
 // negative one means unlimited; a policy's spec.limits can only lower them.
 type Limits struct {
 	// TCPFlows: concurrent TCP flows (open tcp and http rules).
@@ -105,18 +106,12 @@ const (
 type flowLimiter struct {
 	lim    atomic.Pointer[Limits]
 	active [numFlowKinds]atomic.Int64
-
-	// dns is a token bucket of DNS datagrams, at dnsShedFactor times the
-	// DNS proxy's own rate limit: a flood far above that limit would be
-	// answered REFUSED one query at a time at the daemon's expense; it is
-	// dropped on arrival instead (counted), and the client retries.
-	dnsMu     sync.Mutex
-	dnsTokens float64
-	dnsLast   time.Time
 }
 
-// dnsShedFactor: DNS datagrams beyond this multiple of the DNS rate limit
-// are dropped unanswered.
+// dnsShedFactor: DNS datagrams beyond this multiple of the DNS proxy's
+// rate limit are dropped in the datapath (reason dns-limit): a flood far
+// above that limit would otherwise be answered REFUSED one query at a time
+// at the daemon's expense. The client retries.
 const dnsShedFactor = 4
 
 func newFlowLimiter(l Limits) *flowLimiter {
@@ -130,6 +125,56 @@ func newFlowLimiter(l Limits) *flowLimiter {
 func (f *flowLimiter) set(l Limits) { f.lim.Store(&l) }
 
 func burst(rate float64) float64 { return 2 * rate }
+
+// dnsBudget is the datapath's budget of DNS datagrams for a DNS proxy
+// rate of qps (negative: none).
+func dnsBudget(qps float64) bpf.FlowRate {
+	if qps < 0 {
+		return bpf.FlowRate{}
+	}
+	return bpf.FlowRate{PerSecond: dnsShedFactor * qps, Burst: burst(dnsShedFactor * qps)}
+}
+
+// writeBudgets writes a sandbox's kernel budgets for limits l.
+func (d *Daemon) writeBudgets(id uint32, l Limits) error {
+	if err := d.dp.SetFlowRate(id, flowRate(l)); err != nil {
+		return err
+	}
+	if err := d.dp.SetDNSRate(id, dnsBudget(d.dnsRate())); err != nil {
+		return err
+	}
+	return d.dp.SetEventRate(id, eventBudget(d.cfg.DenyEventsPerSecond))
+}
+
+// eventBudget is the datapath's budget of deny events per sandbox: a
+// sandbox dropping packets as fast as it can must not make the daemon read
+// (and log, audit, publish) as many events. The counters stay exact.
+func eventBudget(perSecond float64) bpf.FlowRate {
+	if perSecond < 0 {
+		return bpf.FlowRate{}
+	}
+	return bpf.FlowRate{PerSecond: perSecond, Burst: burst(perSecond)}
+}
+
+// checkBudgets compares a sandbox's kernel budgets with limits l.
+func (d *Daemon) checkBudgets(id uint32, l Limits) error {
+	for _, b := range []struct {
+		what string
+		want bpf.FlowRate
+		read func(uint32) (bpf.FlowRate, bool, error)
+	}{{"new-flow", flowRate(l), d.dp.FlowRateOf}, {"DNS", dnsBudget(d.dnsRate()), d.dp.DNSRateOf},
+		{"deny-event", eventBudget(d.cfg.DenyEventsPerSecond), d.dp.EventRateOf}} {
+		got, ok, err := b.read(id)
+		if err != nil {
+			return err
+		}
+		want := b.want
+		if ok != (want.PerSecond > 0) || (ok && (math.Abs(got.PerSecond-want.PerSecond) > want.PerSecond/1000 || math.Abs(got.Burst-want.Burst) > 1)) {
+			return fmt.Errorf("%s budget differs: have %+v, want %+v", b.what, got, want)
+		}
+	}
+	return nil
+}
 
 // admit takes one flow of kind k, or says which limit refuses it. A taken
 // flow is given back with done.
@@ -151,29 +196,6 @@ func (f *flowLimiter) admit(k flowKind, node *fdBudget) (done func(), refusal st
 			node.give(fdsPerFlow[k])
 		})
 	}, ""
-}
-
-// admitDNSDatagram reports whether a DNS datagram may reach the DNS proxy
-// at all, at rate qps (the DNS proxy's limit; negative: unlimited).
-func (f *flowLimiter) admitDNSDatagram(qps float64) bool {
-	if qps < 0 {
-		return true
-	}
-	rate := dnsShedFactor * qps
-	f.dnsMu.Lock()
-	defer f.dnsMu.Unlock()
-	now := time.Now()
-	if f.dnsLast.IsZero() {
-		f.dnsTokens = 2 * rate
-	} else {
-		f.dnsTokens = math.Min(2*rate, f.dnsTokens+now.Sub(f.dnsLast).Seconds()*rate)
-	}
-	f.dnsLast = now
-	if f.dnsTokens < 1 {
-		return false
-	}
-	f.dnsTokens--
-	return true
 }
 
 // flowRate is the datapath's new-flow budget of limits l: the rate is

@@ -162,31 +162,11 @@ func TestAcceptBackoff(t *testing.T) {
 	}
 }
 
-func TestDNSDatagramShedding(t *testing.T) {
-	f := newFlowLimiter(DefaultLimits)
-	ok := 0
-	for i := 0; i < 1000; i++ {
-		if f.admitDNSDatagram(10) {
-			ok++
-		}
+func TestDNSBudget(t *testing.T) {
+	if b := dnsBudget(100); b.PerSecond != dnsShedFactor*100 || b.Burst != 2*dnsShedFactor*100 {
+		t.Errorf("budget %+v", b)
 	}
-	// A burst of twice dnsShedFactor x 10/s, then nothing until refilled.
-	if ok != 2*dnsShedFactor*10 {
-		t.Fatalf("%d of 1000 datagrams admitted at once, want %d", ok, 2*dnsShedFactor*10)
-	}
-	f.dnsLast = f.dnsLast.Add(-time.Second)
-	ok = 0
-	for i := 0; i < 1000; i++ {
-		if f.admitDNSDatagram(10) {
-			ok++
-		}
-	}
-	if ok < dnsShedFactor*10 || ok > dnsShedFactor*10+1 {
-		t.Fatalf("%d admitted after a second", ok)
-	}
-	for i := 0; i < 10000; i++ {
-		if !f.admitDNSDatagram(-1) {
-			t.Fatal("unlimited DNS dropped a datagram")
-		}
+	if b := dnsBudget(-1); b.PerSecond != 0 {
+		t.Errorf("an unlimited DNS rate wrote a budget: %+v", b)
 	}
 }

@@ -287,7 +287,9 @@ func (d *Daemon) refuseFlow(sb *sandbox, rule *policy.Rule, proto string, src, d
 	if sb != nil {
 		key = sb.rec.key()
 	}
-	d.logs.log(d.log, slog.LevelWarn, "refused:"+reason, "flow refused by proxy", "sandbox", key, "proto", proto, "src", src, "dst", dst, "reason", reason)
+	if ok, suppressed := d.logs.allow("refused:" + reason); ok { // the arguments alone cost allocations
+		d.log.Warn("flow refused by proxy", "sandbox", key, "proto", proto, "src", src, "dst", dst, "reason", reason, "suppressed", suppressed)
+	}
 	if d.observers.active() {
 		d.observers.publish(api.DenyEvent{Time: now(), Sandbox: key, Source: "proxy", Reason: reason, Proto: strings.ToUpper(proto),
 			Src: src.String(), Dst: dst.String()})
@@ -399,7 +401,13 @@ func (u *udpFlows) open(dg tproxy.Datagram) (*udpFlow, error) {
 	u.m[k] = uf
 	u.mu.Unlock()
 	m.accepted.Inc()
+	// The datapath lets the flow's datagrams through without taking from
+	// the sandbox's budget of new flows while the relay holds it.
+	if err := d.dp.NoteUDPFlow(sb.rec.DatapathID, dg.Src, dg.OrigDst); err != nil {
+		d.logs.log(d.log, slog.LevelWarn, "udp-note", "noting a UDP flow: its datagrams pay the new-flow budget", "error", err)
+	}
 	context.AfterFunc(ctx, func() {
+		_ = d.dp.ForgetUDPFlow(sb.rec.DatapathID, dg.Src, dg.OrigDst)
 		done()
 		conn.Close()
 		u.mu.Lock()

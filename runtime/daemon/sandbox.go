@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -405,7 +404,7 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 		return api.Sandbox{}, fmt.Errorf("programming sandbox %s: %w", rec.key(), err)
 	}
 	rollback.push(func() { d.deleteEntryIfOwned(rec.HostIfindex, id) })
-	if err := d.dp.SetFlowRate(id, flowRate(effectiveLimits(d.cfg.Limits, compiled))); err != nil {
+	if err := d.writeBudgets(id, effectiveLimits(d.cfg.Limits, compiled)); err != nil {
 		return api.Sandbox{}, err
 	}
 	rollback.push(func() { _ = d.dp.DeleteFlowRate(id) })
@@ -648,13 +647,8 @@ func (d *Daemon) check(s *sandbox) error {
 	if err := checkIsolated(rec); err != nil {
 		return err
 	}
-	wantRate := flowRate(*s.limits.lim.Load())
-	gotRate, ok, err := d.dp.FlowRateOf(rec.DatapathID)
-	if err != nil {
+	if err := d.checkBudgets(rec.DatapathID, *s.limits.lim.Load()); err != nil {
 		return err
-	}
-	if ok != (wantRate.PerSecond > 0) || (ok && (math.Abs(gotRate.PerSecond-wantRate.PerSecond) > wantRate.PerSecond/1000 || math.Abs(gotRate.Burst-wantRate.Burst) > 1)) {
-		return fmt.Errorf("new-flow budget differs: have %+v, want %+v", gotRate, wantRate)
 	}
 	got, err := d.dp.Sandbox(rec.HostIfindex)
 	if err != nil {

@@ -282,7 +282,9 @@ func (d *Daemon) Pinned() *bpf.Datapath {
 
 // Metrics scrapes the daemon's /metrics (from inside the node namespace).
 func (d *Daemon) Metrics() (string, error) {
-	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: d.env.NodeDialer()}}
+	// No keep-alive: a client per scrape would leave a connection behind
+	// each time (and a soak counts the daemon's descriptors).
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: d.env.NodeDialer(), DisableKeepAlives: true}}
 	resp, err := c.Get("http://" + d.MetricsAddr + "/metrics")
 	if err != nil {
 		return "", err

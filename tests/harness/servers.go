@@ -156,10 +156,35 @@ type Sniffer struct {
 	mu     sync.Mutex
 	frames []gopacket.Packet
 	done   chan struct{}
+	// keep, when set, decides which frames are kept (the rest are only
+	// counted in seen): a long capture of proxied traffic must not hold
+	// every frame.
+	keep func(gopacket.Packet) bool
+	seen int
 }
 
 // Sniff starts capturing every frame arriving on the remote side.
-func (e *Env) Sniff() *Sniffer {
+func (e *Env) Sniff() *Sniffer { return e.sniff(nil) }
+
+// SniffFromSandboxes captures, on the remote side, only IP packets whose
+// source is in a sandbox range (10.0.0.0/8, fd00::/8): what would show a
+// leak, without holding the proxied traffic (which comes from the node).
+func (e *Env) SniffFromSandboxes() *Sniffer {
+	v4, v6 := netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")
+	return e.sniff(func(p gopacket.Packet) bool {
+		if ip4, ok := p.Layer(layers.LayerTypeIPv4).(*layers.IPv4); ok {
+			a, _ := netip.AddrFromSlice(ip4.SrcIP)
+			return v4.Contains(a.Unmap())
+		}
+		if ip6, ok := p.Layer(layers.LayerTypeIPv6).(*layers.IPv6); ok {
+			a, _ := netip.AddrFromSlice(ip6.SrcIP)
+			return v6.Contains(a)
+		}
+		return false
+	})
+}
+
+func (e *Env) sniff(keep func(gopacket.Packet) bool) *Sniffer {
 	e.T.Helper()
 	var fd int
 	err := e.InRemote(func() error {
@@ -170,7 +195,7 @@ func (e *Env) Sniff() *Sniffer {
 	if err != nil {
 		e.T.Fatal(err)
 	}
-	s := &Sniffer{fd: fd, done: make(chan struct{})}
+	s := &Sniffer{fd: fd, done: make(chan struct{}), keep: keep}
 	go s.run()
 	e.onCleanup(s.Stop)
 	return s
@@ -210,7 +235,10 @@ func (s *Sniffer) run() {
 		}
 		p := gopacket.NewPacket(append([]byte(nil), buf[:n]...), layers.LayerTypeEthernet, gopacket.Default)
 		s.mu.Lock()
-		s.frames = append(s.frames, p)
+		s.seen++
+		if s.keep == nil || s.keep(p) {
+			s.frames = append(s.frames, p)
+		}
 		s.mu.Unlock()
 	}
 }
@@ -241,11 +269,11 @@ func (s *Sniffer) FromSource(a netip.Addr) int {
 	return n
 }
 
-// Frames counts every captured frame.
+// Frames counts every captured frame (kept or not).
 func (s *Sniffer) Frames() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.frames)
+	return s.seen
 }
 
 // Inject writes a raw Ethernet frame out of the sandbox's interface, as a

@@ -267,7 +267,7 @@ func TestSoak(t *testing.T) {
 	udp := env.UDPServer("198.51.100.10:9000")
 	env.HTTPServer("198.51.100.10:8082", nil)
 	env.DNSServer("api.example.test. 300 IN A 198.51.100.10")
-	sniff := env.Sniff()
+	sniff := env.SniffFromSandboxes()
 
 	const n = 20
 	calm := make([]*harness.Sandbox, n)
@@ -350,6 +350,14 @@ func TestSoak(t *testing.T) {
 		}
 	}
 	sampleUntil(begin.Add(total), "flood")
+	if out := os.Getenv("SOAK_PPROF"); out != "" { // and what the daemon holds at the end
+		c := http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: env.NodeDialer()}}
+		if resp, err := c.Get("http://127.0.0.1:6061/debug/pprof/goroutine?debug=1"); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			_ = os.WriteFile(out+".goroutines", b, 0o644)
+		}
+	}
 	_ = fl.Process.Signal(syscall.SIGTERM)
 	_ = fl.Wait()
 	close(stop)
