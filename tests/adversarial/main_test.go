@@ -7,23 +7,12 @@
 package adversarial
 
 import (
-	"fmt"
-	"os"
 	"testing"
 
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
 
-func TestMain(m *testing.M) {
-	if os.Geteuid() == 0 {
-		harness.SweepLeftovers()
-		if err := harness.EnsureHostBPFFS(); err != nil {
-			fmt.Fprintln(os.Stderr, "mounting the host's bpffs:", err)
-			os.Exit(1)
-		}
-	}
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { harness.Main(m) }
 
 // policyOpen allows TCP 8080 to the remote server, open mode.
 const policyOpen = `apiVersion: cleanwall.dev/v1

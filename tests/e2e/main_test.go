@@ -4,26 +4,12 @@
 package e2e
 
 import (
-	"fmt"
-	"os"
 	"testing"
 
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
 
-func TestMain(m *testing.M) {
-	if os.Geteuid() == 0 {
-		harness.SweepLeftovers()
-		// Every systemd host mounts a bpffs at /sys/fs/bpf at boot; this
-		// machine may not have. Runtimes started in a private mount
-		// namespace (ip netns exec) reach it for their pins.
-		if err := harness.EnsureHostBPFFS(); err != nil {
-			fmt.Fprintln(os.Stderr, "mounting the host's bpffs:", err)
-			os.Exit(1)
-		}
-	}
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { harness.Main(m) }
 
 // policyOpen allows TCP 8080 to the remote server, over IPv4 only.
 const policyOpen = `apiVersion: cleanwall.dev/v1

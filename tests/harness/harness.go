@@ -295,3 +295,19 @@ func SweepLeftovers() {
 
 // Ctx is a background context for harness calls.
 func Ctx() context.Context { return context.Background() }
+
+// Main is the TestMain of the suites that build topologies: it sweeps the
+// leftovers of killed runs and makes sure the host has a bpffs at
+// /sys/fs/bpf (every systemd host mounts one at boot; this machine may
+// not have), which runtimes started in a private mount namespace (ip netns
+// exec) reach for their pins.
+func Main(m *testing.M) {
+	if os.Geteuid() == 0 {
+		SweepLeftovers()
+		if err := EnsureHostBPFFS(); err != nil {
+			fmt.Fprintln(os.Stderr, "mounting the host's bpffs:", err)
+			os.Exit(1)
+		}
+	}
+	os.Exit(m.Run())
+}
