@@ -2,7 +2,7 @@
 // simulated SNP attester that is always labelled as such), its verification
 // against release policies, and the key broker's server and client.
 //
-// This package itself holds the key release protocol v1 of KEYBROKER.md that
+// This package itself holds the key release protocol v1 of docs/keybroker.md that
 // both sides share: the Attester interface, the REPORT_DATA derivation, the
 // HPKE suite and info, the wire messages with their strict decoder, and the
 // refusal codes. It depends on the standard library only, so the daemon can

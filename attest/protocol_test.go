@@ -8,7 +8,7 @@ import (
 )
 
 // The vectors were computed outside Go (Python hashlib) from the byte layout
-// in KEYBROKER.md §2, so they pin the wire format, not this implementation.
+// in docs/keybroker.md §2, so they pin the wire format, not this implementation.
 func TestReportDataKnownAnswer(t *testing.T) {
 	nonce := make([]byte, 32)
 	for i := range nonce {
@@ -114,6 +114,6 @@ func TestRefusalIsCode(t *testing.T) {
 		}
 	}
 	if len(Codes) != 18 {
-		t.Fatalf("%d codes, KEYBROKER.md lists 18", len(Codes))
+		t.Fatalf("%d codes, docs/keybroker.md lists 18", len(Codes))
 	}
 }

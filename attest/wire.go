@@ -15,7 +15,7 @@ import (
 // errors.Is(err, attest.CodeNonceExpired).
 type Code string
 
-// The refusal codes of KEYBROKER.md §3. Each names one reason.
+// The refusal codes of docs/keybroker.md §3. Each names one reason.
 const (
 	CodeBadRequest            Code = "bad-request"
 	CodeUnknownKey            Code = "unknown-key"
@@ -38,7 +38,7 @@ const (
 )
 
 // Codes the broker sends with a 5xx status. They are not refusals of the
-// protocol (KEYBROKER.md lists only 4xx refusals): the request may succeed
+// protocol (docs/keybroker.md lists only 4xx refusals): the request may succeed
 // when retried.
 const (
 	// CodeUnavailable (503): the broker holds too many outstanding challenges.

@@ -361,7 +361,7 @@ func ownerPaths(ov *overlaps, rules []*Rule) string {
 	return s
 }
 
-// pins warns about spkiSHA256 entries that cannot be a pin. POLICY.md's own
+// pins warns about spkiSHA256 entries that cannot be a pin. docs/policy.md's own
 // example carries a placeholder there and must load, so a malformed pin is
 // not an error; it can never match, and TLSSpec.Pins makes the proxy refuse
 // the rule's connections.

@@ -32,7 +32,7 @@ func warningsAt(c *Compiled, path string) []string {
 	return msgs
 }
 
-// POLICY.md promises that its example works exactly as written.
+// docs/policy.md promises that its example works exactly as written.
 func TestPolicyMDExample(t *testing.T) {
 	data, err := os.ReadFile("testdata/policy-md-example.yaml")
 	if err != nil {

@@ -1,4 +1,4 @@
-// Package policy owns the user-facing egress policy language (POLICY.md):
+// Package policy owns the user-facing egress policy language (docs/policy.md):
 // types, strict YAML parsing, validation with field paths in errors, and
 // compilation into datapath entries and proxy rules. It is pure: it must not
 // touch the kernel, the network or any file but the policy it is asked to
@@ -19,7 +19,7 @@
 // proxy learns an address for a name, Compiled.EntriesForName gives the
 // datapath entries it opens. Policy.Hash identifies a policy's meaning.
 //
-// # Decisions where POLICY.md is silent
+// # Decisions where docs/policy.md is silent
 //
 // Parsing:
 //   - Unknown fields, duplicate keys, wrong types, merge keys (<<), an
@@ -49,7 +49,7 @@
 //   - An fqdn destination that spec.dns.allow does not cover (or with no
 //     spec.dns at all) is a warning, not an error: its addresses can never
 //     be learnt, so the rule is unreachable for it, which is fail-closed.
-//     POLICY.md's own example has one (partner.example.test), and the
+//     docs/policy.md's own example has one (partner.example.test), and the
 //     example must load as written.
 //   - UDP is possible only with mode open and open.protocol tcp (no
 //     application parser: L4 rules and budgets). HTTP, TLS, HPKE and the
@@ -60,7 +60,7 @@
 //   - mode is required on every rule; a mode's block (open, trusted,
 //     secure) is only allowed on a rule of that mode.
 //   - open.protocol tcp means "no application parser". open.tcp is allowed
-//     with either protocol (POLICY.md's example sets it on an http rule):
+//     with either protocol (docs/policy.md's example sets it on an http rule):
 //     maxBytesOut is a budget per connection, HTTP included; absent means
 //     no budget, present must be > 0.
 //   - open.http: every rule needs at least one method and one path;
@@ -83,11 +83,11 @@
 //     interchangeable and guessing wrong breaks the upstream. It can become
 //     optional later without breaking a policy; a default could not be
 //     changed. secure.upstreamTLS has the fields of trusted.tls, all
-//     optional ({} is valid, as in POLICY.md): serverName defaults to the
+//     optional ({} is valid, as in docs/policy.md): serverName defaults to the
 //     fqdn the flow matched (the IP for a cidr destination), and with
 //     neither caFile nor spkiSHA256 the proxy's system roots verify.
 //   - spkiSHA256 entries should be standard base64 of a 32-byte digest. A
-//     malformed one is a warning, not an error, because POLICY.md's example
+//     malformed one is a warning, not an error, because docs/policy.md's example
 //     carries a placeholder there; it can never match, and TLSSpec.Pins
 //     returns an error that makes the proxy refuse the rule's connections,
 //     so a typo fails closed.

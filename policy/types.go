@@ -1,6 +1,6 @@
 package policy
 
-// The types below mirror POLICY.md field for field. Parse fills them from
+// The types below mirror docs/policy.md field for field. Parse fills them from
 // YAML (the yaml tags are the field names of the language) and returns them
 // normalised: defaults filled in, names lowercased, prefixes canonical (see
 // the package documentation). The json tags define the canonical encoding

@@ -235,7 +235,7 @@ func errorList(t *testing.T, err error) ErrorList {
 	return list
 }
 
-// The error format is part of the contract: POLICY.md quotes it.
+// The error format is part of the contract: docs/policy.md quotes it.
 func TestErrorFormatFromPolicyMD(t *testing.T) {
 	y := doc("", okOpen, "{name: b, to: [{cidr: 10.0.0.0/8}], ports: [{port: 70000}], mode: open}")
 	_, err := Parse([]byte(y))
@@ -413,11 +413,11 @@ func TestLoadFileNamesTheFile(t *testing.T) {
 	}
 }
 
-// policyMDExampleHash is the hash of POLICY.md's example as it was before
+// policyMDExampleHash is the hash of docs/policy.md's example as it was before
 // optional fields were added: adding one must not change it.
 const policyMDExampleHash = "e5a75ce4acc5b9b2601b9b07f87de1b174c2442e6aea8b4865babe687cd1c2bf"
 
-// The "Whole-request patterns" example of POLICY.md, exactly as written,
+// The "Whole-request patterns" example of docs/policy.md, exactly as written,
 // in the results-api rule of the main example.
 const denyPatternsExample = `          denyPatterns:           # RE2; matched against the decoded path and query,
             - '\b\d{3}-\d{2}-\d{4}\b'   # every header value, and the (decoded) body
@@ -437,7 +437,7 @@ func TestDenyPatterns(t *testing.T) {
 	withPatterns := strings.Replace(string(base), "          maxBodyBytes: 1048576\n", "          maxBodyBytes: 1048576\n"+denyPatternsExample, 1)
 	q, err := Parse([]byte(withPatterns))
 	if err != nil {
-		t.Fatalf("POLICY.md's denyPatterns example: %v", err)
+		t.Fatalf("docs/policy.md's denyPatterns example: %v", err)
 	}
 	h := q.Spec.Egress[0].Open.HTTP
 	if len(h.DenyPatterns) != 1 || h.DenyPatterns[0] != `\b\d{3}-\d{2}-\d{4}\b` || len(h.DenyBodyPatterns) != 1 {

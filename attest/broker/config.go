@@ -17,8 +17,8 @@ import (
 	"github.com/cleanwall/cleanwall/attest/snp"
 )
 
-// Config is the broker's configuration file (KEYBROKER.md §4). Members
-// marked "extension" are not in KEYBROKER.md; each is optional and has the
+// Config is the broker's configuration file (docs/keybroker.md §4). Members
+// marked "extension" are not in docs/keybroker.md; each is optional and has the
 // default it documents.
 type Config struct {
 	Listen            string         `yaml:"listen"`

@@ -9,7 +9,7 @@ import (
 	"github.com/cleanwall/cleanwall/attest/broker"
 )
 
-// specConfig is the example of KEYBROKER.md §4, with real-looking values.
+// specConfig is the example of docs/keybroker.md §4, with real-looking values.
 const specConfig = `
 listen: 127.0.0.1:8443
 tls: {certFile: broker.pem, keyFile: broker.key}

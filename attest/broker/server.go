@@ -1,4 +1,4 @@
-// Package broker is the key broker service of KEYBROKER.md: it issues
+// Package broker is the key broker service of docs/keybroker.md: it issues
 // single-use challenges, verifies SEV-SNP evidence (attest/snp) against each
 // key's release policy, and seals the newest version of the key to the
 // attester's ephemeral HPKE public key. Every decision goes to the audit log
@@ -9,7 +9,7 @@
 // the clear; it trusts the simulated (test-only) AMD roots only when the
 // configuration says allowSimulatedTEE.
 //
-// Where KEYBROKER.md is silent, the broker decides:
+// Where docs/keybroker.md is silent, the broker decides:
 //   - HTTP statuses: bad-request and evidence-malformed 400 (413 for a body
 //     over 64 KiB, 405 for a method other than POST, 404 for another path),
 //     unknown-key 404, every other refusal 403.

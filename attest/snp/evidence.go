@@ -1,6 +1,6 @@
 // Package snp owns AMD SEV-SNP evidence as the release protocol carries it:
 // the framing (raw attestation report followed by its certificate table,
-// KEYBROKER.md §2), its parsing into go-sev-guest's types, the verification
+// docs/keybroker.md §2), its parsing into go-sev-guest's types, the verification
 // of the signature chain (verify.SnpAttestation) and the evaluation of
 // release-policy reference values (validate.SnpAttestation), with every
 // failure mapped to its refusal code.

@@ -1,5 +1,5 @@
 // Command cleanwall-keybroker is the attestation-gated key release service
-// of KEYBROKER.md.
+// of docs/keybroker.md.
 //
 //	cleanwall-keybroker --config FILE [--allow-simulated-tee] [--check]
 //	cleanwall-keybroker key create --config FILE --id ID
@@ -46,7 +46,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stderr, usage, "\nflags:\n")
 		fs.PrintDefaults()
 	}
-	configPath := fs.String("config", "", "broker configuration file (YAML, KEYBROKER.md §4)")
+	configPath := fs.String("config", "", "broker configuration file (YAML, docs/keybroker.md §4)")
 	allowSim := fs.Bool("allow-simulated-tee", false, "trust simulated SEV-SNP evidence (go-sev-guest's test-only AMD roots); tests and demos only, same as allowSimulatedTEE: true")
 	check := fs.Bool("check", false, "load the configuration, key store and audit log, report, and exit")
 	if err := fs.Parse(args); err != nil {

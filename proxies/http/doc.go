@@ -235,7 +235,7 @@
 //	status  reasons
 //	403     method, path, content-type, content-encoding, charset,
 //	        undecodable-body, body-too-large, body-pattern, path-pattern,
-//	        query-pattern, header-pattern, upgrade, connect (POLICY.md: rule
+//	        query-pattern, header-pattern, upgrade, connect (docs/policy.md: rule
 //	        refusals are 403)
 //	421     host-mismatch (Host or absolute-form authority is not the
 //	        flow's destination: domain fronting)

@@ -28,7 +28,7 @@ const testHost = "api.example.test"
 // ssn is the deny pattern of the policy example.
 var ssn = regexp.MustCompile(`\b\d{3}-\d{2}-\d{4}\b`)
 
-// policyRules mirrors the results-api rule of POLICY.md.
+// policyRules mirrors the results-api rule of docs/policy.md.
 func policyRules() *Rules {
 	return &Rules{
 		Rules: []RequestRule{{

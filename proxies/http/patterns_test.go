@@ -20,7 +20,7 @@ import (
 )
 
 // patternRules is policyRules with whole-request patterns instead of body
-// patterns: the SSN of POLICY.md, a phrase with a space, a non-ASCII word,
+// patterns: the SSN of docs/policy.md, a phrase with a space, a non-ASCII word,
 // a character outside the BMP, and a phone number with a "+".
 func patternRules() *Rules {
 	r := policyRules()

@@ -7,8 +7,8 @@ import (
 )
 
 // Connection buffers are pooled: a new sandbox connection should not cost
-// ~100 KiB of fresh allocations (DESIGN.md: no per-connection allocations
-// on the hot path). Everything taken is returned by conn.finish, after every
+// ~100 KiB of fresh allocations, and the hot path allocates nothing per
+// connection. Everything taken is returned by conn.finish, after every
 // goroutine that used it has ended.
 var (
 	readerPools = map[int]*sync.Pool{

@@ -14,7 +14,7 @@ import (
 )
 
 // policyPatterns is an open HTTP rule with a whole-request deny pattern,
-// as POLICY.md's "Whole-request patterns" writes it.
+// as docs/policy.md's "Whole-request patterns" writes it.
 const policyPatterns = `apiVersion: cleanwall.dev/v1
 kind: EgressPolicy
 metadata: {name: http-patterns}
