@@ -3,8 +3,10 @@ package attest
 import (
 	"context"
 	"crypto/hpke"
+	"crypto/sha256"
 	"crypto/sha512"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 )
@@ -63,8 +65,20 @@ func KEM(id uint16) (hpke.KEM, error) {
 //	         || u32be(len(pubKey)) || pubKey
 //	         || u32be(len(keyID))  || keyID )
 //
-// Both the attester and the broker call this one function.
+// Both the attester and the broker call this one function (through
+// ReportDataWithPolicy when the request names an egress policy).
 func ReportData(nonce []byte, kemID uint16, publicKey []byte, keyID string) [64]byte {
+	return ReportDataWithPolicy(nonce, kemID, publicKey, keyID, nil)
+}
+
+// ReportDataWithPolicy derives the REPORT_DATA of a release request bound to
+// an egress policy (docs/keybroker.md §5): the input of ReportData followed by
+//
+//	|| u32be(32) || policySHA256
+//
+// A nil policySHA256 (a request without policySHA256) gives ReportData's
+// value, so the §2 layout is unchanged for requests that bind no policy.
+func ReportDataWithPolicy(nonce []byte, kemID uint16, publicKey []byte, keyID string, policySHA256 []byte) [64]byte {
 	h := sha512.New()
 	h.Write([]byte(ProtocolLabel))
 	h.Write([]byte{0})
@@ -81,9 +95,35 @@ func ReportData(nonce []byte, kemID uint16, publicKey []byte, keyID string) [64]
 	binary.BigEndian.PutUint32(n[:], uint32(len(keyID)))
 	h.Write(n[:])
 	h.Write([]byte(keyID))
+	if policySHA256 != nil {
+		binary.BigEndian.PutUint32(n[:], uint32(len(policySHA256)))
+		h.Write(n[:])
+		h.Write(policySHA256)
+	}
 	var out [64]byte
 	h.Sum(out[:0])
 	return out
+}
+
+// PolicySHA256Size is the size of an egress policy hash (docs/keybroker.md §5).
+const PolicySHA256Size = sha256.Size
+
+// ErrMalformedPolicyHash is returned for a policy hash that is not 64 hex
+// characters.
+var ErrMalformedPolicyHash = errors.New("malformed egress policy hash")
+
+// ParsePolicySHA256 decodes the hash that `cleanwall policy hash` prints
+// (and policy.Compiled.Hash holds): exactly 64 hex characters. Upper and
+// lower case decode to the same bytes.
+func ParsePolicySHA256(s string) ([]byte, error) {
+	if len(s) != 2*PolicySHA256Size {
+		return nil, fmt.Errorf("%w: %d characters, want %d hex characters", ErrMalformedPolicyHash, len(s), 2*PolicySHA256Size)
+	}
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("%w: not hex", ErrMalformedPolicyHash)
+	}
+	return b, nil
 }
 
 // HPKEInfo returns the HPKE info of a release: "cleanwall-release-v1" || REPORT_DATA.

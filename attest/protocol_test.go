@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -15,23 +16,35 @@ func TestReportDataKnownAnswer(t *testing.T) {
 		nonce[i] = byte(i)
 	}
 	pub := bytes.Repeat([]byte{0xab}, 32)
+	policy := make([]byte, 32)
+	for i := range policy {
+		policy[i] = byte(0x40 + i)
+	}
 	for _, tc := range []struct {
 		name  string
 		nonce []byte
 		kem   uint16
 		pub   []byte
 		keyID string
-		want  string
+		// policy, when set, is a §5 egress policy hash.
+		policy []byte
+		want   string
 	}{
-		{"x25519", nonce, KEMX25519, pub, "egress-dek",
+		{"x25519", nonce, KEMX25519, pub, "egress-dek", nil,
 			"81c5df67df6eb5af882242007336ce80b6a92551c42e2a384584f2535568fcb55887b803f4923f996bef320d5b3157b726866290be8e69ef906a3ab7786e804c"},
-		{"empty fields", nil, KEMMLKEM768X25519, nil, "",
+		{"empty fields", nil, KEMMLKEM768X25519, nil, "", nil,
 			"5951561d2fbcd8831c51c155e85a569c9551a244bb046c099d607263e77b36632e4bb741679ed99e796835c0b331e2d65b8e832ce4dc8010af36df9a1249a6c3"},
+		// §5: the same input followed by u32be(32) || bytes 0x40..0x5f.
+		{"egress policy", nonce, KEMX25519, pub, "egress-dek", policy,
+			"b24204c40ac3d84ec8bab2acf313de0216e31bf2f959ec8eacfb5ba4d50b9c139ca055f1db8fad299947b541f1873d6a7e61c30c5d89a7e769d0bbf3f2963c47"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := ReportData(tc.nonce, tc.kem, tc.pub, tc.keyID)
+			got := ReportDataWithPolicy(tc.nonce, tc.kem, tc.pub, tc.keyID, tc.policy)
 			if hex.EncodeToString(got[:]) != tc.want {
-				t.Fatalf("ReportData = %x, want %s", got, tc.want)
+				t.Fatalf("ReportDataWithPolicy = %x, want %s", got, tc.want)
+			}
+			if tc.policy == nil && ReportData(tc.nonce, tc.kem, tc.pub, tc.keyID) != got {
+				t.Fatal("ReportData differs from ReportDataWithPolicy without a policy")
 			}
 		})
 	}
@@ -48,6 +61,10 @@ func TestReportDataBindsEveryInput(t *testing.T) {
 		"keyID": ReportData(nonce, KEMX25519, pub, "k2"),
 		// Length prefixes keep a byte moving from one field to the next from colliding.
 		"shift": ReportData(nonce[:31], KEMX25519, append([]byte{1}, pub...), "k"),
+		// A request bound to an egress policy never shares REPORT_DATA with
+		// one that is not, nor with one bound to another policy.
+		"policy":       ReportDataWithPolicy(nonce, KEMX25519, pub, "k", bytes.Repeat([]byte{5}, 32)),
+		"other policy": ReportDataWithPolicy(nonce, KEMX25519, pub, "k", bytes.Repeat([]byte{6}, 32)),
 	}
 	for name, v := range variants {
 		if v == base {
@@ -113,7 +130,23 @@ func TestRefusalIsCode(t *testing.T) {
 			t.Errorf("refusal %s has status %d, want 4xx", c, s)
 		}
 	}
-	if len(Codes) != 18 {
-		t.Fatalf("%d codes, docs/keybroker.md lists 18", len(Codes))
+	if len(Codes) != 19 {
+		t.Fatalf("%d codes, docs/keybroker.md lists 18 in §3 and 1 in §5", len(Codes))
+	}
+}
+
+func TestParsePolicySHA256(t *testing.T) {
+	h := "e5a75ce4acc5b9b2601b9b07f87de1b174c2442e6aea8b4865babe687cd1c2bf"
+	b, err := ParsePolicySHA256(h)
+	if err != nil || hex.EncodeToString(b) != h {
+		t.Fatalf("ParsePolicySHA256 = %x, %v", b, err)
+	}
+	if u, err := ParsePolicySHA256(strings.ToUpper(h)); err != nil || !bytes.Equal(u, b) {
+		t.Fatalf("upper case: %x, %v", u, err)
+	}
+	for _, bad := range []string{"", h[:62], h + "00", "z" + h[1:], " " + h[1:], h[:63] + "\n"} {
+		if _, err := ParsePolicySHA256(bad); !errors.Is(err, ErrMalformedPolicyHash) {
+			t.Errorf("%q: err = %v, want ErrMalformedPolicyHash", bad, err)
+		}
 	}
 }

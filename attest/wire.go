@@ -35,24 +35,31 @@ const (
 	CodeChipNotAllowed        Code = "chip-not-allowed"
 	CodeVMPLNotAllowed        Code = "vmpl-not-allowed"
 	CodePolicyNotSatisfied    Code = "policy-not-satisfied"
+	// CodeEgressPolicyNotAllowed is the refusal of docs/keybroker.md §5: the key's
+	// release policy lists egressPolicies and the request's policySHA256 is
+	// missing or not one of them.
+	CodeEgressPolicyNotAllowed Code = "egress-policy-not-allowed"
 )
 
 // Codes the broker sends with a 5xx status. They are not refusals of the
 // protocol (docs/keybroker.md lists only 4xx refusals): the request may succeed
 // when retried.
 const (
-	// CodeUnavailable (503): the broker holds too many outstanding challenges.
+	// CodeUnavailable (503): the broker's set of used sessions is full (it
+	// refuses releases rather than forget a used session before it expires).
 	CodeUnavailable Code = "unavailable"
 	// CodeInternal (500): the broker failed, e.g. it could not write its audit log.
 	CodeInternal Code = "internal"
 )
 
-// Codes lists every refusal code of the protocol.
+// Codes lists every refusal code of the protocol: the 18 of §3, then the
+// one of §5.
 var Codes = []Code{
 	CodeBadRequest, CodeUnknownKey, CodeNonceUnknown, CodeNonceExpired, CodeNonceReplayed,
 	CodeEvidenceMalformed, CodeSignatureInvalid, CodeUntrustedRoot, CodeSimulatedNotAllowed,
 	CodeReportDataMismatch, CodeMeasurementNotAllowed, CodeHostDataMismatch, CodeDebugNotAllowed,
 	CodeTCBTooLow, CodeFirmwareTooOld, CodeChipNotAllowed, CodeVMPLNotAllowed, CodePolicyNotSatisfied,
+	CodeEgressPolicyNotAllowed,
 }
 
 func (c Code) Error() string { return "key release refused: " + string(c) }
@@ -119,6 +126,30 @@ type ReleaseRequest struct {
 	Evidence  []byte `json:"evidence"`
 	KEMID     uint16 `json:"kemID"`
 	PublicKey []byte `json:"publicKey"`
+	// PolicySHA256 is the hash of the egress policy the requesting sandbox
+	// runs under (docs/keybroker.md §5), 64 hex characters; empty (the member
+	// absent) when the request binds no policy.
+	PolicySHA256 string `json:"policySHA256,omitempty"`
+}
+
+// PolicyHash is the decoded PolicySHA256: nil when absent. The decoder has
+// checked it; on an unchecked request a malformed hash is an error.
+func (r *ReleaseRequest) PolicyHash() ([]byte, error) {
+	if r.PolicySHA256 == "" {
+		return nil, nil
+	}
+	return ParsePolicySHA256(r.PolicySHA256)
+}
+
+// ReportData is the REPORT_DATA this request's evidence must carry for a
+// session with nonce: ReportDataWithPolicy over the request's KEM, public
+// key, key id and policy hash.
+func (r *ReleaseRequest) ReportData(nonce []byte) ([64]byte, error) {
+	policy, err := r.PolicyHash()
+	if err != nil {
+		return [64]byte{}, err
+	}
+	return ReportDataWithPolicy(nonce, r.KEMID, r.PublicKey, r.KeyID, policy), nil
 }
 
 // ReleaseResponse is the answer to a granted release.
@@ -164,10 +195,13 @@ func DecodeChallengeRequest(data []byte) (ChallengeRequest, error) {
 }
 
 // DecodeReleaseRequest decodes a release body as strictly as
-// DecodeChallengeRequest and checks member sizes and the KEM. It does not
-// parse the public key or the evidence.
+// DecodeChallengeRequest and checks member sizes, the KEM and the optional
+// policySHA256 (64 hex characters when present; present but empty or
+// malformed is a bad-request). It does not parse the public key or the
+// evidence.
 func DecodeReleaseRequest(data []byte) (ReleaseRequest, error) {
 	var req ReleaseRequest
+	var policy *string
 	err := decodeStrict(data, []member{
 		{name: "session", into: &req.Session},
 		{name: "keyID", into: &req.KeyID},
@@ -175,9 +209,16 @@ func DecodeReleaseRequest(data []byte) (ReleaseRequest, error) {
 		{name: "evidence", into: &req.Evidence},
 		{name: "kemID", into: &req.KEMID},
 		{name: "publicKey", into: &req.PublicKey},
+		{name: "policySHA256", into: &policy, optional: true},
 	})
 	if err != nil {
 		return ReleaseRequest{}, err
+	}
+	if policy != nil {
+		if _, err := ParsePolicySHA256(*policy); err != nil {
+			return ReleaseRequest{}, Refuse(CodeBadRequest, "policySHA256: %v (the hash `cleanwall policy hash` prints)", err)
+		}
+		req.PolicySHA256 = *policy
 	}
 	for _, c := range []struct {
 		name  string
@@ -217,6 +258,8 @@ func checkString(name, value string, max int) error {
 type member struct {
 	name string
 	into any
+	// optional members may be absent; present, they obey the same rules.
+	optional bool
 }
 
 // decodeStrict walks one top-level JSON object token by token. encoding/json
@@ -279,7 +322,7 @@ func decodeStrict(data []byte, members []member) error {
 		return Refuse(CodeBadRequest, "request body: data after the JSON object")
 	}
 	for _, m := range members {
-		if !seen[m.name] {
+		if !seen[m.name] && !m.optional {
 			return Refuse(CodeBadRequest, "%s: required", m.name)
 		}
 	}

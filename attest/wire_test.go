@@ -25,6 +25,39 @@ func TestDecodeReleaseRequest(t *testing.T) {
 	}
 }
 
+const policyHash = "e5a75ce4acc5b9b2601b9b07f87de1b174c2442e6aea8b4865babe687cd1c2bf"
+
+func TestDecodeReleaseRequestPolicy(t *testing.T) {
+	withPolicy := strings.Replace(validRelease, `}`, `,"policySHA256":"`+policyHash+`"}`, 1)
+	req, err := DecodeReleaseRequest([]byte(withPolicy))
+	if err != nil || req.PolicySHA256 != policyHash {
+		t.Fatalf("DecodeReleaseRequest = %+v, %v", req, err)
+	}
+	h, err := req.PolicyHash()
+	if err != nil || len(h) != PolicySHA256Size {
+		t.Fatalf("PolicyHash = %x, %v", h, err)
+	}
+	rd, err := req.ReportData([]byte("nonce"))
+	if err != nil || rd != ReportDataWithPolicy([]byte("nonce"), req.KEMID, req.PublicKey, req.KeyID, h) {
+		t.Fatalf("ReportData = %x, %v", rd, err)
+	}
+	// Absent: no binding, the §2 layout.
+	plain, err := DecodeReleaseRequest([]byte(validRelease))
+	if err != nil || plain.PolicySHA256 != "" {
+		t.Fatalf("without policySHA256: %+v, %v", plain, err)
+	}
+	if h, _ := plain.PolicyHash(); h != nil {
+		t.Fatalf("PolicyHash of a request without one = %x", h)
+	}
+	if rd, _ := plain.ReportData([]byte("nonce")); rd != ReportData([]byte("nonce"), plain.KEMID, plain.PublicKey, plain.KeyID) {
+		t.Fatal("a request without policySHA256 does not use the §2 REPORT_DATA")
+	}
+	// Absent stays absent on the wire.
+	if b, _ := json.Marshal(plain); strings.Contains(string(b), "policySHA256") {
+		t.Fatalf("encoded without a policy: %s", b)
+	}
+}
+
 func TestDecodeReleaseRequestRefuses(t *testing.T) {
 	for _, tc := range []struct {
 		name, body, detail string
@@ -45,6 +78,13 @@ func TestDecodeReleaseRequestRefuses(t *testing.T) {
 		{"kem unsupported", strings.Replace(validRelease, `"kemID":32`, `"kemID":16`, 1), `kemID: 0x0010 not supported`},
 		{"kem string", strings.Replace(validRelease, `"kemID":32`, `"kemID":"32"`, 1), `kemID`},
 		{"long session", strings.Replace(validRelease, `"s1"`, `"`+strings.Repeat("s", MaxSessionBytes+1)+`"`, 1), `session: 129 bytes`},
+		{"empty policy", strings.Replace(validRelease, `}`, `,"policySHA256":""}`, 1), `policySHA256: malformed egress policy hash: 0 characters`},
+		{"short policy", strings.Replace(validRelease, `}`, `,"policySHA256":"`+policyHash[:63]+`"}`, 1), `policySHA256: malformed`},
+		{"non-hex policy", strings.Replace(validRelease, `}`, `,"policySHA256":"`+strings.Repeat("g", 64)+`"}`, 1), `policySHA256: malformed egress policy hash: not hex`},
+		{"null policy", strings.Replace(validRelease, `}`, `,"policySHA256":null}`, 1), `policySHA256: null`},
+		{"policy as bytes", strings.Replace(validRelease, `}`, `,"policySHA256":["e5"]}`, 1), `policySHA256`},
+		{"duplicate policy", strings.Replace(validRelease, `}`, `,"policySHA256":"`+policyHash+`","policySHA256":"`+policyHash+`"}`, 1), `duplicate member "policySHA256"`},
+		{"case-folded policy", strings.Replace(validRelease, `}`, `,"policysha256":"`+policyHash+`"}`, 1), `unknown member "policysha256"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := DecodeReleaseRequest([]byte(tc.body))
@@ -75,6 +115,7 @@ func TestDecodeChallengeRequest(t *testing.T) {
 // Seeds are in testdata/fuzz/FuzzReleaseRequest.
 func FuzzReleaseRequest(f *testing.F) {
 	f.Add([]byte(validRelease))
+	f.Add([]byte(strings.Replace(validRelease, `}`, `,"policySHA256":"`+policyHash+`"}`, 1)))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		req, err := DecodeReleaseRequest(data)
 		if err != nil {
@@ -92,8 +133,15 @@ func FuzzReleaseRequest(f *testing.F) {
 			t.Fatalf("re-encoded request refused: %v\n%s", err, again)
 		}
 		if req.Session != req2.Session || req.KeyID != req2.KeyID || req.TEE != req2.TEE || req.KEMID != req2.KEMID ||
-			!bytes.Equal(req.Evidence, req2.Evidence) || !bytes.Equal(req.PublicKey, req2.PublicKey) {
+			!bytes.Equal(req.Evidence, req2.Evidence) || !bytes.Equal(req.PublicKey, req2.PublicKey) ||
+			req.PolicySHA256 != req2.PolicySHA256 {
 			t.Fatalf("round trip changed the request: %+v != %+v", req, req2)
+		}
+		// What the decoder accepts binds into REPORT_DATA: the hash is
+		// either absent (the §2 layout) or exactly 32 bytes.
+		h, err := req.PolicyHash()
+		if err != nil || (req.PolicySHA256 == "") != (h == nil) || (h != nil && len(h) != PolicySHA256Size) {
+			t.Fatalf("accepted policySHA256 %q decodes to %x, %v", req.PolicySHA256, h, err)
 		}
 	})
 }
