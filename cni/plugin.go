@@ -56,7 +56,7 @@ var knownFields = map[string]bool{
 func parseConf(data []byte) (*Conf, error) {
 	var raw map[string]json.RawMessage
 	if err := json.Unmarshal(data, &raw); err != nil {
-		return nil, fmt.Errorf("cleanwall-cni: malformed network configuration: %v", err)
+		return nil, fmt.Errorf("cleanwall-cni: malformed network configuration: %w", err)
 	}
 	var unknown []string
 	for k := range raw {
@@ -70,7 +70,7 @@ func parseConf(data []byte) (*Conf, error) {
 	}
 	conf := &Conf{}
 	if err := json.Unmarshal(data, conf); err != nil {
-		return nil, fmt.Errorf("cleanwall-cni: network configuration: %v", err)
+		return nil, fmt.Errorf("cleanwall-cni: network configuration: %w", err)
 	}
 	if conf.Timeout != "" {
 		if d, err := time.ParseDuration(conf.Timeout); err != nil || d <= 0 {
@@ -114,11 +114,11 @@ func Add(args *skel.CmdArgs) error {
 		return errors.New("cleanwall-cni: no prevResult: chain cleanwall-cni after ptp or bridge, it cannot run alone")
 	}
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
-		return fmt.Errorf("cleanwall-cni: prevResult: %v", err)
+		return fmt.Errorf("cleanwall-cni: prevResult: %w", err)
 	}
 	prev, err := current.NewResultFromResult(conf.PrevResult)
 	if err != nil {
-		return fmt.Errorf("cleanwall-cni: prevResult: %v", err)
+		return fmt.Errorf("cleanwall-cni: prevResult: %w", err)
 	}
 	req, err := addRequest(args, conf, prev)
 	if err != nil {
@@ -159,7 +159,7 @@ func addRequest(args *skel.CmdArgs, conf *Conf, prev *current.Result) (api.AddRe
 		}
 		l, err := netlink.LinkByName(iface.Name)
 		if err != nil {
-			return req, fmt.Errorf("cleanwall-cni: host interface %s from prevResult: %v", iface.Name, err)
+			return req, fmt.Errorf("cleanwall-cni: host interface %s from prevResult: %w", iface.Name, err)
 		}
 		switch l.Type() {
 		case "bridge":
@@ -198,7 +198,7 @@ func addRequest(args *skel.CmdArgs, conf *Conf, prev *current.Result) (api.AddRe
 		}
 		data, err := os.ReadFile(conf.Policy)
 		if err != nil {
-			return req, fmt.Errorf("cleanwall-cni: field policy: %v", err)
+			return req, fmt.Errorf("cleanwall-cni: field policy: %w", err)
 		}
 		req.Policy = data
 		req.PolicySource = conf.Policy

@@ -1,6 +1,8 @@
 package cni
 
 import (
+	"encoding/json"
+	"errors"
 	"strings"
 	"testing"
 )
@@ -28,6 +30,19 @@ func TestParseConf(t *testing.T) {
 		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
 			t.Errorf("%s: got %v, want an error containing %q", c.conf, err, c.want)
 		}
+	}
+}
+
+// A runtime that calls the plugin as a library can tell what was wrong with
+// the conf from the error's chain, not only from its text.
+func TestParseConfErrorsWrap(t *testing.T) {
+	_, err := parseConf([]byte(`not json`))
+	if !errors.As(err, new(*json.SyntaxError)) {
+		t.Errorf("malformed conf: %v (%T), want a *json.SyntaxError in the chain", err, err)
+	}
+	_, err = parseConf([]byte(`{"cniVersion":"1.0.0","name":"n","type":"cleanwall-cni","policy":7}`))
+	if !errors.As(err, new(*json.UnmarshalTypeError)) {
+		t.Errorf("policy of the wrong type: %v (%T), want a *json.UnmarshalTypeError in the chain", err, err)
 	}
 }
 

@@ -20,7 +20,6 @@ const (
 	PathCheck     = "/v1/sandboxes/{id}/check"
 	PathPolicy    = "/v1/sandboxes/{id}/policy" // GET (read back from the kernel), PUT (apply)
 	PathGC        = "/v1/gc"
-	PathCounters  = "/v1/counters"
 )
 
 // IPConfig is one address of the sandbox interface.

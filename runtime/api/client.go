@@ -57,7 +57,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.Socket, err)
+		return fmt.Errorf("%w at %s: %w", ErrUnreachable, c.Socket, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
@@ -168,7 +168,7 @@ func (c *Client) Events(ctx context.Context, sandbox string, fn func(DenyEvent) 
 	hc := &http.Client{Transport: c.http.Transport}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.Socket, err)
+		return fmt.Errorf("%w at %s: %w", ErrUnreachable, c.Socket, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
