@@ -99,7 +99,7 @@ func checkRefusal(t *testing.T, sealed, pt []byte, keys KeyFunc, want refusal, o
 // the verified segments before that place.
 func TestTamper(t *testing.T) {
 	const S = tamperSeg
-	a := newObject(t, testConfig(S), pattern(4*S+20)) // 5 segments, the last short
+	a := newObject(t, testConfig(S), pattern(4*S+20))            // 5 segments, the last short
 	b := newObject(t, otherSalt(testConfig(S)), pattern(4*S+20)) // same key, context and plaintext; another salt
 	f := a.frames
 	other := testConfig(S)
