@@ -10,8 +10,8 @@
 //
 //	a, err := guest.New() // attest/snp/guest; simulated.New(cfg) in tests
 //	c := client.New("https://broker:8443", pool, a)
-//	key, err := c.Release(ctx, "egress-dek")
-//	if errors.Is(err, attest.CodeMeasurementNotAllowed) { … }
+//	key, err := c.ReleaseWith(ctx, "egress-dek", client.ReleaseOptions{PolicySHA256: compiled.Hash})
+//	if errors.Is(err, attest.CodeEgressPolicyNotAllowed) { … }
 package client
 
 import (
@@ -19,6 +19,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -91,15 +92,47 @@ type EvidenceInfo struct {
 	Session string
 	// ReportData is the REPORT_DATA the evidence bound.
 	ReportData [64]byte
+	// PolicySHA256 is the egress policy hash the request carried and the
+	// evidence bound (lowercase hex); empty when none.
+	PolicySHA256 string
 }
 
-// Release runs challenge, evidence and release for keyID. A refusal is an
-// *attest.Refusal (errors.Is(err, attest.CodeMeasurementNotAllowed) and so
-// on), carrying the broker's code, detail and HTTP status.
+// ReleaseOptions are the optional members of a release request.
+type ReleaseOptions struct {
+	// PolicySHA256 is the hash of the egress policy the requesting sandbox
+	// runs under (docs/keybroker.md §5): 64 hex characters, the value that
+	// `cleanwall policy hash FILE` prints and policy.Compiled.Hash holds. It
+	// is sent as policySHA256 and bound into REPORT_DATA. Empty: the request
+	// binds no policy, and a key whose release policy lists egressPolicies is
+	// refused (egress-policy-not-allowed).
+	PolicySHA256 string
+}
+
+// Release runs challenge, evidence and release for keyID without an egress
+// policy binding: ReleaseWith with zero options.
 func (c *Client) Release(ctx context.Context, keyID string) (Key, error) {
+	return c.ReleaseWith(ctx, keyID, ReleaseOptions{})
+}
+
+// ReleaseWith runs challenge, evidence and release for keyID. A refusal is
+// an *attest.Refusal (errors.Is(err, attest.CodeMeasurementNotAllowed) and
+// so on), carrying the broker's code, detail and HTTP status. A malformed
+// o.PolicySHA256 is an error before anything is sent.
+func (c *Client) ReleaseWith(ctx context.Context, keyID string, o ReleaseOptions) (Key, error) {
 	kem, err := attest.KEM(c.KEMID)
 	if err != nil {
 		return Key{}, err
+	}
+	var policy []byte
+	if o.PolicySHA256 != "" {
+		if policy, err = attest.ParsePolicySHA256(o.PolicySHA256); err != nil {
+			return Key{}, fmt.Errorf("release options: %w", err)
+		}
+	}
+	// One spelling on the wire, whatever case the caller used.
+	policyHex := ""
+	if policy != nil {
+		policyHex = hex.EncodeToString(policy)
 	}
 	var ch attest.ChallengeResponse
 	if err := c.post(ctx, "/v1/challenge", attest.ChallengeRequest{KeyID: keyID}, &ch); err != nil {
@@ -113,13 +146,14 @@ func (c *Client) Release(ctx context.Context, keyID string) (Key, error) {
 		return Key{}, fmt.Errorf("generating ephemeral HPKE key: %w", err)
 	}
 	pub := priv.PublicKey().Bytes()
-	rd := attest.ReportData(ch.Nonce, c.KEMID, pub, keyID)
+	rd := attest.ReportDataWithPolicy(ch.Nonce, c.KEMID, pub, keyID, policy)
 	evidence, err := c.attester.Evidence(ctx, rd)
 	if err != nil {
 		return Key{}, fmt.Errorf("attesting: %w", err)
 	}
 	var rel attest.ReleaseResponse
-	req := attest.ReleaseRequest{Session: ch.Session, KeyID: keyID, TEE: c.attester.TEE(), Evidence: evidence, KEMID: c.KEMID, PublicKey: pub}
+	req := attest.ReleaseRequest{Session: ch.Session, KeyID: keyID, TEE: c.attester.TEE(), Evidence: evidence, KEMID: c.KEMID, PublicKey: pub,
+		PolicySHA256: policyHex}
 	if err := c.post(ctx, "/v1/release", req, &rel); err != nil {
 		return Key{}, fmt.Errorf("release: %w", err)
 	}
@@ -135,7 +169,8 @@ func (c *Client) Release(ctx context.Context, keyID string) (Key, error) {
 	}
 	return Key{
 		ID: rel.KeyID, Version: rel.Version, Bytes: key, NotAfter: rel.NotAfter,
-		Evidence: EvidenceInfo{TEE: c.attester.TEE(), Simulated: c.attester.Simulated(), Session: ch.Session, ReportData: rd},
+		Evidence: EvidenceInfo{TEE: c.attester.TEE(), Simulated: c.attester.Simulated(), Session: ch.Session, ReportData: rd,
+			PolicySHA256: policyHex},
 	}, nil
 }
 

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -61,9 +64,12 @@ func fakeBroker(t *testing.T, release func(w http.ResponseWriter, req attest.Rel
 
 func sealFor(t *testing.T, req attest.ReleaseRequest, nonce []byte) []byte {
 	t.Helper()
-	rd := attest.ReportData(nonce, req.KEMID, req.PublicKey, req.KeyID)
+	rd, err := req.ReportData(nonce)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if !bytes.Equal(req.Evidence, rd[:]) {
-		t.Errorf("client's evidence does not bind its nonce, KEM, key and key id")
+		t.Errorf("client's evidence does not bind its nonce, KEM, key, key id and policy hash")
 	}
 	sealed, err := attest.SealKey(req.KEMID, req.PublicKey, rd, key)
 	if err != nil {
@@ -91,6 +97,52 @@ func TestRelease(t *testing.T) {
 	// A broker whose certificate is not in the pool is not talked to.
 	if _, err := New(srv.URL, x509.NewCertPool(), fakeAttester{}).Release(context.Background(), "egress-dek"); err == nil {
 		t.Fatal("released from an untrusted broker")
+	}
+}
+
+func TestReleaseWithPolicy(t *testing.T) {
+	const policy = "E5A75CE4ACC5B9B2601B9B07F87DE1B174C2442E6AEA8B4865BABE687CD1C2BF"
+	var mu sync.Mutex
+	var sent []attest.ReleaseRequest
+	srv, pool := fakeBroker(t, func(w http.ResponseWriter, req attest.ReleaseRequest, nonce []byte) {
+		mu.Lock()
+		sent = append(sent, req)
+		mu.Unlock()
+		json.NewEncoder(w).Encode(attest.ReleaseResponse{KeyID: req.KeyID, Version: 1, Sealed: sealFor(t, req, nonce)})
+	})
+	c := New(srv.URL, pool, fakeAttester{})
+	k, err := c.ReleaseWith(context.Background(), "egress-dek", ReleaseOptions{PolicySHA256: policy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	lower := strings.ToLower(policy)
+	if len(sent) != 1 || sent[0].PolicySHA256 != lower || k.Evidence.PolicySHA256 != lower || !bytes.Equal(k.Bytes, key) {
+		t.Fatalf("sent %+v, key %+v", sent, k)
+	}
+	h, _ := hex.DecodeString(lower)
+	nonce := bytes.Repeat([]byte{7}, attest.NonceSize)
+	if k.Evidence.ReportData != attest.ReportDataWithPolicy(nonce, sent[0].KEMID, sent[0].PublicKey, "egress-dek", h) {
+		t.Fatal("the evidence does not bind the policy hash")
+	}
+	mu.Unlock()
+	// Without options: no member on the wire, the §2 REPORT_DATA.
+	k, err = c.Release(context.Background(), "egress-dek")
+	mu.Lock()
+	if err != nil || len(sent) != 2 || sent[1].PolicySHA256 != "" || k.Evidence.PolicySHA256 != "" {
+		t.Fatalf("Release without a policy: %v %+v", err, sent)
+	}
+	mu.Unlock()
+	// A malformed hash never reaches the broker.
+	for _, bad := range []string{"abc", strings.Repeat("x", 64), lower + "0"} {
+		if _, err := c.ReleaseWith(context.Background(), "egress-dek", ReleaseOptions{PolicySHA256: bad}); !errors.Is(err, attest.ErrMalformedPolicyHash) {
+			t.Errorf("%q: err = %v", bad, err)
+		}
+	}
+	mu.Lock()
+	if len(sent) != 2 {
+		t.Fatalf("%d releases sent, want 2", len(sent))
 	}
 }
 
