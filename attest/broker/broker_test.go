@@ -3,6 +3,7 @@ package broker_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
@@ -92,11 +93,18 @@ func refusedRelease(t *testing.T, e *env, c *client.Client, key string, code att
 	if !strings.Contains(r.Detail, detail) || r.Status != code.HTTPStatus() {
 		t.Fatalf("refusal %s (status %d): detail %q does not mention %q", r.Code, r.Status, r.Detail, detail)
 	}
-	kind := broker.KindRelease
 	if code == attest.CodeUnknownKey {
-		kind = broker.KindChallenge
+		// Refused at the challenge: counted in the challenge tally.
+		if err := e.srv.FlushAudit(); err != nil {
+			t.Fatal(err)
+		}
+		rec := e.lastRecord(broker.KindChallenge)
+		if field(rec, "refused") != "map[unknown-key:1]" {
+			t.Fatalf("challenge tally %+v does not count the refusal %s", rec.Fields, code)
+		}
+		return
 	}
-	rec := e.lastRecord(kind)
+	rec := e.lastRecord(broker.KindRelease)
 	if field(rec, "decision") != "refused" || field(rec, "code") != string(code) || field(rec, "detail") != r.Detail {
 		t.Fatalf("audit record %+v does not record the refusal %s", rec.Fields, code)
 	}
@@ -233,7 +241,38 @@ func TestReplayAndSubstitution(t *testing.T) {
 		ch := challenge(t, e, keyID)
 		ch.Session = "forged-session"
 		status, er := e.post("/v1/release", releaseBody(t, a, ch, keyID, pub, pub), nil)
-		wantRefusal(t, e, status, er, attest.CodeNonceUnknown, "no challenge")
+		wantRefusal(t, e, status, er, attest.CodeNonceUnknown, "not a session this broker issued")
+		// A session whose expiry or key index was changed: its MAC no longer holds.
+		raw, _ := base64.RawURLEncoding.DecodeString(challenge(t, e, keyID).Session)
+		raw[8]++ // the expiry's last byte
+		ch.Session = base64.RawURLEncoding.EncodeToString(raw)
+		status, er = e.post("/v1/release", releaseBody(t, a, ch, keyID, pub, pub), nil)
+		wantRefusal(t, e, status, er, attest.CodeNonceUnknown, "not a session this broker issued")
+	})
+	t.Run("refused for unverifiable evidence, the session stays usable", func(t *testing.T) {
+		ch := challenge(t, e, keyID)
+		u, err := simulated.NewUntrusted(simulated.DefaultConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		status, er := e.post("/v1/release", releaseBody(t, u, ch, keyID, pub, pub), nil)
+		wantRefusal(t, e, status, er, attest.CodeUntrustedRoot, "trusted")
+		var rel attest.ReleaseResponse
+		if _, er := e.post("/v1/release", releaseBody(t, a, ch, keyID, pub, pub), &rel); er != nil {
+			t.Fatalf("the session was spent by evidence that did not verify: %+v", er)
+		}
+		status, er = e.post("/v1/release", releaseBody(t, a, ch, keyID, pub, pub), nil)
+		wantRefusal(t, e, status, er, attest.CodeNonceReplayed, "already used")
+	})
+	t.Run("replayed after expiry", func(t *testing.T) {
+		ch := challenge(t, e, keyID)
+		body := releaseBody(t, a, ch, keyID, pub, pub)
+		if _, er := e.post("/v1/release", body, &attest.ReleaseResponse{}); er != nil {
+			t.Fatalf("release: %+v", er)
+		}
+		e.clock.advance(61 * time.Second)
+		status, er := e.post("/v1/release", body, nil)
+		wantRefusal(t, e, status, er, attest.CodeNonceExpired, "expired")
 	})
 	t.Run("swapped public key", func(t *testing.T) {
 		// Evidence bound to the attester's key, sent with the attacker's.
@@ -325,14 +364,19 @@ func TestConcurrentReleases(t *testing.T) {
 	if len(sessions) != n || len(bindings) != n {
 		t.Fatalf("%d distinct sessions and %d distinct report data for %d releases", len(sessions), len(bindings), n)
 	}
-	nonces := map[string]bool{}
+	if err := e.srv.FlushAudit(); err != nil {
+		t.Fatal(err)
+	}
+	challenges := 0
 	for _, r := range e.records() {
 		if r.Kind == broker.KindChallenge {
-			nonces[field(r, "session")] = true
+			var c int
+			fmt.Sscan(field(r, "challenges"), &c)
+			challenges += c
 		}
 	}
-	if len(nonces) < n {
-		t.Fatalf("%d challenges audited for %d releases", len(nonces), n)
+	if challenges != n {
+		t.Fatalf("%d challenges counted in the audit log for %d releases", challenges, n)
 	}
 	granted := 0
 	for _, r := range e.records() {
@@ -343,22 +387,6 @@ func TestConcurrentReleases(t *testing.T) {
 	if granted != n {
 		t.Fatalf("%d granted releases audited, want %d", granted, n)
 	}
-}
-
-func TestChallengeStoreIsBounded(t *testing.T) {
-	e := startBroker(t, envOptions{allowSimulated: true, extra: "challenges: {maxOutstanding: 2, ttl: 10s}\n"})
-	challenge(t, e, keyID)
-	challenge(t, e, keyID)
-	status, er := e.post("/v1/challenge", mustJSON(attest.ChallengeRequest{KeyID: keyID}), nil)
-	if status != http.StatusServiceUnavailable || er == nil || er.Error != attest.CodeUnavailable || !strings.Contains(er.Detail, "too many outstanding challenges") {
-		t.Fatalf("third challenge: %d %+v", status, er)
-	}
-	if rec := e.lastRecord(broker.KindChallenge); field(rec, "code") != "unavailable" {
-		t.Fatalf("refusal not audited: %+v", rec.Fields)
-	}
-	// Expired challenges make room again.
-	e.clock.advance(11 * time.Second)
-	challenge(t, e, keyID)
 }
 
 func TestRestartKeepsKeysAndRotationIncrements(t *testing.T) {
@@ -406,20 +434,23 @@ func TestRestartKeepsKeysAndRotationIncrements(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.SplitAfter(string(data), "\n")
-	starts := 0
-	for _, l := range lines {
+	starts, granted := 0, -1
+	for i, l := range lines {
 		if strings.Contains(l, `"kind":"keybroker.start"`) {
 			starts++
 		}
+		if granted < 0 && strings.Contains(l, `"decision":"granted"`) {
+			granted = i
+		}
 	}
-	if starts != 2 {
-		t.Fatalf("%d start records, want 2", starts)
+	if starts != 2 || granted < 0 {
+		t.Fatalf("%d start records, want 2; first granted release on line %d", starts, granted)
 	}
-	lines[2] = strings.Replace(lines[2], `"decision":"granted"`, `"decision":"refused"`, 1)
+	lines[granted] = strings.Replace(lines[granted], `"decision":"granted"`, `"decision":"refused"`, 1)
 	err = audit.Verify(strings.NewReader(strings.Join(lines, "")))
 	var broken *audit.BrokenError
-	if !errors.As(err, &broken) || broken.Seq != 3 {
-		t.Fatalf("tampered record 3: %v", err)
+	if !errors.As(err, &broken) || broken.Seq != uint64(granted+1) {
+		t.Fatalf("tampered record %d: %v", granted+1, err)
 	}
 }
 

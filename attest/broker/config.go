@@ -6,14 +6,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
 
 	"github.com/cleanwall/cleanwall/attest"
 	"github.com/cleanwall/cleanwall/attest/broker/keystore"
+	"github.com/cleanwall/cleanwall/attest/simulated/simroots"
 	"github.com/cleanwall/cleanwall/attest/snp"
 )
 
@@ -32,8 +36,13 @@ type Config struct {
 	// ReleaseValidity is how long after a release its notAfter lies
 	// (extension); 1h if zero.
 	ReleaseValidity time.Duration `yaml:"releaseValidity"`
-	// Challenges bounds the nonce store (extension).
+	// Challenges tunes challenges and the replay protection (extension).
 	Challenges ChallengeConfig `yaml:"challenges"`
+	// SimulatedProductLines lists the AMD product lines (Milan, Genoa,
+	// Turin) whose simulated roots are trusted when allowSimulatedTEE is
+	// set (extension); every line go-sev-guest knows if absent. Simulated
+	// evidence from another line is refused as untrusted-root.
+	SimulatedProductLines []string `yaml:"simulatedProductLines"`
 	// Verification tunes the AMD chain checks for real evidence (extension).
 	Verification VerificationConfig `yaml:"verification"`
 
@@ -66,7 +75,8 @@ type ReleaseConfig struct {
 
 // PolicyEntry is one complete reference set. Every member is a pointer so
 // that a missing member is told apart from a zero one: every member is
-// required, none means "unchecked".
+// required, none means "unchecked" — except egressPolicies (docs/keybroker.md
+// §5), whose absence means the key is not bound to an egress policy.
 type PolicyEntry struct {
 	TEE             *string    `yaml:"tee"`
 	Measurements    *[]string  `yaml:"measurements"`
@@ -76,6 +86,12 @@ type PolicyEntry struct {
 	Debug           *bool      `yaml:"debug"`
 	VMPL            *int       `yaml:"vmpl"`
 	AllowedChipIDs  *[]string  `yaml:"allowedChipIDs"`
+	// EgressPolicies lists the egress policy hashes (`cleanwall policy hash
+	// FILE`) of the sandboxes the key may be released to; a release that
+	// carries no policySHA256 or another one fails this entry. It is a node
+	// so that "egressPolicies:" with nothing after it (null) is an error
+	// rather than "no binding", which only leaving the member out means.
+	EgressPolicies yaml.Node `yaml:"egressPolicies"`
 }
 
 // TCBConfig is a minimum TCB; every component is required.
@@ -86,12 +102,25 @@ type TCBConfig struct {
 	Microcode  *int `yaml:"microcode"`
 }
 
-// ChallengeConfig bounds outstanding challenges.
+// ChallengeConfig tunes challenges. Challenges are stateless (a MAC'd
+// session that carries its own expiry), so nothing bounds how many are
+// outstanding; what is bounded is the set of used sessions kept until they
+// expire, so that none can be replayed.
 type ChallengeConfig struct {
 	// TTL is a nonce's lifetime; 60s if zero.
 	TTL time.Duration `yaml:"ttl"`
-	// MaxOutstanding caps unanswered challenges; 10000 if zero.
-	MaxOutstanding int `yaml:"maxOutstanding"`
+	// MaxUsed bounds the used sessions kept until they expire; if zero,
+	// 100000 per minute of ttl (at least 100000), see DefaultMaxUsed. A session takes room only once its release's evidence verified,
+	// so only attested clients fill it; when it is full of unexpired
+	// sessions, releases are answered 503 unavailable until the oldest
+	// expires (a used session is never forgotten early).
+	MaxUsed int `yaml:"maxUsed"`
+	// AuditInterval is how often the challenge tally is written: one audit
+	// record per interval that had challenges; 10s if zero.
+	AuditInterval time.Duration `yaml:"auditInterval"`
+	// MaxOutstanding is refused: it capped the live challenges of the old
+	// nonce store, which a flood filled for everyone.
+	MaxOutstanding *int `yaml:"maxOutstanding"`
 }
 
 // VerificationConfig tunes the checks of real (non-simulated) evidence.
@@ -109,7 +138,15 @@ type VerificationConfig struct {
 const (
 	DefaultReleaseValidity = time.Hour
 	DefaultChallengeTTL    = 60 * time.Second
-	DefaultMaxOutstanding  = 10000
+	// DefaultMaxUsed holds every session a broker can consume within one
+	// default TTL, so the set is never full in practice: a session is
+	// consumed only once its evidence verified, measured at about 560
+	// verifications per second per core here (TestUsedSessionSizing; a
+	// whole release round trip, about 335 per second), and 100000 covers
+	// 1667 per second for 60 s in about 5 MiB (52 bytes per session). With
+	// a longer ttl the default grows in proportion.
+	DefaultMaxUsed            = 100000
+	DefaultChallengeAuditEach = 10 * time.Second
 )
 
 // FieldError is one problem in a configuration, located by its path
@@ -187,8 +224,22 @@ func (c *Config) check() error {
 	if c.Challenges.TTL < 0 {
 		fail("challenges.ttl", "negative")
 	}
-	if c.Challenges.MaxOutstanding < 0 {
-		fail("challenges.maxOutstanding", "negative")
+	if c.Challenges.MaxUsed < 0 {
+		fail("challenges.maxUsed", "negative")
+	}
+	if c.Challenges.AuditInterval < 0 {
+		fail("challenges.auditInterval", "negative")
+	}
+	if c.Challenges.MaxOutstanding != nil {
+		fail("challenges.maxOutstanding", "no longer supported: challenges are stateless; the used sessions are bounded by challenges.maxUsed")
+	}
+	for i, line := range c.SimulatedProductLines {
+		if !slices.Contains(simroots.ProductLines, line) {
+			fail(fmt.Sprintf("simulatedProductLines[%d]", i), "%q: want one of %s", line, strings.Join(simroots.ProductLines, ", "))
+		}
+	}
+	if c.SimulatedProductLines != nil && len(c.SimulatedProductLines) == 0 {
+		fail("simulatedProductLines", "empty: leave it out to trust every product line's simulated roots, or set allowSimulatedTEE: false")
 	}
 	if len(c.Keys) == 0 {
 		fail("keys", "at least one key required")
@@ -308,6 +359,30 @@ func (e PolicyEntry) compile(path string) (snp.ReferenceValues, []error) {
 			ref.AllowedChipIDs = append(ref.AllowedChipIDs, b)
 		}
 	}
+	if n := e.EgressPolicies; n.Kind != 0 { // 0: the member is absent, no binding
+		switch {
+		case n.Kind != yaml.SequenceNode:
+			fail("egressPolicies", "want a list of egress policy hashes (leave the member out for no egress-policy binding)")
+		case len(n.Content) == 0:
+			fail("egressPolicies", "empty: no sandbox could ever get the key; leave the member out for no egress-policy binding")
+		}
+		ref.EgressPolicies = [][]byte{}
+		for i, item := range n.Content {
+			var b []byte
+			var err error
+			if item.Kind != yaml.ScalarNode || item.ShortTag() == "!!null" {
+				err = errors.New("want a hash")
+			} else {
+				// The text as written: a hash that happens to look like a
+				// number must not go through YAML's number parsing.
+				b, err = attest.ParsePolicySHA256(item.Value)
+			}
+			if err != nil {
+				fail(fmt.Sprintf("egressPolicies[%d]", i), "%v (the hash `cleanwall policy hash FILE` prints)", err)
+			}
+			ref.EgressPolicies = append(ref.EgressPolicies, b)
+		}
+	}
 	if len(errs) == 0 {
 		if err := ref.Check(); err != nil {
 			errs = append(errs, &FieldError{Path: path, Msg: err.Error()})
@@ -347,4 +422,27 @@ func (c *Config) checkRevocations() bool {
 
 func (c *Config) fetchCertificates() bool {
 	return c.Verification.FetchCertificates == nil || *c.Verification.FetchCertificates
+}
+
+func (c *Config) challengeTTL() time.Duration {
+	if c.Challenges.TTL == 0 {
+		return DefaultChallengeTTL
+	}
+	return c.Challenges.TTL
+}
+
+func (c *Config) maxUsed() int {
+	if c.Challenges.MaxUsed != 0 {
+		return c.Challenges.MaxUsed
+	}
+	// Sized from rate × lifetime: DefaultMaxUsed per DefaultChallengeTTL.
+	scaled := int(math.Ceil(float64(DefaultMaxUsed) * c.challengeTTL().Seconds() / DefaultChallengeTTL.Seconds()))
+	return max(DefaultMaxUsed, scaled)
+}
+
+func (c *Config) challengeAuditInterval() time.Duration {
+	if c.Challenges.AuditInterval == 0 {
+		return DefaultChallengeAuditEach
+	}
+	return c.Challenges.AuditInterval
 }

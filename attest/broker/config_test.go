@@ -55,11 +55,27 @@ func TestParseSpecConfig(t *testing.T) {
 	if err != nil || cfg.Release["egress-dek"][0].MinimumFirmware.Minor != 55 {
 		t.Fatalf("unquoted firmware: %v", err)
 	}
-	cfg, err = broker.ParseConfig([]byte(specConfig + "releaseValidity: 15m\nchallenges: {ttl: 30s, maxOutstanding: 5}\nverification: {checkRevocations: false}\n"))
-	if err != nil || cfg.ReleaseValidity != 15*time.Minute || cfg.Challenges.TTL != 30*time.Second || *cfg.Verification.CheckRevocations {
+	cfg, err = broker.ParseConfig([]byte(specConfig + "releaseValidity: 15m\nchallenges: {ttl: 30s, maxUsed: 5, auditInterval: 1m}\n" +
+		"verification: {checkRevocations: false}\nsimulatedProductLines: [Genoa, Turin]\n"))
+	if err != nil || cfg.ReleaseValidity != 15*time.Minute || cfg.Challenges.TTL != 30*time.Second || *cfg.Verification.CheckRevocations ||
+		cfg.Challenges.MaxUsed != 5 || cfg.Challenges.AuditInterval != time.Minute || strings.Join(cfg.SimulatedProductLines, ",") != "Genoa,Turin" {
 		t.Fatalf("extensions: %+v %v", cfg, err)
 	}
+	if r := cfg.Release["egress-dek"][0]; r.EgressPolicies != nil {
+		t.Fatalf("no egressPolicies member: %x, want nil (no binding)", r.EgressPolicies)
+	}
+	// §5: an entry may bind the key to egress policies.
+	cfg, err = broker.ParseConfig([]byte(strings.Replace(specConfig, "allowedChipIDs: []",
+		"allowedChipIDs: []\n          egressPolicies: [\""+policyHex+"\", \""+strings.ToUpper(policyHex)+"\"]", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := cfg.Release["egress-dek"][0].EgressPolicies; len(e) != 2 || e[0][0] != 0xe5 || e[1][31] != 0xbf {
+		t.Fatalf("egressPolicies %x", e)
+	}
 }
+
+const policyHex = "e5a75ce4acc5b9b2601b9b07f87de1b174c2442e6aea8b4865babe687cd1c2bf"
 
 func TestConfigErrorsNameTheField(t *testing.T) {
 	drop := func(line string) string {
@@ -94,6 +110,15 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{"master key", strings.Replace(specConfig, "masterKeyFile: /etc/cleanwall-keybroker/master.key", "", 1), "keyStore.masterKeyFile: required"},
 		{"key id", strings.Replace(specConfig, "id: egress-dek", "id: ../etc", 1), `keys[0].id: "../etc"`},
 		{"two documents", specConfig + "---\nlisten: x\n", "more than one YAML document"},
+		{"old challenge cap", specConfig + "challenges: {maxOutstanding: 5}\n", "challenges.maxOutstanding: no longer supported"},
+		{"negative maxUsed", specConfig + "challenges: {maxUsed: -1}\n", "challenges.maxUsed: negative"},
+		{"unknown product line", specConfig + "simulatedProductLines: [Milan, Venice]\n", `simulatedProductLines[1]: "Venice": want one of Milan, Genoa, Turin`},
+		{"no product line", specConfig + "simulatedProductLines: []\n", "simulatedProductLines: empty"},
+		{"empty egressPolicies", strings.Replace(specConfig, "allowedChipIDs: []", "allowedChipIDs: []\n          egressPolicies: []", 1), "anyOf[0].egressPolicies: empty"},
+		{"short egress policy", strings.Replace(specConfig, "allowedChipIDs: []", "allowedChipIDs: []\n          egressPolicies: [\"abcd\"]", 1), "anyOf[0].egressPolicies[0]: malformed egress policy hash: 4 characters"},
+		{"null egressPolicies", strings.Replace(specConfig, "allowedChipIDs: []", "allowedChipIDs: []\n          egressPolicies:", 1), "anyOf[0].egressPolicies: want a list"},
+		{"one egress policy, not a list", strings.Replace(specConfig, "allowedChipIDs: []", "allowedChipIDs: []\n          egressPolicies: "+policyHex, 1), "anyOf[0].egressPolicies: want a list"},
+		{"null egress policy", strings.Replace(specConfig, "allowedChipIDs: []", "allowedChipIDs: []\n          egressPolicies: [\""+policyHex+"\", ~]", 1), "anyOf[0].egressPolicies[1]: want a hash"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := broker.ParseConfig([]byte(tc.config))

@@ -1,12 +1,15 @@
 // Package broker is the key broker service of docs/keybroker.md: it issues
 // single-use challenges, verifies SEV-SNP evidence (attest/snp) against each
 // key's release policy, and seals the newest version of the key to the
-// attester's ephemeral HPKE public key. Every decision goes to the audit log
-// before the answer leaves; a decision that cannot be audited is not made.
+// attester's ephemeral HPKE public key. Every release decision goes to the
+// audit log before the answer leaves; a decision that cannot be audited is
+// not made. Challenge decisions are audited in aggregate (see below).
 //
-// It owns the broker's configuration, nonce store and HTTPS handler. It
-// holds keys only through attest/broker/keystore and never writes them in
-// the clear; it trusts the simulated (test-only) AMD roots only when the
+// It owns the broker's configuration, its challenges (stateless MAC'd
+// sessions and the bounded set of used ones), the challenge tally and the
+// HTTPS handler. It holds keys only through attest/broker/keystore and never
+// writes them in the clear; it trusts the simulated (test-only) AMD roots,
+// of every product line or of simulatedProductLines, only when the
 // configuration says allowSimulatedTEE.
 //
 // Where docs/keybroker.md is silent, the broker decides:
@@ -14,18 +17,33 @@
 //     over 64 KiB, 405 for a method other than POST, 404 for another path),
 //     unknown-key 404, every other refusal 403.
 //   - Two answers are not refusals and carry codes outside the protocol's
-//     list: 503 "unavailable" (with Retry-After) when the nonce store is full,
-//     500 "internal" when the broker fails, e.g. cannot write its audit log
-//     (then nothing is released).
-//   - A session is consumed by the first release that names it, whatever the
-//     outcome; a session issued for another key id is a bad-request. A
-//     release for an unknown key is refused before its session is looked at.
+//     list: 503 "unavailable" (with Retry-After) when the set of used
+//     sessions is full, 500 "internal" when the broker fails, e.g. cannot
+//     write its audit log (then nothing is released, and no challenge is
+//     issued while the challenge tally cannot be written).
+//   - A challenge stores nothing: the session is a MAC'd token carrying its
+//     expiry and key (challenges.go), so no number of challenges locks
+//     anyone out. Sessions do not survive a restart (nonce-unknown).
+//   - A session is consumed by the first release whose evidence's signature
+//     chain verifies, whatever the outcome after that; it is then kept in
+//     the used set until it expires. Requests that fail before (malformed,
+//     unverifiable evidence) do not consume it, so unauthenticated clients
+//     cannot fill the used set. A session issued for another key id is a
+//     bad-request. A release for an unknown key is refused before its
+//     session is looked at.
+//   - Challenges are audited in aggregate: one keybroker.challenges record
+//     per challenges.auditInterval (10s) that had any, with counts per key,
+//     per refusal code and per client address (the 16 busiest named). Each
+//     release record names its session's expiry, which dates its challenge.
 //   - notAfter is the release time plus releaseValidity (1h by default).
 //   - Guest policies that allow a migration agent or CXL memory are refused
 //     (policy-not-satisfied) whatever the release policy; SMT is allowed.
 //   - The report must be self-consistent (committed = current TCB and
 //     firmware, reported TCB = the VCEK's, CHIP_ID = the VCEK's HWID), else
 //     policy-not-satisfied.
+//   - A policySHA256 is bound to an anyOf entry like its other members: an
+//     entry with egressPolicies fails for a request that names none or
+//     another one (egress-policy-not-allowed).
 //   - When every failing anyOf entry fails with one and the same code, that
 //     code is sent; otherwise policy-not-satisfied, with each entry's reasons
 //     in the detail.
@@ -40,6 +58,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"strconv"
@@ -49,14 +68,17 @@ import (
 
 	"github.com/cleanwall/cleanwall/attest"
 	"github.com/cleanwall/cleanwall/attest/broker/keystore"
+	"github.com/cleanwall/cleanwall/attest/simulated/simroots"
 	"github.com/cleanwall/cleanwall/attest/snp"
 	"github.com/cleanwall/cleanwall/governance/audit"
 )
 
 // Audit record kinds written by the broker.
 const (
-	KindStart     = "keybroker.start"
-	KindChallenge = "keybroker.challenge"
+	KindStart = "keybroker.start"
+	// KindChallenge is the challenge tally: one record per interval, with
+	// counts, never one per challenge.
+	KindChallenge = "keybroker.challenges"
 	KindRelease   = "keybroker.release"
 )
 
@@ -76,10 +98,23 @@ const (
 	fieldMeasurement      = "measurement"
 	fieldReportData       = "reportData"
 	fieldPolicyEntry      = "policyEntry"
-	fieldExpiresAt        = "expiresAt"
 	fieldNotAfter         = "notAfter"
 	fieldKeys             = "keys"
 	fieldListen           = "listen"
+	fieldPolicySHA256     = "policySHA256"
+	fieldSessionExpiresAt = "sessionExpiresAt"
+	fieldProductLines     = "simulatedProductLines"
+
+	// The challenge tally.
+	fieldFrom            = "from"
+	fieldTo              = "to"
+	fieldChallenges      = "challenges"
+	fieldIssued          = "issued"
+	fieldRefused         = "refused"
+	fieldRequesters      = "requesters"
+	fieldOtherRequests   = "otherRequests"
+	fieldDistinctClients = "distinctRequesters"
+	fieldDistinctAtLeast = "distinctRequestersAtLeast"
 )
 
 const (
@@ -116,6 +151,9 @@ type Server struct {
 	now        func() time.Time
 	verifier   *snp.Verifier
 	challenges *challenges
+	tally      *challengeTally
+	// keyIndex maps a key id to its index in cfg.Keys, which sessions carry.
+	keyIndex   map[string]int
 	closeAudit bool
 }
 
@@ -136,34 +174,38 @@ func New(cfg *Config, o Options) (*Server, error) {
 		s.now = time.Now
 	}
 	var ids []string
-	for _, k := range cfg.Keys {
+	s.keyIndex = map[string]int{}
+	for i, k := range cfg.Keys {
 		if _, err := s.keys.Latest(k.ID); err != nil {
 			return nil, fmt.Errorf("key %q has no version in the key store %s: create one with `cleanwall-keybroker key create --config FILE --id %s`", k.ID, cfg.KeyStore.Dir, k.ID)
 		}
 		ids = append(ids, k.ID)
+		s.keyIndex[k.ID] = i
 	}
-	ttl, max := cfg.Challenges.TTL, cfg.Challenges.MaxOutstanding
-	if ttl == 0 {
-		ttl = DefaultChallengeTTL
+	if len(cfg.Keys) > math.MaxUint16+1 {
+		return nil, fmt.Errorf("%d keys: a session names its key in 16 bits", len(cfg.Keys))
 	}
-	if max == 0 {
-		max = DefaultMaxOutstanding
-	}
-	s.challenges = newChallenges(ttl, max, s.now)
+	s.challenges = newChallenges(cfg.challengeTTL(), cfg.maxUsed(), s.now)
+	s.tally = newChallengeTally(s.now())
 	s.verifier = &snp.Verifier{
-		AllowSimulated:    cfg.AllowSimulatedTEE,
-		CheckRevocations:  cfg.checkRevocations(),
-		FetchCertificates: cfg.fetchCertificates(),
-		Getter:            o.Getter,
-		Now:               s.now,
+		AllowSimulated:        cfg.AllowSimulatedTEE,
+		SimulatedProductLines: cfg.SimulatedProductLines,
+		CheckRevocations:      cfg.checkRevocations(),
+		FetchCertificates:     cfg.fetchCertificates(),
+		Getter:                o.Getter,
+		Now:                   s.now,
 	}
+	start := map[string]any{fieldSimulatedAllowed: cfg.AllowSimulatedTEE, fieldKeys: ids, fieldListen: cfg.Listen}
 	if cfg.AllowSimulatedTEE {
+		lines := cfg.SimulatedProductLines
+		if lines == nil {
+			lines = simroots.ProductLines
+		}
+		start[fieldProductLines] = lines
 		s.log.Warn("ALLOWING SIMULATED TEE EVIDENCE: go-sev-guest's test-only AMD roots are trusted and keys will be released to software simulations; never run this configuration in production",
-			"allowSimulatedTEE", true)
+			"allowSimulatedTEE", true, fieldProductLines, lines)
 	}
-	if _, err := s.audit.Append(KindStart, map[string]any{
-		fieldSimulatedAllowed: cfg.AllowSimulatedTEE, fieldKeys: ids, fieldListen: cfg.Listen,
-	}); err != nil {
+	if _, err := s.audit.Append(KindStart, start); err != nil {
 		return nil, fmt.Errorf("auditing start: %w", err)
 	}
 	return s, nil
@@ -193,12 +235,40 @@ func Open(cfg *Config, logger *slog.Logger) (*Server, error) {
 	return s, nil
 }
 
-// Close closes what Open opened.
+// Close writes the pending challenge tally and closes what Open opened.
 func (s *Server) Close() error {
+	err := s.FlushAudit()
 	if s.closeAudit {
-		return s.audit.Close()
+		err = errors.Join(err, s.audit.Close())
+	}
+	return err
+}
+
+// FlushAudit writes the challenge tally now (one record, none if there were
+// no challenges since the last). Serve calls it every
+// challenges.auditInterval and when it shuts down.
+func (s *Server) FlushAudit() error {
+	if err := s.tally.flush(s.audit, s.now()); err != nil {
+		s.log.Error("audit failed: challenge tally not written; no challenge is issued until it is", "error", err)
+		return fmt.Errorf("auditing challenges: %w", err)
 	}
 	return nil
+}
+
+// housekeeping writes the challenge tally and drops expired used sessions
+// every audit interval until ctx ends.
+func (s *Server) housekeeping(ctx context.Context) {
+	tick := time.NewTicker(s.cfg.challengeAuditInterval())
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			s.FlushAudit()
+			s.challenges.sweep()
+		}
+	}
 }
 
 // ReloadKeys re-reads the key store (after a rotation).
@@ -246,20 +316,24 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	done := make(chan error, 1)
 	go func() { done <- srv.ServeTLS(ln, "", "") }()
+	hkCtx, stopHousekeeping := context.WithCancel(ctx)
+	hkDone := make(chan struct{})
+	go func() { defer close(hkDone); s.housekeeping(hkCtx) }()
+	defer func() { stopHousekeeping(); <-hkDone }()
 	select {
 	case err := <-done:
-		return fmt.Errorf("serving: %w", err)
+		return errors.Join(fmt.Errorf("serving: %w", err), s.FlushAudit())
 	case <-ctx.Done():
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := srv.Shutdown(shutdownCtx); err != nil {
-		return fmt.Errorf("shutting down: %w", err)
+		return errors.Join(fmt.Errorf("shutting down: %w", err), s.FlushAudit())
 	}
 	if err := <-done; !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("serving: %w", err)
+		return errors.Join(fmt.Errorf("serving: %w", err), s.FlushAudit())
 	}
-	return nil
+	return s.FlushAudit()
 }
 
 // post wraps a handler with the method check and the body limit.
@@ -285,33 +359,41 @@ func (s *Server) post(h func(w http.ResponseWriter, r *http.Request, body []byte
 	}
 }
 
+// handleChallenge issues a stateless challenge and counts the decision in
+// the challenge tally. Nothing here allocates per challenge beyond the
+// answer, so a flood costs CPU only.
 func (s *Server) handleChallenge(w http.ResponseWriter, r *http.Request, body []byte) {
-	rec := map[string]any{fieldRequester: r.RemoteAddr}
+	if now := s.now(); s.tally.healthy() != nil || s.tally.due(now, s.cfg.challengeAuditInterval()) {
+		if err := s.FlushAudit(); err != nil {
+			writeError(w, http.StatusInternalServerError, attest.CodeInternal, "audit log unavailable")
+			return
+		}
+	}
 	req, err := attest.DecodeChallengeRequest(body)
 	if err != nil {
-		s.refuse(w, KindChallenge, rec, err)
+		s.refuseChallenge(w, r, err)
 		return
 	}
-	rec[fieldKeyID] = req.KeyID
-	if _, ok := s.cfg.Release[req.KeyID]; !ok {
-		s.refuse(w, KindChallenge, rec, attest.Refuse(attest.CodeUnknownKey, "no key %q", req.KeyID))
+	index, ok := s.keyIndex[req.KeyID]
+	if !ok {
+		s.refuseChallenge(w, r, attest.Refuse(attest.CodeUnknownKey, "no key %q", req.KeyID))
 		return
 	}
-	session, ch, err := s.challenges.issue(req.KeyID)
-	if err != nil {
-		s.refuse(w, KindChallenge, rec, err)
-		return
-	}
-	rec[fieldDecision] = decisionGranted
-	rec[fieldSession] = session
-	rec[fieldExpiresAt] = ch.expires.UTC().Format(time.RFC3339Nano)
-	if _, err := s.audit.Append(KindChallenge, rec); err != nil {
-		s.log.Error("audit failed, challenge withdrawn", "error", err)
-		s.challenges.take(session)
-		writeError(w, http.StatusInternalServerError, attest.CodeInternal, "audit log unavailable")
-		return
-	}
+	session, ch := s.challenges.issue(index)
+	s.tally.add(r.RemoteAddr, req.KeyID, "")
 	writeJSON(w, http.StatusOK, attest.ChallengeResponse{Session: session, Nonce: ch.nonce, ExpiresAt: ch.expires.UTC()})
+}
+
+// refuseChallenge counts and answers a refused challenge.
+func (s *Server) refuseChallenge(w http.ResponseWriter, r *http.Request, err error) {
+	var ref *attest.Refusal
+	if !errors.As(err, &ref) {
+		ref = &attest.Refusal{Code: attest.CodeInternal, Detail: "internal error"}
+		s.log.Error("key broker failure", "error", err, "kind", KindChallenge)
+	}
+	s.tally.add(r.RemoteAddr, "", ref.Code)
+	s.log.Debug("challenge refused", fieldCode, string(ref.Code), fieldDetail, ref.Detail, fieldRequester, r.RemoteAddr)
+	writeError(w, ref.Code.HTTPStatus(), ref.Code, ref.Detail)
 }
 
 func (s *Server) handleRelease(w http.ResponseWriter, r *http.Request, body []byte) {
@@ -354,6 +436,10 @@ func (s *Server) release(ctx context.Context, body []byte, rec map[string]any) (
 		return nil, err
 	}
 	rec[fieldKeyID], rec[fieldSession], rec[fieldTEE], rec[fieldKEM] = req.KeyID, req.Session, req.TEE, req.KEMID
+	policyHash, _ := req.PolicyHash() // checked by the decoder
+	if policyHash != nil {
+		rec[fieldPolicySHA256] = hex.EncodeToString(policyHash)
+	}
 	if req.TEE != attest.TEESNP {
 		return nil, attest.Refuse(attest.CodeBadRequest, "tee %q: only %q is supported", req.TEE, attest.TEESNP)
 	}
@@ -365,12 +451,17 @@ func (s *Server) release(ctx context.Context, body []byte, rec map[string]any) (
 	if !ok {
 		return nil, attest.Refuse(attest.CodeUnknownKey, "no key %q", req.KeyID)
 	}
-	ch, err := s.challenges.take(req.Session)
+	ch, err := s.challenges.check(req.Session)
 	if err != nil {
 		return nil, err
 	}
-	if ch.keyID != req.KeyID {
-		return nil, attest.Refuse(attest.CodeBadRequest, "session was issued for key %q, not %q", ch.keyID, req.KeyID)
+	rec[fieldSessionExpiresAt] = ch.expires.UTC().Format(time.RFC3339Nano)
+	if ch.keyIndex >= len(s.cfg.Keys) || s.cfg.Keys[ch.keyIndex].ID != req.KeyID {
+		issuedFor := "?"
+		if ch.keyIndex < len(s.cfg.Keys) {
+			issuedFor = s.cfg.Keys[ch.keyIndex].ID
+		}
+		return nil, attest.Refuse(attest.CodeBadRequest, "session was issued for key %q, not %q", issuedFor, req.KeyID)
 	}
 	v, err := s.verifier.Verify(ctx, req.Evidence)
 	if err != nil {
@@ -383,12 +474,16 @@ func (s *Server) release(ctx context.Context, body []byte, rec map[string]any) (
 	}
 	rec[fieldMeasurement] = hex.EncodeToString(v.Measurement())
 	rec[fieldSimulated] = v.Simulated
-	want := attest.ReportData(ch.nonce, req.KEMID, req.PublicKey, req.KeyID)
+	// Signed by a trusted chain: from here on the session is spent.
+	if err := s.challenges.consume(ch); err != nil {
+		return nil, err
+	}
+	want := attest.ReportDataWithPolicy(ch.nonce, req.KEMID, req.PublicKey, req.KeyID, policyHash)
 	rec[fieldReportData] = hex.EncodeToString(want[:])
 	if err := v.CheckReportData(want); err != nil {
 		return nil, err
 	}
-	entry, err := v.Satisfies(policy)
+	entry, err := v.Satisfies(policy, policyHash)
 	if err != nil {
 		return nil, err
 	}
@@ -418,10 +513,10 @@ func (s *Server) refuse(w http.ResponseWriter, kind string, rec map[string]any, 
 	case errors.As(err, &r):
 		rec[fieldDecision] = decisionRefused
 		status, code, detail = r.Code.HTTPStatus(), r.Code, r.Detail
-	case errors.Is(err, ErrTooManyChallenges):
+	case errors.Is(err, ErrUsedSessionsFull):
 		rec[fieldDecision] = decisionRefused
 		status, code, detail = http.StatusServiceUnavailable, attest.CodeUnavailable, err.Error()
-		w.Header().Set("Retry-After", strconv.Itoa(int(s.challenges.ttl/time.Second)))
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(s.challenges.retryAfter().Seconds()))))
 	default:
 		rec[fieldDecision] = decisionFailed
 		status, code, detail = http.StatusInternalServerError, attest.CodeInternal, "internal error"

@@ -1,8 +1,9 @@
 // Package simulated is a software SEV-SNP attester for tests and demos. It
 // signs a fresh report per request with go-sev-guest's test-only AMD chain
 // (or, for tests of refusals, with a chain of its own that nobody trusts),
-// with configurable measurement, host data, guest policy, TCB, firmware,
-// VMPL and chip id, so tests can also produce wrong evidence.
+// as any product line go-sev-guest knows (Milan, Genoa, Turin) and with a
+// VCEK or a VLEK, with configurable measurement, host data, guest policy,
+// TCB, firmware, VMPL and chip id, so tests can also produce wrong evidence.
 //
 // Everything it makes is labelled simulated: Attester.Simulated is true and
 // the evidence's certificate table carries snp.SimulatedLabelGUID. A broker
@@ -19,6 +20,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha512"
+	"crypto/x509"
 	"fmt"
 	"sync"
 	"time"
@@ -33,8 +35,16 @@ import (
 	"github.com/cleanwall/cleanwall/attest/snp"
 )
 
-// productName is the VCEK product of the simulated chip (Milan, stepping B1).
-const productName = "Milan-B1"
+// DefaultProduct is the product of the simulated chip unless configured:
+// Milan, stepping B1.
+const DefaultProduct = "Milan-B1"
+
+// Products are the product names the simulated attester can sign as: one
+// per product line go-sev-guest knows (see attest/simulated/simroots).
+var Products = []string{"Milan-B1", "Genoa-B1", "Turin-B0"}
+
+// simulatedCSPID is the cloud provider a simulated VLEK is issued to.
+const simulatedCSPID = "cleanwall-simulated-csp"
 
 // chainCreated is when the simulated chain's certificates start to be valid
 // (the ARK and ASK for 25 years, the VCEK for 7).
@@ -42,6 +52,15 @@ var chainCreated = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // Config is what the simulated guest reports about itself.
 type Config struct {
+	// Product is the simulated chip's product name as a VCEK certificate
+	// carries it (kds: "Milan-B1", "Genoa-B1", "Turin-B0", …): the report's
+	// CPUID family, model and stepping, the endorsement certificate and the
+	// chain's product line follow it. Empty means DefaultProduct.
+	Product string
+	// VLEK signs reports with a VLEK (an endorsement key AMD certifies, via
+	// the product line's ASVK, for a cloud provider) instead of the chip's
+	// VCEK.
+	VLEK        bool
 	Measurement [abi.MeasurementSize]byte
 	HostData    [abi.HostDataSize]byte
 	// Debug sets the guest policy's debug bit.
@@ -49,7 +68,7 @@ type Config struct {
 	// MigrateMA sets the guest policy's migration agent bit.
 	MigrateMA bool
 	// TCB is the current, committed, reported and launch TCB, and the TCB
-	// the VCEK is certified for.
+	// the VCEK (or VLEK) is certified for.
 	TCB snp.TCB
 	// Firmware is the current and committed firmware API version.
 	Firmware snp.Firmware
@@ -60,11 +79,11 @@ type Config struct {
 	ChipID [abi.ChipIDSize]byte
 }
 
-// DefaultConfig is a plausible, healthy guest: fixed measurement and host
-// data derived from their names, no debug, VMPL 0, Milan TCB 3/0/8/115,
-// firmware 1.55.
+// DefaultConfig is a plausible, healthy guest: a Milan-B1 chip signing with
+// its VCEK, fixed measurement and host data derived from their names, no
+// debug, VMPL 0, TCB 3/0/8/115, firmware 1.55.
 func DefaultConfig() Config {
-	var c Config
+	c := Config{Product: DefaultProduct}
 	m := sha512.Sum384([]byte("cleanwall simulated guest measurement"))
 	copy(c.Measurement[:], m[:])
 	h := sha512.Sum512_256([]byte("cleanwall simulated host data"))
@@ -79,9 +98,11 @@ func DefaultConfig() Config {
 
 // Attester is a simulated SEV-SNP attester. It is safe for concurrent use.
 type Attester struct {
-	cfg   Config
-	vcek  *ecdsa.PrivateKey
-	table []snp.CertEntry
+	cfg Config
+	// signer is the VCEK or the VLEK.
+	signer *ecdsa.PrivateKey
+	fms    uint32
+	table  []snp.CertEntry
 }
 
 var _ attest.Attester = (*Attester)(nil)
@@ -106,48 +127,93 @@ func NewUntrusted(cfg Config) (*Attester, error) {
 			return nil, fmt.Errorf("generating untrusted chain: %w", err)
 		}
 	}
-	if keys.Vcek, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader); err != nil {
-		return nil, fmt.Errorf("generating untrusted chain: %w", err)
+	for _, k := range []**ecdsa.PrivateKey{&keys.Vcek, &keys.Vlek} {
+		if *k, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader); err != nil {
+			return nil, fmt.Errorf("generating untrusted chain: %w", err)
+		}
 	}
 	return newAttester(cfg, keys)
 }
 
+// Chain is a simulated chain as go-sev-guest's test signer builds it.
+type Chain struct {
+	ARK, ASK, ASVK, VCEK, VLEK *x509.Certificate
+}
+
+// chain builds the certificate chain of cfg's product with keys, the
+// endorsement keys certified for cfg's TCB (and the VCEK for its chip id).
+func chain(cfg Config, keys *sevtest.AmdKeys) (Chain, error) {
+	tcb := kds.TCBParts{BlSpl: cfg.TCB.Bootloader, TeeSpl: cfg.TCB.TEE, SnpSpl: cfg.TCB.SNP, UcodeSpl: cfg.TCB.Microcode}
+	// The product name is always set: an empty one would make the builder
+	// read go-sev-guest's global --product_name flag.
+	b := &sevtest.AmdSignerBuilder{
+		Keys:             keys,
+		ProductName:      cfg.Product,
+		ArkCreationTime:  chainCreated,
+		AskCreationTime:  chainCreated,
+		AsvkCreationTime: chainCreated,
+		VcekCreationTime: chainCreated,
+		VlekCreationTime: chainCreated,
+		CSPID:            simulatedCSPID,
+		VcekCustom:       sevtest.CertOverride{Extensions: sevtest.CustomExtensions(tcb, cfg.ChipID[:], "", cfg.Product)},
+		VlekCustom:       sevtest.CertOverride{Extensions: sevtest.CustomExtensions(tcb, nil, simulatedCSPID, cfg.Product)},
+	}
+	chainMu.Lock()
+	signer, err := b.TestOnlyCertChain()
+	chainMu.Unlock()
+	if err != nil {
+		return Chain{}, fmt.Errorf("building simulated AMD chain: %w", err)
+	}
+	return Chain{ARK: signer.Ark, ASK: signer.Ask, ASVK: signer.Asvk, VCEK: signer.Vcek, VLEK: signer.Vlek}, nil
+}
+
+// ProductLine is the product line of a product name ("Genoa" for
+// "Genoa-B1"), or an error for a name kds does not know.
+func ProductLine(product string) (string, error) {
+	p, err := kds.ParseProductName(product, abi.VcekReportSigner)
+	if err != nil {
+		return "", fmt.Errorf("simulated product %q: %w (known: %v)", product, err, Products)
+	}
+	return kds.ProductLine(p), nil
+}
+
 func newAttester(cfg Config, keys *sevtest.AmdKeys) (*Attester, error) {
+	if cfg.Product == "" {
+		cfg.Product = DefaultProduct
+	}
+	product, err := kds.ParseProductName(cfg.Product, abi.VcekReportSigner)
+	if err != nil {
+		return nil, fmt.Errorf("simulated product %q: %w (known: %v)", cfg.Product, err, Products)
+	}
 	if _, err := kds.ComposeTCBParts(kds.TCBParts{BlSpl: cfg.TCB.Bootloader, TeeSpl: cfg.TCB.TEE, SnpSpl: cfg.TCB.SNP, UcodeSpl: cfg.TCB.Microcode}); err != nil {
 		return nil, fmt.Errorf("simulated TCB: %w", err)
 	}
 	if cfg.VMPL > 3 {
 		return nil, fmt.Errorf("simulated VMPL %d: want 0-3", cfg.VMPL)
 	}
-	chainMu.Lock()
-	b := &sevtest.AmdSignerBuilder{
-		Keys:             keys,
-		ProductName:      productName,
-		ArkCreationTime:  chainCreated,
-		AskCreationTime:  chainCreated,
-		AsvkCreationTime: chainCreated,
-		VcekCreationTime: chainCreated,
-		VcekCustom: sevtest.CertOverride{
-			Extensions: sevtest.CustomExtensions(kds.TCBParts{
-				BlSpl: cfg.TCB.Bootloader, TeeSpl: cfg.TCB.TEE, SnpSpl: cfg.TCB.SNP, UcodeSpl: cfg.TCB.Microcode,
-			}, cfg.ChipID[:], "", productName),
-		},
-	}
-	signer, err := b.TestOnlyCertChain()
-	chainMu.Unlock()
+	c, err := chain(cfg, keys)
 	if err != nil {
-		return nil, fmt.Errorf("building simulated AMD chain: %w", err)
+		return nil, err
 	}
-	return &Attester{
-		cfg:  cfg,
-		vcek: keys.Vcek,
-		table: []snp.CertEntry{
-			{GUID: uuid.MustParse(abi.ArkGUID), Data: signer.Ark.Raw},
-			{GUID: uuid.MustParse(abi.AskGUID), Data: signer.Ask.Raw},
-			{GUID: uuid.MustParse(abi.VcekGUID), Data: signer.Vcek.Raw},
-			{GUID: snp.SimulatedLabelGUID, Data: []byte(snp.SimulatedLabel)},
-		},
-	}, nil
+	a := &Attester{cfg: cfg, signer: keys.Vcek, fms: abi.MaskedCpuid1EaxFromSevProduct(product)}
+	if cfg.VLEK {
+		// The table carries the VLEK's intermediate (the ASVK) in the ASK
+		// slot: the certificate table has no GUID of its own for it.
+		a.signer = keys.Vlek
+		a.table = []snp.CertEntry{
+			{GUID: uuid.MustParse(abi.ArkGUID), Data: c.ARK.Raw},
+			{GUID: uuid.MustParse(abi.AskGUID), Data: c.ASVK.Raw},
+			{GUID: uuid.MustParse(abi.VlekGUID), Data: c.VLEK.Raw},
+		}
+	} else {
+		a.table = []snp.CertEntry{
+			{GUID: uuid.MustParse(abi.ArkGUID), Data: c.ARK.Raw},
+			{GUID: uuid.MustParse(abi.AskGUID), Data: c.ASK.Raw},
+			{GUID: uuid.MustParse(abi.VcekGUID), Data: c.VCEK.Raw},
+		}
+	}
+	a.table = append(a.table, snp.CertEntry{GUID: snp.SimulatedLabelGUID, Data: []byte(snp.SimulatedLabel)})
+	return a, nil
 }
 
 // TEE is "snp".
@@ -176,7 +242,10 @@ func (a *Attester) Evidence(ctx context.Context, reportData [64]byte) ([]byte, e
 func (a *Attester) Report(reportData [64]byte) ([]byte, error) {
 	c := a.cfg
 	tcb := c.TCB.Version()
-	fms := abi.FmsToCpuid1Eax(0x19, 0x01, 0x01) // Milan B1
+	signer := abi.VcekReportSigner
+	if c.VLEK {
+		signer = abi.VlekReportSigner
+	}
 	r := &spb.Report{
 		Version:         abi.ReportVersion3,
 		GuestSvn:        1,
@@ -187,7 +256,7 @@ func (a *Attester) Report(reportData [64]byte) ([]byte, error) {
 		SignatureAlgo:   abi.SignEcdsaP384Sha384,
 		CurrentTcb:      tcb,
 		PlatformInfo:    1, // SMT enabled
-		SignerInfo:      abi.ComposeSignerInfo(abi.SignerInfo{SigningKey: abi.VcekReportSigner}),
+		SignerInfo:      abi.ComposeSignerInfo(abi.SignerInfo{SigningKey: signer}),
 		ReportData:      reportData[:],
 		Measurement:     c.Measurement[:],
 		HostData:        c.HostData[:],
@@ -196,7 +265,7 @@ func (a *Attester) Report(reportData [64]byte) ([]byte, error) {
 		ReportId:        make([]byte, abi.ReportIDSize),
 		ReportIdMa:      make([]byte, abi.ReportIDMASize),
 		ReportedTcb:     tcb,
-		Cpuid1EaxFms:    fms,
+		Cpuid1EaxFms:    a.fms,
 		ChipId:          c.ChipID[:],
 		CommittedTcb:    tcb,
 		CurrentBuild:    uint32(c.FirmwareBuild),
@@ -217,7 +286,7 @@ func (a *Attester) Report(reportData [64]byte) ([]byte, error) {
 	}
 	digest := crypto.SHA384.New()
 	digest.Write(abi.SignedComponent(raw))
-	rs, ss, err := ecdsa.Sign(rand.Reader, a.vcek, digest.Sum(nil))
+	rs, ss, err := ecdsa.Sign(rand.Reader, a.signer, digest.Sum(nil))
 	if err != nil {
 		return nil, fmt.Errorf("signing simulated report: %w", err)
 	}

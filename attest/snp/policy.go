@@ -82,6 +82,11 @@ type ReferenceValues struct {
 	VMPL int
 	// AllowedChipIDs are the allowed CHIP_IDs (64 bytes each); empty means any chip.
 	AllowedChipIDs [][]byte
+	// EgressPolicies are the egress policy hashes (32 bytes each) a release
+	// must name (docs/keybroker.md §5); nil means no egress-policy binding.
+	// It is not a property of the evidence, but it belongs to the entry:
+	// anyOf picks one complete entry, binding included.
+	EgressPolicies [][]byte
 }
 
 // Check reports whether r is complete and well formed.
@@ -108,7 +113,24 @@ func (r *ReferenceValues) Check() error {
 			return fmt.Errorf("allowedChipIDs[%d]: %d bytes, want %d", i, len(c), abi.ChipIDSize)
 		}
 	}
+	if r.EgressPolicies != nil && len(r.EgressPolicies) == 0 {
+		return fmt.Errorf("egressPolicies: empty (nil means no binding)")
+	}
+	for i, h := range r.EgressPolicies {
+		if len(h) != attest.PolicySHA256Size {
+			return fmt.Errorf("egressPolicies[%d]: %d bytes, want %d", i, len(h), attest.PolicySHA256Size)
+		}
+	}
 	return nil
+}
+
+// egressAllowed reports whether a release naming policySHA256 (nil: none)
+// passes r's egress-policy binding.
+func (r *ReferenceValues) egressAllowed(policySHA256 []byte) bool {
+	if r.EgressPolicies == nil {
+		return true
+	}
+	return policySHA256 != nil && anyBytes(r.EgressPolicies, func(h []byte) bool { return bytes.Equal(h, policySHA256) })
 }
 
 // Guest policy bits that no release policy can allow: a migration agent can
@@ -122,12 +144,13 @@ type failure struct {
 	detail string
 }
 
-// Satisfies evaluates the verified report against a release policy's anyOf
-// and returns the index of the first entry it satisfies. Otherwise the
-// refusal carries the entry's failure code when every failure of every entry
-// has that one code, else policy-not-satisfied; the detail lists each
-// entry's reasons.
-func (v *Verified) Satisfies(anyOf []ReferenceValues) (int, error) {
+// Satisfies evaluates the verified report, released for the egress policy
+// policySHA256 (nil when the request named none), against a release
+// policy's anyOf and returns the index of the first entry it satisfies.
+// Otherwise the refusal carries the entry's failure code when every failure
+// of every entry has that one code, else policy-not-satisfied; the detail
+// lists each entry's reasons.
+func (v *Verified) Satisfies(anyOf []ReferenceValues, policySHA256 []byte) (int, error) {
 	att := v.Attestation
 	base := func() *validate.Options {
 		return &validate.Options{GuestPolicy: permissiveGuestPolicy}
@@ -140,14 +163,14 @@ func (v *Verified) Satisfies(anyOf []ReferenceValues) (int, error) {
 	}
 	// Fast path: an entry that holds as a whole needs no diagnosis.
 	for i := range anyOf {
-		if validate.SnpAttestation(att, v.fullOptions(&anyOf[i])) == nil {
+		if anyOf[i].egressAllowed(policySHA256) && validate.SnpAttestation(att, v.fullOptions(&anyOf[i])) == nil {
 			return i, nil
 		}
 	}
 	var perEntry [][]failure
 	for i := range anyOf {
 		e := &anyOf[i]
-		fails := v.entryFailures(e, base)
+		fails := v.entryFailures(e, base, policySHA256)
 		if len(fails) == 0 {
 			// Belt and braces: every constraint of the entry at once.
 			full := v.fullOptions(e)
@@ -179,7 +202,7 @@ func (v *Verified) Satisfies(anyOf []ReferenceValues) (int, error) {
 
 // entryFailures checks each constraint of e alone on top of the base
 // options, so each failure gets its own code.
-func (v *Verified) entryFailures(e *ReferenceValues, base func() *validate.Options) []failure {
+func (v *Verified) entryFailures(e *ReferenceValues, base func() *validate.Options, policySHA256 []byte) []failure {
 	att := v.Attestation
 	report := att.GetReport()
 	check := func(mutate func(*validate.Options)) bool {
@@ -220,6 +243,13 @@ func (v *Verified) entryFailures(e *ReferenceValues, base func() *validate.Optio
 	if len(e.AllowedChipIDs) > 0 && !anyBytes(e.AllowedChipIDs, func(c []byte) bool { return check(func(o *validate.Options) { o.ChipID = c }) }) {
 		fails = append(fails, failure{attest.CodeChipNotAllowed,
 			fmt.Sprintf("chip %.32s… is not one of the %d allowed", hex.EncodeToString(report.GetChipId()), len(e.AllowedChipIDs))})
+	}
+	if !e.egressAllowed(policySHA256) {
+		detail := fmt.Sprintf("the request names no egress policy (policySHA256) and the key is bound to %d", len(e.EgressPolicies))
+		if policySHA256 != nil {
+			detail = fmt.Sprintf("egress policy %s is not one of the %d allowed", hex.EncodeToString(policySHA256), len(e.EgressPolicies))
+		}
+		fails = append(fails, failure{attest.CodeEgressPolicyNotAllowed, detail})
 	}
 	return fails
 }

@@ -5,10 +5,13 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/google/go-sev-guest/abi"
+	"github.com/google/go-sev-guest/kds"
 	"github.com/google/go-sev-guest/verify"
 	"github.com/google/go-sev-guest/verify/trust"
 
@@ -24,6 +27,10 @@ type Verifier struct {
 	// simulated (go-sev-guest test-only) roots. When false such evidence is
 	// refused with simulated-not-allowed, and those roots are never trusted.
 	AllowSimulated bool
+	// SimulatedProductLines restricts AllowSimulated to the simulated roots
+	// of these product lines; nil means every line simroots holds (Milan,
+	// Genoa, Turin). Simulated evidence from another line is untrusted-root.
+	SimulatedProductLines []string
 	// CheckRevocations fetches AMD's CRL through Getter and refuses a
 	// revoked ASK. Never applied to simulated evidence (it has no CRL).
 	CheckRevocations bool
@@ -97,12 +104,24 @@ func (v *Verifier) Verify(ctx context.Context, evidence []byte) (*Verified, erro
 		return nil, attest.Refuse(attest.CodeSimulatedNotAllowed,
 			"evidence comes from the simulated SEV-SNP attester (test-only AMD chain) and this broker does not allow simulated TEEs")
 	}
+	line := productLine(p, ek, info.SigningKey)
 	opts := &verify.Options{Now: v.now(), Getter: v.getter()}
 	if simulated {
+		lines := v.SimulatedProductLines
+		if lines == nil {
+			lines = simroots.ProductLines
+		}
+		if !slices.Contains(lines, line) {
+			return nil, attest.Refuse(attest.CodeUntrustedRoot,
+				"simulated evidence from a chip of product line %q: this broker trusts the simulated roots of %s only", line, strings.Join(lines, ", "))
+		}
 		// Test roots only, and nothing fetched: they exist nowhere but here.
-		opts.TrustedRoots = simroots.Roots()
+		opts.TrustedRoots = simroots.Roots([]string{line})
 		opts.DisableCertFetching = true
 	} else {
+		if err := realRootsFor(line, info.SigningKey); err != nil {
+			return nil, err
+		}
 		// nil TrustedRoots: go-sev-guest's embedded AMD roots.
 		opts.DisableCertFetching = !v.FetchCertificates
 		opts.CheckRevocations = v.CheckRevocations
@@ -111,6 +130,47 @@ func (v *Verifier) Verify(ctx context.Context, evidence []byte) (*Verified, erro
 		return nil, v.classify(p, err)
 	}
 	return &Verified{Parsed: p, Simulated: simulated}, nil
+}
+
+// productLine is the AMD product line the evidence claims: from the
+// report's CPUID family/model (report version 3 and later), else from the
+// endorsement certificate's product name; "" when neither says.
+func productLine(p *Parsed, ek *x509.Certificate, key abi.ReportSigner) string {
+	if fms := p.Attestation.GetReport().GetCpuid1EaxFms(); fms != 0 {
+		return kds.ProductLineFromFms(fms)
+	}
+	if ek == nil {
+		return ""
+	}
+	exts, err := kds.CertificateExtensions(ek, key)
+	if err != nil {
+		return ""
+	}
+	product, err := kds.ParseProductName(exts.ProductName, key)
+	if err != nil {
+		return ""
+	}
+	return kds.ProductLine(product)
+}
+
+// realRootsFor refuses, with a reason a human can act on, evidence that
+// go-sev-guest's embedded AMD roots cannot verify whatever its signature:
+// an unknown product line, or a VLEK where the embedded roots carry no ASVK
+// (go-sev-guest v0.15 embeds only the VCEK chains as roots). The roots
+// themselves are go-sev-guest's, unchanged.
+func realRootsFor(line string, key abi.ReportSigner) error {
+	if line == "" {
+		return nil // v2 report whose certificate is to be fetched: go-sev-guest decides
+	}
+	r, ok := trust.DefaultRootCerts[line]
+	if !ok || r == nil || r.ProductCerts == nil {
+		return attest.Refuse(attest.CodeUntrustedRoot, "no AMD root is known for product line %q", line)
+	}
+	if key == abi.VlekReportSigner && r.ProductCerts.Asvk == nil {
+		return attest.Refuse(attest.CodeUntrustedRoot,
+			"VLEK-signed evidence from product line %s: go-sev-guest's embedded AMD roots carry no ASVK, so a VLEK cannot be chained to a trusted root", line)
+	}
+	return nil
 }
 
 // classify names why verify.SnpAttestation failed. Its errors are strings, so

@@ -3,6 +3,7 @@ package snp_test
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
@@ -120,6 +121,141 @@ func TestVerifySignatureChain(t *testing.T) {
 	}
 }
 
+// withoutLabel drops the simulated label from evidence: trust must never
+// rest on it.
+func withoutLabel(t *testing.T, ev []byte) []byte {
+	t.Helper()
+	_, entries, err := snp.SplitEvidence(ev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []snp.CertEntry
+	for _, e := range entries {
+		if e.GUID != snp.SimulatedLabelGUID {
+			out = append(out, e)
+		}
+	}
+	return snp.JoinEvidence(ev[:snp.ReportSize], out)
+}
+
+// TestEveryProductLine: simulated evidence of every product line
+// go-sev-guest knows, signed with a VCEK or a VLEK, verifies against that
+// line's simulated roots, and only when they are trusted.
+func TestEveryProductLine(t *testing.T) {
+	net := &noNetwork{}
+	for _, product := range simulated.Products {
+		line, err := simulated.ProductLine(product)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, vlek := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s vlek=%v", product, vlek), func(t *testing.T) {
+				cfg := simulated.DefaultConfig()
+				cfg.Product, cfg.VLEK = product, vlek
+				a, err := simulated.New(cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				rd := [64]byte{7}
+				ev := evidence(t, a, rd)
+				allow := &snp.Verifier{AllowSimulated: true, Getter: net, FetchCertificates: true, CheckRevocations: true}
+				v, err := allow.Verify(context.Background(), ev)
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				if !v.Simulated || v.CheckReportData(rd) != nil {
+					t.Fatalf("Simulated=%v", v.Simulated)
+				}
+				if _, err := v.Satisfies([]snp.ReferenceValues{refValues(cfg)}, nil); err != nil {
+					t.Fatalf("healthy %s guest does not satisfy its policy: %v", product, err)
+				}
+				// Unlabelled, the chain still gives it away.
+				deny := &snp.Verifier{Getter: net, FetchCertificates: true, CheckRevocations: true}
+				_, err = deny.Verify(context.Background(), withoutLabel(t, ev))
+				wantCode(t, err, attest.CodeSimulatedNotAllowed)
+				// A broker that trusts the simulated roots of the other lines only.
+				var others []string
+				for _, p := range simulated.Products {
+					if l, _ := simulated.ProductLine(p); l != line {
+						others = append(others, l)
+					}
+				}
+				only := &snp.Verifier{AllowSimulated: true, SimulatedProductLines: others, Getter: net}
+				_, err = only.Verify(context.Background(), ev)
+				r := wantCode(t, err, attest.CodeUntrustedRoot)
+				if !strings.Contains(r.Detail, `product line "`+line+`"`) || !strings.Contains(r.Detail, strings.Join(others, ", ")+" only") {
+					t.Fatalf("detail %q does not say which line is not trusted", r.Detail)
+				}
+				// A chain of other keys that looks like this line's.
+				u, err := simulated.NewUntrusted(cfg)
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, err = allow.Verify(context.Background(), evidence(t, u, rd))
+				wantCode(t, err, attest.CodeUntrustedRoot)
+				// Unlabelled, it is checked against AMD's real roots, and fails there.
+				_, err = deny.Verify(context.Background(), withoutLabel(t, evidence(t, u, rd)))
+				r = wantCode(t, err, attest.CodeUntrustedRoot)
+				if vlek && !strings.Contains(r.Detail, "no ASVK") {
+					t.Fatalf("a VLEK against the real roots: detail %q", r.Detail)
+				}
+			})
+		}
+	}
+	if n := net.calls.Load(); n != 0 {
+		t.Fatalf("verification fetched %d times", n)
+	}
+}
+
+func TestSatisfiesEgressPolicies(t *testing.T) {
+	good := simulated.DefaultConfig()
+	v := verified(t, good)
+	h1, h2 := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
+	bound := refValues(good)
+	bound.EgressPolicies = [][]byte{h1}
+	if i, err := v.Satisfies([]snp.ReferenceValues{bound}, h1); err != nil || i != 0 {
+		t.Fatalf("listed policy refused: %d %v", i, err)
+	}
+	r := wantCode(t, second(v.Satisfies([]snp.ReferenceValues{bound}, h2)), attest.CodeEgressPolicyNotAllowed)
+	if !strings.Contains(r.Detail, hex.EncodeToString(h2)+" is not one of the 1 allowed") {
+		t.Fatalf("detail %q", r.Detail)
+	}
+	r = wantCode(t, second(v.Satisfies([]snp.ReferenceValues{bound}, nil)), attest.CodeEgressPolicyNotAllowed)
+	if !strings.Contains(r.Detail, "names no egress policy") {
+		t.Fatalf("detail %q", r.Detail)
+	}
+	// No list: any policy, or none.
+	for _, h := range [][]byte{nil, h1, h2} {
+		if _, err := v.Satisfies([]snp.ReferenceValues{refValues(good)}, h); err != nil {
+			t.Fatalf("unbound entry refused %x: %v", h, err)
+		}
+	}
+	// anyOf: an unbound entry or another entry listing the hash satisfies.
+	other := refValues(good)
+	other.EgressPolicies = [][]byte{h2}
+	if i, err := v.Satisfies([]snp.ReferenceValues{bound, other}, h2); err != nil || i != 1 {
+		t.Fatalf("second entry should match: %d %v", i, err)
+	}
+	// An entry that fails on the evidence and on the policy: both reasons.
+	wrong := bound
+	wrong.HostData = bytes.Repeat([]byte{3}, 32)
+	r = wantCode(t, second(v.Satisfies([]snp.ReferenceValues{wrong}, h2)), attest.CodePolicyNotSatisfied)
+	if !strings.Contains(r.Detail, "(host-data-mismatch)") || !strings.Contains(r.Detail, "(egress-policy-not-allowed)") {
+		t.Fatalf("detail %q", r.Detail)
+	}
+	bad := bound
+	bad.EgressPolicies = [][]byte{}
+	if bad.Check() == nil {
+		t.Fatal("an empty, non-nil egressPolicies list passes Check")
+	}
+	bad.EgressPolicies = [][]byte{{1, 2}}
+	if bad.Check() == nil {
+		t.Fatal("a 2-byte egress policy hash passes Check")
+	}
+}
+
+func second[T any](_ T, err error) error { return err }
+
 func refValues(c simulated.Config) snp.ReferenceValues {
 	return snp.ReferenceValues{
 		Measurements:    [][]byte{bytes.Repeat([]byte{9}, 48), c.Measurement[:]},
@@ -148,12 +284,12 @@ func verified(t *testing.T, cfg simulated.Config) *snp.Verified {
 func TestSatisfiesMapsEachFailure(t *testing.T) {
 	good := simulated.DefaultConfig()
 	ref := refValues(good)
-	if i, err := verified(t, good).Satisfies([]snp.ReferenceValues{ref}); err != nil || i != 0 {
+	if i, err := verified(t, good).Satisfies([]snp.ReferenceValues{ref}, nil); err != nil || i != 0 {
 		t.Fatalf("healthy guest refused: %d %v", i, err)
 	}
 	withChips := ref
 	withChips.AllowedChipIDs = [][]byte{bytes.Repeat([]byte{1}, 64), good.ChipID[:]}
-	if _, err := verified(t, good).Satisfies([]snp.ReferenceValues{withChips}); err != nil {
+	if _, err := verified(t, good).Satisfies([]snp.ReferenceValues{withChips}, nil); err != nil {
 		t.Fatalf("allowed chip refused: %v", err)
 	}
 	for _, tc := range []struct {
@@ -181,7 +317,7 @@ func TestSatisfiesMapsEachFailure(t *testing.T) {
 			if tc.ref != nil {
 				tc.ref(&r)
 			}
-			_, err := verified(t, cfg).Satisfies([]snp.ReferenceValues{r})
+			_, err := verified(t, cfg).Satisfies([]snp.ReferenceValues{r}, nil)
 			ref := wantCode(t, err, tc.code)
 			if !strings.Contains(ref.Detail, tc.detail) || !strings.HasPrefix(ref.Detail, "anyOf[0]: ") {
 				t.Fatalf("detail %q does not say %q", ref.Detail, tc.detail)
@@ -193,7 +329,7 @@ func TestSatisfiesMapsEachFailure(t *testing.T) {
 	dbg.Debug = true
 	allowDebug := ref
 	allowDebug.Debug = true
-	if _, err := verified(t, dbg).Satisfies([]snp.ReferenceValues{allowDebug}); err != nil {
+	if _, err := verified(t, dbg).Satisfies([]snp.ReferenceValues{allowDebug}, nil); err != nil {
 		t.Fatalf("debug guest refused by a policy that allows debug: %v", err)
 	}
 }
@@ -205,18 +341,18 @@ func TestSatisfiesAnyOf(t *testing.T) {
 	wrongMeasurement.Measurements = [][]byte{bytes.Repeat([]byte{3}, 48)}
 	wrongHost := refValues(good)
 	wrongHost.HostData = bytes.Repeat([]byte{3}, 32)
-	if i, err := v.Satisfies([]snp.ReferenceValues{wrongMeasurement, refValues(good)}); err != nil || i != 1 {
+	if i, err := v.Satisfies([]snp.ReferenceValues{wrongMeasurement, refValues(good)}, nil); err != nil || i != 1 {
 		t.Fatalf("second entry should match: %d %v", i, err)
 	}
 	// Different reasons in different entries: policy-not-satisfied, reasons kept.
-	_, err := v.Satisfies([]snp.ReferenceValues{wrongMeasurement, wrongHost})
+	_, err := v.Satisfies([]snp.ReferenceValues{wrongMeasurement, wrongHost}, nil)
 	r := wantCode(t, err, attest.CodePolicyNotSatisfied)
 	if !strings.Contains(r.Detail, "anyOf[0]: measurement") || !strings.Contains(r.Detail, "(measurement-not-allowed)") ||
 		!strings.Contains(r.Detail, "anyOf[1]: host data") || !strings.Contains(r.Detail, "(host-data-mismatch)") {
 		t.Fatalf("detail lacks per-entry reasons: %s", r.Detail)
 	}
 	// The same reason everywhere keeps its code.
-	_, err = v.Satisfies([]snp.ReferenceValues{wrongMeasurement, wrongMeasurement})
+	_, err = v.Satisfies([]snp.ReferenceValues{wrongMeasurement, wrongMeasurement}, nil)
 	wantCode(t, err, attest.CodeMeasurementNotAllowed)
 }
 
@@ -288,7 +424,7 @@ func FuzzVerify(f *testing.F) {
 			}
 			return
 		}
-		if _, err := got.Satisfies([]snp.ReferenceValues{ref}); err != nil {
+		if _, err := got.Satisfies([]snp.ReferenceValues{ref}, nil); err != nil {
 			var r *attest.Refusal
 			if !errors.As(err, &r) {
 				t.Fatalf("Satisfies returned a non-refusal: %v", err)
