@@ -176,9 +176,14 @@ type upstream struct {
 	got chan []byte // what each connection received, at its EOF
 }
 
-// newUpstream serves each connection with serve on a goroutine.
+// newUpstream serves each connection on 127.0.0.1 with serve on a
+// goroutine.
 func newUpstream(t *testing.T, serve func(c *net.TCPConn, u *upstream)) *upstream {
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	return newUpstreamAt(t, net.IPv4(127, 0, 0, 1), serve)
+}
+
+func newUpstreamAt(t *testing.T, ip net.IP, serve func(c *net.TCPConn, u *upstream)) *upstream {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: ip})
 	if err != nil {
 		t.Fatal(err)
 	}

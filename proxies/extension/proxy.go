@@ -192,6 +192,10 @@ func (p *Proxy) closeTimeout() time.Duration { return orDuration(p.CloseTimeout,
 // *FlowError. An extension that does not report ends (hello.reports_end
 // false) has the flow to itself once it accepts: ServeStream then returns
 // EndClosed at once.
+//
+// c must be the accepted connection itself (a *net.TCPConn, or another
+// syscall.Conn), with nothing read from it: the extension gets the
+// socket, not c, so bytes a wrapper had buffered would be lost.
 func (p *Proxy) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) proxies.Result {
 	start := time.Now()
 	deadline := start.Add(p.answerTimeout())

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -173,5 +174,30 @@ func TestPythonExtensionKilledThenRestarted(t *testing.T) {
 	}
 	if n := p.flowsInFlight(); n != 0 {
 		t.Fatalf("%d flows still counted in flight", n)
+	}
+}
+
+// An IPv6 original destination reaches the extension as such, and the
+// example connects to it.
+func TestPythonExtensionIPv6Destination(t *testing.T) {
+	dir := t.TempDir()
+	sock, logFile := filepath.Join(dir, "requestlog.sock"), filepath.Join(dir, "requests.log")
+	startPython(t, sock, logFile)
+	up := newUpstreamAt(t, net.IPv6loopback, respondAtEOF("HTTP/1.1 204 No Content\r\n\r\n"))
+	p := newProxy(t, sock)
+	fr := newSandbox(t).start(p, up.addr())
+	const req = "HEAD /v6 HTTP/1.1\r\nHost: [::1]\r\n\r\n"
+	fr.client.Write([]byte(req))
+	fr.client.CloseWrite()
+	fr.client.SetReadDeadline(time.Now().Add(waitLimit))
+	if got, err := io.ReadAll(fr.client); err != nil || string(got) != "HTTP/1.1 204 No Content\r\n\r\n" {
+		t.Fatalf("sandbox got %q, %v", got, err)
+	}
+	if r := fr.result(t); r.End != proxies.EndClosed {
+		t.Fatalf("result %+v", r)
+	}
+	log, _ := os.ReadFile(logFile)
+	if !strings.Contains(string(log), "dst=[::1]:"+fmt.Sprint(up.addr().Port())+" ") || !strings.Contains(string(log), `"HEAD /v6 HTTP/1.1"`) {
+		t.Fatalf("log:\n%s", log)
 	}
 }
