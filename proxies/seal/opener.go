@@ -71,7 +71,8 @@ type Opener struct {
 	hdr     Header
 	keysFor *objectKeys
 	nonce   [12]byte
-	buf     []byte // one frame: frame header, ciphertext, tag
+	fh      [frameHeaderSize]byte
+	buf     []byte // one segment's ciphertext and tag
 	out     []byte // verified plaintext not yet returned
 	next    int64  // position (expected index) of the next segment
 	pos     int64  // offset in the sealed object of what comes next
@@ -201,7 +202,6 @@ func (o *Opener) start() {
 		o.next, o.pos, o.skip, o.left = s.First, s.Start, s.Skip, s.Length
 	}
 	o.keysFor = k
-	o.buf = make([]byte, frameHeaderSize+h.SegmentSize+tagSize)
 }
 
 // advance reads, verifies and releases the next segment into o.out;
@@ -222,7 +222,7 @@ func (o *Opener) advance() error {
 		o.err = &Error{Kind: kind, Segment: seg, Found: found, Offset: off, Detail: detail}
 		return o.err
 	}
-	fh := o.buf[:frameHeaderSize]
+	fh := o.fh[:]
 	n, err := io.ReadFull(o.r, fh)
 	o.pos += int64(n)
 	switch {
@@ -241,7 +241,16 @@ func (o *Opener) advance() error {
 	case !final && size != o.hdr.SegmentSize && (!o.hdr.Interactive || size == 0):
 		return fail(ErrAuth, 0, fmt.Sprintf("the frame header says a non-final segment of %d bytes", size))
 	}
-	body := o.buf[frameHeaderSize : frameHeaderSize+size+tagSize]
+	if cap(o.buf) < size+tagSize {
+		// A whole segment's room, unless this is a short final segment
+		// (a small object needs no more).
+		room := o.hdr.SegmentSize
+		if final {
+			room = size
+		}
+		o.buf = make([]byte, room+tagSize)
+	}
+	body := o.buf[:size+tagSize]
 	n, err = io.ReadFull(o.r, body)
 	o.pos += int64(n)
 	switch {

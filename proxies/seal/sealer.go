@@ -101,6 +101,8 @@ type Sealer struct {
 
 	// buf is the encoded header followed by one frame (frame header,
 	// segment plaintext, tag); the header goes out with the first frame.
+	// It grows to a whole segment only when that much is buffered, so
+	// that small objects cost little.
 	buf        []byte
 	hdrLen     int
 	n          int    // plaintext bytes buffered
@@ -122,9 +124,25 @@ func NewSealer(w io.Writer, c SealConfig) (*Sealer, error) {
 		return nil, fmt.Errorf("seal: %w", err)
 	}
 	s := &Sealer{w: w, keys: k, hdr: h, seg: h.SegmentSize, hdrLen: len(enc)}
-	s.buf = make([]byte, len(enc)+frameHeaderSize+h.SegmentSize+tagSize)
+	s.buf = make([]byte, len(enc)+frameHeaderSize+min(h.SegmentSize, initialRoom)+tagSize)
 	copy(s.buf, enc)
 	return s, nil
+}
+
+// initialRoom is the plaintext a new sealer's buffer holds before growing.
+const initialRoom = 4 << 10
+
+// reserve makes room in the frame for n plaintext bytes (at most a
+// segment) and the tag after them, keeping what is buffered.
+func (s *Sealer) reserve(n int) {
+	need := s.hdrLen + frameHeaderSize + n + tagSize
+	if len(s.buf) >= need {
+		return
+	}
+	size := min(max(need, 2*len(s.buf)), s.hdrLen+frameHeaderSize+s.seg+tagSize)
+	buf := make([]byte, size)
+	copy(buf, s.buf[:s.hdrLen+frameHeaderSize+s.n])
+	s.buf = buf
 }
 
 // Header is the object's header.
@@ -178,6 +196,7 @@ func (s *Sealer) Write(p []byte) (int, error) {
 		}
 		if s.n == 0 && len(p) > s.seg {
 			// Seal straight from p: no copy through the buffer.
+			s.reserve(s.seg)
 			if err := s.emit(false, p[:s.seg]); err != nil {
 				return written, err
 			}
@@ -185,8 +204,9 @@ func (s *Sealer) Write(p []byte) (int, error) {
 			written += s.seg
 			continue
 		}
-		f := s.frame()
-		k := copy(f[frameHeaderSize+s.n:frameHeaderSize+s.seg], p)
+		end := min(s.n+len(p), s.seg)
+		s.reserve(end)
+		k := copy(s.frame()[frameHeaderSize+s.n:frameHeaderSize+end], p)
 		s.n += k
 		p = p[k:]
 		written += k
@@ -203,6 +223,7 @@ func (s *Sealer) ReadFrom(r io.Reader) (int64, error) {
 	if err := s.usable(); err != nil {
 		return 0, err
 	}
+	s.reserve(s.seg)
 	var total int64
 	for {
 		f := s.frame()
