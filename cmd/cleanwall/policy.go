@@ -16,17 +16,19 @@ import (
 
 func cmdPolicy(args []string) error {
 	if len(args) == 0 {
-		return fail("usage: cleanwall policy check FILE | apply --sandbox ID FILE | show --sandbox ID")
+		return fail("usage: cleanwall policy check FILE | hash FILE | apply --sandbox ID FILE | show --sandbox ID")
 	}
 	switch args[0] {
 	case "check":
 		return policyCheck(args[1:])
+	case "hash":
+		return policyHash(args[1:], os.Stdout)
 	case "apply":
 		return policyApply(args[1:])
 	case "show":
 		return policyShow(args[1:])
 	}
-	return fail("unknown policy command %q: check, apply or show", args[0])
+	return fail("unknown policy command %q: check, hash, apply or show", args[0])
 }
 
 // policyCheck: exit 0 when valid (warnings printed), 1 with field-path
@@ -46,15 +48,47 @@ func policyCheck(args []string) error {
 			return nil
 		}
 	}
+	return policyErrors(args[0], err)
+}
+
+// policyErrors prints a policy's field-path errors and exits 1.
+func policyErrors(file string, err error) error {
 	var list policy.ErrorList
 	if errors.As(err, &list) {
 		for _, e := range list {
-			fmt.Fprintf(os.Stderr, "%s: %v\n", args[0], e)
+			fmt.Fprintf(os.Stderr, "%s: %v\n", file, e)
 		}
 		return &exitError{1}
 	}
 	fmt.Fprintln(os.Stderr, err)
 	return &exitError{1}
+}
+
+// policyHash prints the canonical hash of the policy in a file: the SHA-256
+// of its normal form (policy.Compiled.Hash, equal to Policy.Hash), which
+// is the policyHash cleanwalld reports for a sandbox under that policy and
+// what a release request's policySHA256 carries (docs/keybroker.md §5). It
+// compiles the file exactly as the daemon does (parse, then compile), so an
+// invalid policy, which no sandbox can run under, has no hash: its errors
+// are printed as check prints them, with exit status 1.
+func policyHash(args []string, stdout io.Writer) error {
+	if len(args) != 1 {
+		return fail("usage: cleanwall policy hash FILE")
+	}
+	data, err := os.ReadFile(args[0])
+	if err != nil {
+		return fail("%v", err)
+	}
+	p, err := policy.Parse(data)
+	if err != nil {
+		return policyErrors(args[0], err)
+	}
+	c, err := policy.Compile(p)
+	if err != nil {
+		return policyErrors(args[0], err)
+	}
+	fmt.Fprintln(stdout, c.Hash)
+	return nil
 }
 
 func socketFlag(fs *flag.FlagSet) *string {
