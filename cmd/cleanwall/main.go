@@ -22,6 +22,8 @@ Usage:
   cleanwall observe [--sandbox ID] [--json]
   cleanwall attest status
   cleanwall audit verify FILE
+  cleanwall seal seal --key-file FILE --key-id ID [--key-version N] [--context S] [-o OUT] [IN]
+  cleanwall seal open --key-file FILE [-v] [-o OUT] [IN]
   cleanwall version
 
 Commands that talk to cleanwalld take --socket (default /run/cleanwall/cleanwalld.sock).
@@ -59,6 +61,8 @@ func run(args []string) int {
 		err = cmdAudit(args[1:])
 	case "observe":
 		err = cmdObserve(args[1:])
+	case "seal":
+		err = cmdSeal(args[1:])
 	case "version":
 		fmt.Println("cleanwall", version)
 	case "-h", "--help", "help":
