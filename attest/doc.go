@@ -13,9 +13,9 @@
 //
 //	attest/snp               SEV-SNP evidence framing, chain verification, release-policy evaluation
 //	attest/snp/guest         the hardware attester (go-sev-guest quote provider)
-//	attest/simulated         the simulated attester (tests and demos only; links test keys)
-//	attest/simulated/simroots  public certificates of the simulated chain (no keys)
+//	attest/simulated         the simulated attester, any product line, VCEK or VLEK (tests and demos only; links test keys)
+//	attest/simulated/simroots  public certificates of the simulated chains, one per product line (no keys)
 //	attest/broker            the key broker service and its configuration
 //	attest/broker/keystore   keys sealed at rest under the master key
-//	attest/broker/client     the runtime's client: Release(ctx, keyID)
+//	attest/broker/client     the runtime's client: ReleaseWith(ctx, keyID, ReleaseOptions{PolicySHA256})
 package attest

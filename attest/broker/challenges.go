@@ -103,7 +103,9 @@ func (c *challenges) mac(key [32]byte, body []byte) []byte {
 // check authenticates a session and refuses it when it expired or was used.
 // It does not consume it: see consume.
 func (c *challenges) check(session string) (challenge, error) {
-	token, err := base64.RawURLEncoding.DecodeString(session)
+	// Strict: one token has one spelling (the last character's unused bits
+	// must be zero), so the session audited is the session issued.
+	token, err := base64.RawURLEncoding.Strict().DecodeString(session)
 	if err != nil || len(token) != sessionSize || token[0] != sessionVersion {
 		return challenge{}, attest.Refuse(attest.CodeNonceUnknown, "not a session this broker issued")
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -123,4 +124,34 @@ func TestUsedSessionSizing(t *testing.T) {
 	rate := n / time.Since(start).Seconds()
 	t.Logf("evidence verification: %.0f/s on one goroutine; the default set holds %.0f/s for %v",
 		rate, float64(DefaultMaxUsed)/DefaultChallengeTTL.Seconds(), DefaultChallengeTTL)
+}
+
+// FuzzSessionCheck: whatever a client sends as a session, check answers
+// with a refusal unless the broker issued it, and never panics; an issued
+// session with any byte changed is refused.
+const base64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+func FuzzSessionCheck(f *testing.F) {
+	now := time.Unix(1e9, 0)
+	c := newChallenges(time.Minute, 10, func() time.Time { return now })
+	issued, _ := c.issue(1)
+	f.Add(issued)
+	f.Add("")
+	f.Add(issued[:40])
+	// The same bytes spelt otherwise: the last character's two unused bits set.
+	last := strings.IndexByte(base64URL, issued[len(issued)-1])
+	f.Add(issued[:len(issued)-1] + string(base64URL[last|3]))
+	f.Fuzz(func(t *testing.T, session string) {
+		ch, err := c.check(session)
+		if err == nil {
+			if session != issued || ch.keyIndex != 1 {
+				t.Fatalf("a session the broker did not issue passed: %q", session)
+			}
+			return
+		}
+		var r *attest.Refusal
+		if !errors.As(err, &r) || r.Code != attest.CodeNonceUnknown {
+			t.Fatalf("refusal %v, want nonce-unknown", err)
+		}
+	})
 }

@@ -413,7 +413,24 @@ func FuzzVerify(f *testing.F) {
 	}
 	f.Add(ev)
 	f.Add(ev[:snp.ReportSize])
+	// Every product line, VCEK and VLEK.
+	for _, product := range simulated.Products {
+		for _, vlek := range []bool{false, true} {
+			cfg := simulated.DefaultConfig()
+			cfg.Product, cfg.VLEK = product, vlek
+			a, err := simulated.New(cfg)
+			if err != nil {
+				f.Fatal(err)
+			}
+			ev, err := a.Evidence(context.Background(), [64]byte{})
+			if err != nil {
+				f.Fatal(err)
+			}
+			f.Add(ev)
+		}
+	}
 	ref := refValues(simulated.DefaultConfig())
+	ref.EgressPolicies = [][]byte{bytes.Repeat([]byte{1}, 32)}
 	v := &snp.Verifier{AllowSimulated: true}
 	f.Fuzz(func(t *testing.T, evidence []byte) {
 		got, err := v.Verify(context.Background(), evidence)
@@ -424,10 +441,14 @@ func FuzzVerify(f *testing.F) {
 			}
 			return
 		}
-		if _, err := got.Satisfies([]snp.ReferenceValues{ref}, nil); err != nil {
-			var r *attest.Refusal
-			if !errors.As(err, &r) {
-				t.Fatalf("Satisfies returned a non-refusal: %v", err)
+		for _, policy := range [][]byte{nil, bytes.Repeat([]byte{1}, 32)} {
+			if _, err := got.Satisfies([]snp.ReferenceValues{ref}, policy); err != nil {
+				var r *attest.Refusal
+				if !errors.As(err, &r) {
+					t.Fatalf("Satisfies returned a non-refusal: %v", err)
+				}
+			} else if policy == nil {
+				t.Fatal("an entry bound to an egress policy was satisfied by a release that names none")
 			}
 		}
 	})
