@@ -95,7 +95,7 @@ func TestUsedSessionSizing(t *testing.T) {
 	}
 	perEntry := float64(after.HeapAlloc-before.HeapAlloc) / DefaultMaxUsed
 	t.Logf("used set: %d sessions in %.1f MiB (%.0f bytes each)", DefaultMaxUsed, float64(after.HeapAlloc-before.HeapAlloc)/(1<<20), perEntry)
-	if perEntry > 150 {
+	if perEntry > 75 {
 		t.Errorf("%.0f bytes per used session: DefaultMaxUsed's documented footprint no longer holds", perEntry)
 	}
 	// Expired sessions make room, whatever the fill.
