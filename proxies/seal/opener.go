@@ -240,6 +240,10 @@ func (o *Opener) advance() error {
 		return fail(ErrAuth, 0, fmt.Sprintf("the frame header says %d bytes, more than a segment", size))
 	case !final && size != o.hdr.SegmentSize && (!o.hdr.Interactive || size == 0):
 		return fail(ErrAuth, 0, fmt.Sprintf("the frame header says a non-final segment of %d bytes", size))
+	case final && size == 0 && index != 0 && !o.hdr.Interactive:
+		// Only the empty object ends with an empty segment: one encoding
+		// per plaintext keeps sizes and ranges exact.
+		return fail(ErrAuth, 0, "the frame header says an empty final segment after others")
 	}
 	if cap(o.buf) < size+tagSize {
 		// A whole segment's room, unless this is a short final segment

@@ -182,8 +182,21 @@ func TestTamper(t *testing.T) {
 		})
 	}
 
+	// A sealer that ended a non-interactive object with an empty final
+	// segment after full ones made a second encoding of the plaintext:
+	// refused, so that sizes and ranges stay exact.
+	h, hlen, _ := ParseHeader(a.sealed)
+	k, err := derive(testKey(testKeyID, testVersion), &h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nonce [12]byte
+	noncanon := k.sealFrame(slices.Clone(a.sealed[:hlen]), 0, false, a.pt[:S], &nonce)
+	noncanon = k.sealFrame(noncanon, 1, true, nil, &nonce)
+	checkRefusal(t, noncanon, a.pt, testKeys, refusal{kind: ErrAuth, segment: 1, released: S})
+
 	// The key source's own error is kept for the caller.
-	_, err := Open(renamed.sealed, testKeys)
+	_, err = Open(renamed.sealed, testKeys)
 	if !errors.Is(err, errNoKey) {
 		t.Errorf("ErrKey does not wrap the key source's error: %v", err)
 	}
