@@ -377,3 +377,19 @@ func (r *patternReader) Read(p []byte) (int, error) {
 	r.left -= int64(n)
 	return n, nil
 }
+
+// TestSegmentLimit: a sealer refuses to seal segment 2^32 (the index would
+// wrap and a nonce repeat).
+func TestSegmentLimit(t *testing.T) {
+	s, err := NewSealer(io.Discard, testConfig(MinSegmentSize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.index = MaxSegments - 1
+	if _, err := s.Write(pattern(MinSegmentSize + 1)); err != nil { // seals the last index
+		t.Fatal(err)
+	}
+	if err := s.Close(); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("sealing segment 2^32: %v", err)
+	}
+}
