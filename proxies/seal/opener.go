@@ -69,7 +69,7 @@ type Opener struct {
 
 	started bool
 	hdr     Header
-	keysFor *objectKeys
+	object  *objectKeys
 	nonce   [12]byte
 	fh      [frameHeaderSize]byte
 	buf     []byte // one segment's ciphertext and tag
@@ -101,7 +101,7 @@ func (o *Opener) Header() (Header, error) {
 	if !o.started {
 		o.start()
 	}
-	if o.err != nil && o.keysFor == nil {
+	if o.err != nil && o.object == nil {
 		return o.hdr, o.err
 	}
 	return o.hdr, nil
@@ -201,7 +201,7 @@ func (o *Opener) start() {
 		}
 		o.next, o.pos, o.skip, o.left = s.First, s.Start, s.Skip, s.Length
 	}
-	o.keysFor = k
+	o.object = k
 }
 
 // advance reads, verifies and releases the next segment into o.out;
@@ -264,8 +264,8 @@ func (o *Opener) advance() error {
 		o.err = err
 		return err
 	}
-	o.keysFor.nonce(&o.nonce, index)
-	pt, err := o.keysFor.aead.Open(body[:0], o.nonce[:], body, fh)
+	o.object.nonce(&o.nonce, index)
+	pt, err := o.object.aead.Open(body[:0], o.nonce[:], body, fh)
 	if err != nil {
 		if int64(index) != seg {
 			return fail(ErrAuth, 0, fmt.Sprintf("neither segment %d nor the %d its frame header names: corrupted, or from another object", seg, index))
