@@ -1,5 +1,8 @@
 // Package rawsys holds read(2), write(2) and splice(2) for non-blocking
-// descriptors, made without telling the Go scheduler (syscall.RawSyscall).
+// descriptors, made without telling the Go scheduler (syscall.RawSyscall),
+// and Conn, the one connection type through which the proxies (tcp, http)
+// use them, raw or, with raw I/O off, plain. It knows nothing of flows or
+// protocols.
 //
 // A goroutine in a system call for more than 20 µs has its scheduler
 // context (P) taken away by the runtime's monitor (sysmon), which then
@@ -12,7 +15,8 @@
 // costs nothing but the scheduler's accounting.
 //
 // Only for descriptors that are non-blocking (every socket of the net
-// package; pipes made with O_NONBLOCK) and with SPLICE_F_NONBLOCK: a raw
+// package until someone changes its flags, which Conn checks; pipes made
+// with O_NONBLOCK) and with SPLICE_F_NONBLOCK: a raw
 // call that blocks would hold its P for as long.
 package rawsys
 

@@ -212,15 +212,17 @@
 //
 // Each connection is served by one goroutine, with no handoff between
 // goroutines for a request whose body (if any) arrived with its head; only
-// a body still arriving is streamed by a second goroutine. On a plain TCP
-// connection (not one the daemon wraps) the proxy waits for the sandbox's
-// next request, and for the upstream's answer, without first reading the
-// empty socket as a net.Conn Read does: two system calls fewer per request
-// (poll.go says why nothing that arrives can be missed). A keep-alive
-// request costs one read and one write on each side, made as raw system
-// calls on the non-blocking sockets so that the runtime does not hand the
-// goroutine's scheduler context to another thread while a write delivers
-// to a local peer.
+// a body still arriving is streamed by a second goroutine. On a TCP
+// connection that the daemon does not wrap, the proxy waits for the
+// sandbox's next request, and for the upstream's answer, without first
+// reading the empty socket as a net.Conn Read does: two system calls fewer
+// per request (poll.go says why nothing that arrives can be missed). A
+// keep-alive request costs one read and one write on each side, made as
+// raw system calls on the non-blocking sockets (internal/rawsys.Conn) so
+// that the runtime does not hand the goroutine's scheduler context to
+// another thread while a write delivers to a local peer. Proxy.PlainIO
+// turns all of this off: every connection is then read and written
+// through its net.Conn.
 //
 // # Refusals
 //

@@ -255,6 +255,19 @@ func withWrappedConns() harnessOption {
 
 type wrappedConn struct{ net.Conn }
 
+// eachIO runs test with raw I/O on and off (Proxy.PlainIO): the proxy must
+// behave the same either way. Every harness the test makes takes mode.
+func eachIO(t *testing.T, test func(t *testing.T, mode harnessOption)) {
+	t.Helper()
+	for _, plain := range []bool{false, true} {
+		name := "raw"
+		if plain {
+			name = "plain"
+		}
+		t.Run(name, func(t *testing.T) { test(t, func(h *harness) { h.proxy.PlainIO = plain }) })
+	}
+}
+
 func newHarness(t testing.TB, rules *Rules, opts ...harnessOption) *harness {
 	t.Helper()
 	up := newUpstream(t)

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"syscall"
 	"time"
 
 	"github.com/cleanwall/cleanwall/internal/rawsys"
@@ -21,14 +20,14 @@ import (
 // request that was just written, and the sandbox's next request cannot
 // have arrived before its answer was written. That is a system call per
 // read for nothing, two per request, which on our machines cost as much as
-// parsing and inspecting the request. syscall.RawConn.Read lets us wait
-// first, but it forgets readiness that the poller recorded before it was
+// parsing and inspecting the request. rawsys.Conn.WaitRead
+// (syscall.RawConn.Read) lets us wait first, but it forgets readiness that the poller recorded before it was
 // called, so it is only used where nothing can be missed:
 //
-//   - Upstream: the request is written inside the upstream's RawConn.Read
+//   - Upstream: the request is written inside the upstream's WaitRead
 //     callback, after the readiness was reset; the answer cannot arrive
 //     before its request, so its arrival is seen (readAfterFlush).
-//   - Sandbox: one RawConn.Read spans the requests that arrive whole
+//   - Sandbox: one WaitRead spans the requests that arrive whole
 //     (serveArrived): the callback reads what arrived, serves it, and
 //     waits for more only after a read found the socket empty, so the
 //     readiness of anything that arrived after that read is kept. A short
@@ -38,8 +37,9 @@ import (
 //     empty socket per request on this side (measured: ~2% of a keep-alive
 //     request through the proxy).
 //
-// Only a *net.TCPConn is read this way: a wrapper (the daemon's byte
-// budget) keeps its own Read.
+// Only a raw rawsys.Conn (a *net.TCPConn, with raw I/O on) is read this
+// way: a wrapper (the daemon's byte budget) keeps its own Read, and so does
+// every connection with Proxy.PlainIO.
 //
 // The reads and writes of such a connection are internal/rawsys calls,
 // made without telling the scheduler: the socket is non-blocking
@@ -49,85 +49,6 @@ import (
 // the runtime's monitor, which then wakes another thread to run the rest:
 // measured, half of the context switches of a keep-alive request, and as
 // much CPU as the inspection.
-
-// errWouldBlock: a read inside a RawConn.Read callback found the socket
-// empty; the callback returns false to wait.
-var errWouldBlock = errors.New("socket empty")
-
-// rawConnOf is c's raw socket when c is a plain TCP connection with a
-// non-blocking socket (as every one of the net package is), else nil.
-func rawConnOf(c net.Conn) syscall.RawConn {
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		return nil
-	}
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	nonblock := false
-	err = rc.Control(func(fd uintptr) {
-		flags, _, errno := syscall.Syscall(syscall.SYS_FCNTL, fd, syscall.F_GETFL, 0)
-		nonblock = errno == 0 && flags&syscall.O_NONBLOCK != 0
-	})
-	if err != nil || !nonblock {
-		return nil
-	}
-	return rc
-}
-
-// writeRaw writes p to the socket, waiting for room through rc (and so
-// under the write deadline) when it is full.
-func (t *timedConn) writeRaw(p []byte) (int, error) {
-	if t.writeStep == nil {
-		t.writeStep = t.writeSome // once: a closure per call is an allocation per write
-	}
-	t.wp, t.wn, t.werr = p, 0, nil
-	err := t.rc.Write(t.writeStep)
-	n := t.wn
-	if err == nil {
-		err = t.werr
-	}
-	t.wp, t.werr = nil, nil
-	return n, err
-}
-
-// writeSome is writeRaw's rc.Write callback.
-func (t *timedConn) writeSome(fd uintptr) bool {
-	for t.wn < len(t.wp) {
-		m, err := rawsys.Write(int(fd), t.wp[t.wn:])
-		switch {
-		case err == syscall.EINTR:
-			continue
-		case err == syscall.EAGAIN:
-			return false
-		case err != nil:
-			t.werr = os.NewSyscallError("write", err)
-			return true
-		}
-		t.wn += m
-	}
-	return true
-}
-
-// readRaw reads the socket once without waiting (inside a RawConn.Read
-// callback); errWouldBlock when the socket is empty.
-func (t *timedConn) readRaw(p []byte) (int, error) {
-	for {
-		n, err := rawsys.Read(t.fd, p)
-		switch {
-		case err == syscall.EINTR:
-			continue
-		case err == syscall.EAGAIN:
-			return 0, errWouldBlock
-		case err != nil:
-			return 0, os.NewSyscallError("read", err)
-		case n == 0 && len(p) > 0:
-			return 0, io.EOF
-		}
-		return n, nil
-	}
-}
 
 // flushError is a failed write of the request that readAfterFlush sends.
 type flushError struct{ err error }
@@ -139,10 +60,10 @@ func (e *flushError) Unwrap() error { return e.err }
 // answer into p, waiting for it before reading (see above).
 func (t *timedConn) readAfterFlush(w *bufio.Writer, p []byte) (int, error) {
 	if t.readStep == nil {
-		t.readStep = t.flushThenRead // once, as writeStep
+		t.readStep = t.flushThenRead // once: a method value per call is an allocation per read
 	}
 	t.flushW, t.rp, t.rn, t.rerr, t.ferr = w, p, 0, nil, nil
-	err := t.rc.Read(t.readStep)
+	err := t.rw.WaitRead(t.readStep)
 	n, rerr, ferr := t.rn, t.rerr, t.ferr
 	t.flushW, t.rp, t.rerr, t.ferr = nil, nil, nil, nil
 	switch {
@@ -154,23 +75,22 @@ func (t *timedConn) readAfterFlush(w *bufio.Writer, p []byte) (int, error) {
 	return n, rerr
 }
 
-// flushThenRead is readAfterFlush's rc.Read callback: it sends the request
-// at its first call, then reads once the socket is readable.
+// flushThenRead is readAfterFlush's WaitRead callback: it sends the
+// request at its first call, then reads once the socket is readable.
 func (t *timedConn) flushThenRead(fd uintptr) bool {
 	if w := t.flushW; w != nil {
 		t.flushW = nil
 		t.ferr = w.Flush()
 		return t.ferr != nil
 	}
-	t.fd = int(fd)
-	t.rn, t.rerr = t.readRaw(t.rp)
-	return t.rerr != errWouldBlock
+	t.rn, t.rerr = rawsys.ReadNow(fd, t.rp)
+	return t.rerr != rawsys.ErrWouldBlock
 }
 
 // serveArrived serves the requests of a keep-alive connection that arrive
 // whole and need nothing more from the sandbox: a head, and its
 // Content-Length body if any, read at once, no upgrade, no Expect, not
-// chunked. It runs inside one RawConn.Read of the sandbox's socket, so that
+// chunked. It runs inside one WaitRead of the sandbox's socket, so that
 // between requests it waits instead of reading an empty socket (see above).
 // done reports that the connection is over (err as serve returns it);
 // otherwise the next request needs the blocking path, its head buffered or
@@ -178,8 +98,8 @@ func (t *timedConn) flushThenRead(fd uintptr) bool {
 func (c *conn) serveArrived() (done bool, err error) {
 	cl := c.client
 	cl.setReadTimeout(c.lim.IdleTimeout)
-	rerr := cl.rc.Read(func(fd uintptr) bool {
-		cl.raw, cl.fd = true, int(fd)
+	rerr := cl.rw.WaitRead(func(fd uintptr) bool {
+		cl.raw, cl.fd = true, fd
 		defer func() { cl.raw = false }()
 		for {
 			if !headBuffered(c.cr) {
@@ -189,7 +109,7 @@ func (c *conn) serveArrived() (done bool, err error) {
 				}
 				_, perr := c.cr.Peek(1)
 				switch {
-				case errors.Is(perr, errWouldBlock):
+				case errors.Is(perr, rawsys.ErrWouldBlock):
 					return false
 				case errors.Is(perr, io.EOF) || c.isAborted():
 					done = true // the sandbox closed between requests

@@ -92,6 +92,11 @@ type Proxy struct {
 	OnDeny func(Flow, Denial)
 	// Metrics, when set, counts requests, bytes and durations.
 	Metrics *Metrics
+	// PlainIO turns raw I/O off (see internal/rawsys and poll.go): every
+	// connection is then read and written through its own Read and Write,
+	// as a connection the daemon wraps always is. False is the path that
+	// was measured.
+	PlainIO bool
 
 	held atomic.Int64 // bytes of request bodies held across connections
 }
@@ -150,7 +155,7 @@ func (p *Proxy) ServeConn(ctx context.Context, client net.Conn, flow Flow, rules
 		p: p, ctx: ctx, flow: flow, rules: rules, lim: lim, hosts: hosts,
 		log:    p.logger().With(logSandbox, flow.Sandbox, logRule, flow.Rule, logDst, flow.Dst.String()),
 		fm:     newFlowMetrics(p.Metrics, flow),
-		client: &timedConn{Conn: client, writeIdle: lim.BodyIdleTimeout, rc: rawConnOf(client)},
+		client: newTimedConn(client, lim.BodyIdleTimeout, !p.PlainIO),
 	}
 	c.cr = getReader(c.client, max(minClientReader, lim.MaxLineBytes+2))
 	c.cw = getWriter(c.client)
@@ -218,7 +223,7 @@ type conn struct {
 // serve runs the request loop.
 func (c *conn) serve() error {
 	for first := true; ; first = false {
-		if !first && c.client.rc != nil && !c.parsed {
+		if !first && c.client.rw.Raw() && !c.parsed {
 			if done, err := c.serveArrived(); done {
 				return err
 			}

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cleanwall/cleanwall/internal/rawsys"
 )
 
 // forward sends an allowed request to the upstream and relays the response.
@@ -54,7 +56,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		bodyDone = make(chan bodyResult, 1)
 		c.bodySent.Store(false)
 		go func() { bodyDone <- c.streamBody(q.contentLength) }()
-	} else if c.up.rc != nil && c.ur.Buffered() == 0 {
+	} else if c.up.rw.Raw() && c.ur.Buffered() == 0 {
 		// relay's first read sends the request (readAfterFlush).
 		c.up.setReadTimeout(c.lim.ResponseHeaderTimeout)
 		c.up.flushFirst = c.uw
@@ -438,7 +440,7 @@ func (c *conn) dial() error {
 		_ = nc.Close()
 		return context.Cause(c.ctx)
 	}
-	c.up = &timedConn{Conn: nc, writeIdle: c.lim.BodyIdleTimeout, rc: rawConnOf(nc)}
+	c.up = newTimedConn(nc, c.lim.BodyIdleTimeout, !c.p.PlainIO)
 	c.ur = getReader(c.up, upstreamReaderSize)
 	c.uw = getWriter(c.up)
 	return nil
@@ -461,21 +463,30 @@ type timedConn struct {
 	readAborted, writeAborted bool
 	readDL, writeDL           time.Time // as set on Conn; zero: none
 
-	// Reading without an empty read first (poll.go); used by the
-	// connection's own goroutine only. rc is nil unless Conn is a
-	// *net.TCPConn.
-	rc         syscall.RawConn
-	raw        bool          // inside rc.Read's callback: Read reads fd, never waits
-	fd         int           // the socket, while raw
+	// rw writes Conn, raw when it can be (internal/rawsys), and reads it
+	// without an empty read first (poll.go); the reads are made by the
+	// connection's own goroutine only.
+	rw         rawsys.Conn
+	raw        bool          // inside rw.WaitRead's callback: Read reads fd, never waits
+	fd         uintptr       // the socket, while raw
 	flushFirst *bufio.Writer // written by the next Read, before it waits
 
-	// The state of writeRaw's and readAfterFlush's callbacks, which are
-	// made once per connection.
-	writeStep, readStep func(fd uintptr) bool
-	wp, rp              []byte
-	wn, rn              int
-	werr, rerr, ferr    error
-	flushW              *bufio.Writer
+	// The state of readAfterFlush's callback, which is made once per
+	// connection.
+	readStep   func(fd uintptr) bool
+	rp         []byte
+	rn         int
+	rerr, ferr error
+	flushW     *bufio.Writer
+}
+
+// newTimedConn returns nc with no timeouts yet, written (and read by
+// serveArrived and readAfterFlush) with raw system calls when raw is true
+// and nc is a plain TCP connection.
+func newTimedConn(nc net.Conn, writeIdle time.Duration, raw bool) *timedConn {
+	t := &timedConn{Conn: nc, writeIdle: writeIdle}
+	t.rw.Init(nc, raw)
+	return t
 }
 
 var errAborted = errors.New("connection aborted")
@@ -509,7 +520,7 @@ func (t *timedConn) Read(p []byte) (int, error) {
 	t.mu.Unlock()
 	switch {
 	case t.raw:
-		return t.readRaw(p)
+		return rawsys.ReadNow(t.fd, p)
 	case t.flushFirst != nil:
 		w := t.flushFirst
 		t.flushFirst = nil
@@ -529,10 +540,7 @@ func (t *timedConn) Write(p []byte) (int, error) {
 		t.writeDL = dl
 	}
 	t.mu.Unlock()
-	if t.rc != nil {
-		return t.writeRaw(p)
-	}
-	return t.Conn.Write(p)
+	return t.rw.Write(p)
 }
 
 func (t *timedConn) setReadIdle(d time.Duration) {

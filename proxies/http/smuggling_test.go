@@ -56,11 +56,13 @@ var smugglingCorpus = []refusalCase{
 }
 
 func TestSmugglingCorpus(t *testing.T) {
-	for _, tc := range smugglingCorpus {
-		t.Run(tc.name, func(t *testing.T) {
-			if c, br := expectRefused(t, tc); !closedByPeer(c, br) && reasons[tc.reason].status != 421 {
-				t.Fatal("connection left open after a request whose framing cannot be trusted")
-			}
-		})
-	}
+	eachIO(t, func(t *testing.T, mode harnessOption) {
+		for _, tc := range smugglingCorpus {
+			t.Run(tc.name, func(t *testing.T) {
+				if c, br := expectRefused(t, tc, mode); !closedByPeer(c, br) && reasons[tc.reason].status != 421 {
+					t.Fatal("connection left open after a request whose framing cannot be trusted")
+				}
+			})
+		}
+	})
 }

@@ -18,10 +18,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -60,6 +58,11 @@ type Forwarder struct {
 	// Chunk is the pipe size of a spliced direction (rounded up by the
 	// kernel to a power of two pages). Zero: DefaultChunk.
 	Chunk int
+	// PlainIO turns raw I/O off (see internal/rawsys): the flow is then
+	// copied through the conns' own Read, Write and CloseWrite, with no
+	// splice and a buffer held while a read waits, as conns that are not
+	// TCP sockets always are. False is the path that was measured.
+	PlainIO bool
 }
 
 // Flow says where a client connection goes and under which limits.
@@ -118,10 +121,12 @@ func (f *Forwarder) Forward(ctx context.Context, client net.Conn, flow Flow, sta
 	if chunk <= 0 {
 		chunk = DefaultChunk
 	}
-	s := &session{client: client, up: up, idle: idle}
+	s := &session{idle: idle}
+	s.client.Init(client, !f.PlainIO)
+	s.up.Init(up, !f.PlainIO)
 	s.touch()
-	s.out.init(s, client, up, &stats.BytesOut, flow.MaxBytesOut, chunk)
-	s.in.init(s, up, client, &stats.BytesIn, 0, chunk)
+	s.out.init(s, &s.client, &s.up, &stats.BytesOut, flow.MaxBytesOut, chunk)
+	s.in.init(s, &s.up, &s.client, &stats.BytesIn, 0, chunk)
 
 	stop := context.AfterFunc(ctx, s.closeBoth)
 	s.mu.Lock()
@@ -154,7 +159,7 @@ var epoch = time.Now()
 // session is one forwarded flow: both directions, the idle timer and the
 // first error, which ends the flow.
 type session struct {
-	client, up net.Conn
+	client, up rawsys.Conn // each written by one direction only
 	idle       time.Duration
 	last       atomic.Int64 // time.Since(epoch) of the last byte moved either way
 	closed     atomic.Bool
@@ -209,45 +214,29 @@ func (s *session) closeBoth() {
 // pump moves one direction of a flow.
 type pump struct {
 	s        *session
-	src, dst net.Conn
+	src, dst *rawsys.Conn
 	counter  *atomic.Int64
 	budget   int64 // 0: unlimited
 	chunk    int
+	splice   bool // both ends are raw: bulk moves through a pipe
 
-	// Raw access for reads that take a buffer only once src is readable,
-	// and for splice; nil for conns that are not TCP sockets.
-	srcRaw, dstRaw syscall.RawConn
-	splice         bool // both ends are TCP sockets
-
-	// State of one raw operation (the callbacks are bound once, so a
+	// State of one raw read or splice (the callbacks are bound once, so a
 	// round allocates nothing).
-	buf        *[CopyBufferSize]byte
-	lim        int
-	n          int
-	err        error
-	pipe       *pipe
-	wp         []byte // write's bytes, and how many of them were written
-	wn         int
-	readFn     func(uintptr) bool
-	writeFn    func(uintptr) bool
-	shutdownFn func(uintptr)
-	drainFn    func(uintptr) bool
-	pumpFn     func(uintptr) bool
+	buf     *[CopyBufferSize]byte
+	lim     int
+	n       int
+	err     error
+	pipe    *pipe
+	readFn  func(uintptr) bool
+	drainFn func(uintptr) bool
+	pumpFn  func(uintptr) bool
 }
 
-func (p *pump) init(s *session, src, dst net.Conn, counter *atomic.Int64, budget int64, chunk int) {
+func (p *pump) init(s *session, src, dst *rawsys.Conn, counter *atomic.Int64, budget int64, chunk int) {
 	p.s, p.src, p.dst, p.counter, p.budget, p.chunk = s, src, dst, counter, budget, chunk
-	// Only a *net.TCPConn is read through its socket: a conn of another
-	// type may hold bytes of its own that the socket does not.
-	if sc, ok := src.(*net.TCPConn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			p.srcRaw, p.readFn = rc, p.rawRead
-		}
-	}
-	if dc, ok := dst.(*net.TCPConn); ok && p.srcRaw != nil {
-		if rc, err := dc.SyscallConn(); err == nil {
-			p.dstRaw, p.splice, p.writeFn, p.shutdownFn = rc, true, p.rawWrite, p.shutdownWrite
-		}
+	if src.Raw() {
+		p.readFn = p.rawRead
+		p.splice = dst.Raw()
 	}
 }
 
@@ -268,7 +257,7 @@ func (p *pump) run() {
 	// closes both sockets at once, which sends the same FIN (both receive
 	// queues are empty: each was read to its EOF).
 	if p.s.ended.Add(1) == 1 {
-		p.closeWrite()
+		_ = p.dst.CloseWrite()
 	}
 }
 
@@ -303,7 +292,7 @@ func (p *pump) copy() error {
 		}
 		n, err := p.read(lim)
 		if n > 0 {
-			w, werr := p.write(p.buf[:n])
+			w, werr := p.dst.Write(p.buf[:n])
 			p.release()
 			p.moved(w)
 			if werr != nil {
@@ -322,9 +311,9 @@ func (p *pump) copy() error {
 }
 
 // read reads at most lim bytes into p.buf (taken from the pool once src
-// is readable). n == 0 with a nil error is EOF.
+// is readable, when src is raw). n == 0 with a nil error is EOF.
 func (p *pump) read(lim int) (int, error) {
-	if p.srcRaw == nil {
+	if !p.src.Raw() {
 		p.buf = bufPool.Get().(*[CopyBufferSize]byte)
 		for {
 			n, err := p.src.Read(p.buf[:lim])
@@ -340,7 +329,7 @@ func (p *pump) read(lim int) (int, error) {
 		}
 	}
 	p.lim, p.n, p.err = lim, 0, nil
-	if err := p.srcRaw.Read(p.readFn); err != nil {
+	if err := p.src.WaitRead(p.readFn); err != nil {
 		return 0, err
 	}
 	return p.n, p.err
@@ -351,54 +340,17 @@ func (p *pump) rawRead(fd uintptr) bool {
 	if p.buf == nil {
 		p.buf = bufPool.Get().(*[CopyBufferSize]byte)
 	}
-	for {
-		n, err := rawsys.Read(int(fd), p.buf[:p.lim])
-		switch err {
-		case nil:
-			p.n = n
-			return true
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			p.release() // no buffer held while waiting
-			return false
-		default:
-			p.err = os.NewSyscallError("read", err)
-			return true
-		}
-	}
-}
-
-// write writes b to dst: through its socket when it is a TCP socket (see
-// internal/rawsys), waiting for room through the poller.
-func (p *pump) write(b []byte) (int, error) {
-	if p.dstRaw == nil {
-		return p.dst.Write(b)
-	}
-	p.wp, p.wn, p.err = b, 0, nil
-	err := p.dstRaw.Write(p.writeFn)
-	n := p.wn
-	if err == nil {
-		err = p.err
-	}
-	p.wp, p.err = nil, nil
-	return n, err
-}
-
-// rawWrite is write's callback: false means "no room yet, wait".
-func (p *pump) rawWrite(fd uintptr) bool {
-	for p.wn < len(p.wp) {
-		n, err := rawsys.Write(int(fd), p.wp[p.wn:])
-		switch err {
-		case nil:
-			p.wn += n
-		case unix.EINTR:
-		case unix.EAGAIN:
-			return false
-		default:
-			p.err = os.NewSyscallError("write", err)
-			return true
-		}
+	n, err := rawsys.ReadNow(fd, p.buf[:p.lim])
+	switch err {
+	case nil:
+		p.n = n
+	case io.EOF:
+		p.n = 0
+	case rawsys.ErrWouldBlock:
+		p.release() // no buffer held while waiting
+		return false
+	default:
+		p.err = err
 	}
 	return true
 }
@@ -443,7 +395,7 @@ func (p *pump) spliceAll() error {
 			return p.overBudget()
 		}
 		p.lim, p.n, p.err = max, 0, nil
-		if err := p.srcRaw.Read(p.drainFn); err != nil {
+		if err := p.src.WaitRead(p.drainFn); err != nil {
 			return err
 		}
 		if first && errors.Is(p.err, unix.EINVAL) {
@@ -461,7 +413,7 @@ func (p *pump) spliceAll() error {
 		}
 		pp.data = p.n
 		p.err = nil
-		if err := p.dstRaw.Write(p.pumpFn); err != nil {
+		if err := p.dst.WaitWrite(p.pumpFn); err != nil {
 			return err
 		}
 		if p.err != nil {
@@ -471,63 +423,38 @@ func (p *pump) spliceAll() error {
 }
 
 // drain is the splice callback from the source socket into the (empty)
-// pipe: EAGAIN can only mean the socket has nothing to read.
+// pipe: would-block can only mean the socket has nothing to read.
 func (p *pump) drain(fd uintptr) bool {
-	for {
-		n, err := rawsys.Splice(int(fd), p.pipe.w, p.lim)
-		switch err {
-		case nil:
-			p.n = int(n)
-			return true
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			return false
-		default:
-			p.err = os.NewSyscallError("splice", err)
-			return true
-		}
-	}
-}
-
-// pumpOut is the splice callback from the pipe into the destination
-// socket, until the pipe is empty: EAGAIN means the socket's send buffer
-// is full.
-func (p *pump) pumpOut(fd uintptr) bool {
-	for p.pipe.data > 0 {
-		n, err := rawsys.Splice(p.pipe.r, int(fd), p.pipe.data)
-		switch err {
-		case nil:
-			p.pipe.data -= int(n)
-			p.moved(int(n))
-		case unix.EINTR:
-		case unix.EAGAIN:
-			return false
-		default:
-			p.err = os.NewSyscallError("splice", err)
-			return true
-		}
+	n, err := rawsys.SpliceNow(int(fd), p.pipe.w, p.lim)
+	switch err {
+	case nil:
+		p.n = n
+	case io.EOF:
+		p.n = 0
+	case rawsys.ErrWouldBlock:
+		return false
+	default:
+		p.err = err
 	}
 	return true
 }
 
-// closeWrite half-closes dst: through its socket when it is a TCP socket
-// (see internal/rawsys).
-func (p *pump) closeWrite() {
-	if p.dstRaw != nil {
-		if p.dstRaw.Control(p.shutdownFn) == nil {
-			return
+// pumpOut is the splice callback from the pipe into the destination
+// socket, until the pipe is empty: would-block means the socket's send
+// buffer is full.
+func (p *pump) pumpOut(fd uintptr) bool {
+	for p.pipe.data > 0 {
+		n, err := rawsys.SpliceNow(p.pipe.r, int(fd), p.pipe.data)
+		switch err {
+		case nil:
+			p.pipe.data -= n
+			p.moved(n)
+		case rawsys.ErrWouldBlock:
+			return false
+		default:
+			p.err = err
+			return true
 		}
 	}
-	closeWrite(p.dst)
-}
-
-func (p *pump) shutdownWrite(fd uintptr) { _ = rawsys.Shutdown(int(fd), unix.SHUT_WR) }
-
-func closeWrite(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-		return
-	}
-	_ = c.Close()
+	return true
 }
