@@ -8,9 +8,11 @@
 //
 // The format is specified byte for byte in docs/sealing.md; the test
 // vectors in testdata/ pin it. A Sealer is an io.WriteCloser over the
-// upstream writer, an Opener an io.Reader over a sealed stream; each holds
-// one segment in memory. Layout maps plaintext sizes and byte ranges to
-// sealed ones (Content-Length, HTTP range requests).
+// upstream writer (an Interactive one also Flushes short segments, for
+// request-response streams), an Opener an io.Reader over a sealed stream
+// that returns only verified bytes; each holds one segment in memory.
+// Layout maps plaintext sizes and byte ranges to sealed ones
+// (Content-Length, HTTP range requests; WithRange opens a range).
 //
 // The package owns the format and nothing else: it does not fetch keys
 // (callers pass the data key, or a KeyFunc that the opener asks with the key
