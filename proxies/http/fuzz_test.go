@@ -11,7 +11,7 @@ import (
 	"testing"
 )
 
-// fuzzLimits keep fuzzed bodies small.
+// fuzzMaxBody keeps fuzzed bodies small.
 const fuzzMaxBody = 1 << 16
 
 // parseAll reads one request (head and body) the way ServeConn does.

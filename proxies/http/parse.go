@@ -651,7 +651,7 @@ func statusLine(line []byte) (minor, status int, ok bool) {
 	return minor, status, true
 }
 
-// readResponseChunkSize parses a response chunk-size line leniently (the
+// responseChunkSize parses a response chunk-size line leniently (the
 // sandbox's client reads it, not an upstream): hex digits, optional
 // whitespace, optional extensions.
 func responseChunkSize(line []byte) (int64, bool) {

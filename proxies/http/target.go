@@ -233,8 +233,9 @@ func (m *hostMatcher) allows(hp string) bool {
 	return m.allowsName(host)
 }
 
-// allowsAddr: only literal IPs in Flow.Hosts (cidr rules) accept an IP
-// Host, written as a dotted v4 or a bracketed v6 (not a v4-mapped one).
+// allowsAddr reports whether a is an acceptable IP Host: only literal IPs
+// in Flow.Hosts (cidr rules) accept one, written as a dotted v4 or a
+// bracketed v6 (not a v4-mapped one).
 func (m *hostMatcher) allowsAddr(a netip.Addr, bracketed bool) bool {
 	if a.Is6() != bracketed || a.Is4In6() {
 		return false
