@@ -27,6 +27,9 @@ type Flow struct {
 	// destination was resolved from, or the literal IP for a cidr rule.
 	// Empty: every request is refused (421).
 	Hosts []string
+	// OnDeny, when set, is called for this flow's refused requests
+	// instead of Proxy.OnDeny (same rules: synchronous, must not block).
+	OnDeny func(Denial)
 }
 
 // Limits bound each connection. A zero field takes the default shown.
@@ -442,7 +445,9 @@ func (c *conn) refuse(q *request, rf *refusal, start time.Time, consumed bool) b
 	// Report before answering: the audit trail never lags the sandbox.
 	c.fm.request(decision, string(rf.reason), time.Since(start))
 	c.log.Info("request refused", logReason, rf.reason, logStatus, d.Status, logMethod, d.Method, logPath, d.Path, logDetail, detail)
-	if !info.failure && c.p.OnDeny != nil {
+	if !info.failure && c.flow.OnDeny != nil {
+		c.flow.OnDeny(d)
+	} else if !info.failure && c.p.OnDeny != nil {
 		c.p.OnDeny(c.flow, d)
 	}
 	c.scratch = appendRefusal(c.scratch[:0], rf.reason, q.method == "HEAD", keep)

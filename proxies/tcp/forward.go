@@ -1,8 +1,9 @@
 // Package tcpproxy is the L4 proxy of open mode for TCP without a protocol
 // parser: it connects to the flow's original destination and copies bytes
 // both ways, half-closing each direction on EOF, counting bytes, enforcing
-// an optional outbound byte budget and an idle timeout. It never imports
-// bpf, policy or attest.
+// an optional outbound byte budget and an idle timeout. Proxy (proxy.go)
+// serves (open, tcp) flows through the firewall's proxy interface; policy
+// is imported only to read a rule's budget. It never imports bpf or attest.
 //
 // A direction starts by copying through a pooled buffer, taken only once
 // its source is readable (an idle flow holds no buffer): most flows are a
