@@ -397,6 +397,17 @@ static __always_inline struct bpf_sock *lookup_sock(struct __sk_buff *skb, struc
 	return bpf_sk_lookup_udp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 }
 
+/* Headers of a packet may sit in its paged part: bring the first PULL_LEN
+ * bytes (or the whole packet) into the linear area, where the program can
+ * read them. The caller reloads data and data_end after it. */
+static __always_inline void pull_headers(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	if (data + PULL_LEN > end && skb->len > (__u32)(end - data))
+		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
+}
+
 /* Addresses and protocol of an IP header the caller bounds-checked; shared
  * by the sandbox program and the bridge program. */
 static __always_inline void load_ipv4(struct pkt *p, struct ipv4_hdr *ip)
@@ -1019,13 +1030,9 @@ int sandbox_egress(struct __sk_buff *skb)
 	if (skb->vlan_present)
 		return drop(&p, REASON_ETHERTYPE);
 
+	pull_headers(skb);
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	if (data + PULL_LEN > end && skb->len > (__u32)(end - data)) {
-		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
-		data = (void *)(long)skb->data;
-		end = (void *)(long)skb->data_end;
-	}
 
 	struct eth_hdr *eth = data;
 	if ((void *)(eth + 1) > end)
@@ -1048,7 +1055,9 @@ int sandbox_egress(struct __sk_buff *skb)
 
 /* Find the socket of a packet the bridge port already classified and
  * marked, with the parsing helpers of sandbox_egress (which validated the
- * headers), and assign it. */
+ * headers), and assign it. The port program's parse does not travel with
+ * the packet (its mark tells only that it was classified, and for which
+ * listener kind), so addresses and ports are read again here, once. */
 SEC("tc")
 int bridge_ingress(struct __sk_buff *skb)
 {
@@ -1065,13 +1074,9 @@ int bridge_ingress(struct __sk_buff *skb)
 	p.len = skb->len;
 	__u8 listener = skb->mark & 3;
 
+	pull_headers(skb);
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	if (data + PULL_LEN > end && skb->len > (__u32)(end - data)) {
-		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
-		data = (void *)(long)skb->data;
-		end = (void *)(long)skb->data_end;
-	}
 	struct eth_hdr *eth = data;
 	if ((void *)(eth + 1) > end)
 		return drop(&p, REASON_UNCLASSIFIED);
