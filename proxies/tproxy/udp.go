@@ -118,6 +118,12 @@ func origDstFromOOB(oob []byte) (netip.AddrPort, error) {
 		return netip.AddrPort{}, err
 	}
 	for i := range msgs {
+		// unix.ParseOrigDstAddr reads a whole sockaddr without checking the
+		// message's length (an empty one panics, a short one reads past
+		// it): a message too short for its sockaddr is skipped.
+		if len(msgs[i].Data) < origDstSize(msgs[i].Header) {
+			continue
+		}
 		sa, err := unix.ParseOrigDstAddr(&msgs[i])
 		if err != nil {
 			continue
@@ -130,6 +136,15 @@ func origDstFromOOB(oob []byte) (netip.AddrPort, error) {
 		}
 	}
 	return netip.AddrPort{}, errors.New("no original destination in control messages")
+}
+
+// origDstSize is the length of the sockaddr an original-destination control
+// message of h's level carries.
+func origDstSize(h unix.Cmsghdr) int {
+	if h.Level == unix.SOL_IPV6 {
+		return unix.SizeofSockaddrInet6
+	}
+	return unix.SizeofSockaddrInet4
 }
 
 // DefaultMaxReplySockets bounds the reply sockets an UDPSocket keeps.
