@@ -370,6 +370,8 @@ func (v *validator) ports(rp string, ports []PortSpec, mode Mode, openProto stri
 				v.add(pp+".protocol", "UDP is not possible with mode secure (sealed streams run over TCP)")
 			case mode == ModeOpen && openProto == "http":
 				v.add(pp+".protocol", "UDP is not possible with open.protocol http (HTTP runs over TCP)")
+			case mode == ModeOpen && openProto != "tcp":
+				v.add(pp+".protocol", "UDP is not possible with open.protocol %s (extensions serve TCP flows)", openProto)
 			}
 		}
 		if !portOK {
@@ -384,6 +386,10 @@ func (v *validator) ports(rp string, ports []PortSpec, mode Mode, openProto stri
 	}
 }
 
+// extensionNameRE is what an extension's name (an open.protocol served by
+// an out-of-process privacy proxy) may look like.
+var extensionNameRE = regexp.MustCompile(`^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$`)
+
 func (v *validator) open(path string, o *OpenSpec) {
 	proto := o.Protocol
 	switch proto {
@@ -395,8 +401,13 @@ func (v *validator) open(path string, o *OpenSpec) {
 		}
 		proto = "tcp"
 	default:
-		v.add(path+".protocol", "%s is not an open protocol (http or tcp)", quote(o.Protocol))
-		return
+		// Any other protocol names a privacy-proxy extension (cleanwalld
+		// --extension NAME=unix:/path, docs/extensions.md): whether one of
+		// that name is configured is checked where the policy is admitted.
+		if !extensionNameRE.MatchString(proto) {
+			v.add(path+".protocol", "%s is not an open protocol (http, tcp, or the name of an extension: a lowercase DNS label starting with a letter)", quote(o.Protocol))
+			return
+		}
 	}
 	if proto != "http" && o.HTTP != nil {
 		v.add(path+".http", "only allowed with open.protocol http (this rule's protocol is %s)", proto)

@@ -125,7 +125,9 @@ func TestParseRejects(t *testing.T) {
 		{"open block on secure", doc("", rule("mode: secure, secure: {keyID: k, protocol: tcp}, open: {}")), "spec.egress[0].open", "only allowed with mode open (this rule's mode is secure)", 6, false},
 
 		// Open.
-		{"open protocol", doc("", rule("mode: open, open: {protocol: https}")), "spec.egress[0].open.protocol", `"https" is not an open protocol (http or tcp)`, 6, false},
+		{"open protocol", doc("", rule("mode: open, open: {protocol: HTTP/1.1}")), "spec.egress[0].open.protocol", `"HTTP/1.1" is not an open protocol (http, tcp, or the name of an extension`, 6, false},
+		{"open extension over UDP", doc("", "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 53, protocol: UDP}], mode: open, open: {protocol: requestlog}}"), "spec.egress[0].ports[0].protocol", "UDP is not possible with open.protocol requestlog (extensions serve TCP flows)", 6, false},
+		{"open extension name", doc("", rule("mode: open, open: {protocol: request-}")), "spec.egress[0].open.protocol", `"request-" is not an open protocol`, 6, false},
 		{"open http with tcp", doc("", rule("mode: open, open: {http: {rules: [{methods: [GET], paths: [/]}]}}")), "spec.egress[0].open.http", "only allowed with open.protocol http (this rule's protocol is tcp)", 6, false},
 		{"open http missing", doc("", rule("mode: open, open: {protocol: http}")), "spec.egress[0].open.http", "required with open.protocol http", 6, false},
 		{"open http no rules", doc("", rule("mode: open, open: {protocol: http, http: {rules: []}}")), "spec.egress[0].open.http.rules", "at least one rule", 6, false},
@@ -462,5 +464,17 @@ func TestDenyPatterns(t *testing.T) {
 	_, err = Parse([]byte(strings.Replace(withPatterns, `'\b\d{3}-\d{2}-\d{4}\b'`, "'ok'\n            - '[z-a]'", 1)))
 	if err == nil || !strings.Contains(err.Error(), "spec.egress[0].open.http.denyPatterns[1]: error parsing regexp: invalid character class range: `z-a`") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// An open.protocol that is neither http nor tcp names an extension: the
+// policy parses; whether the daemon has one of that name is its business.
+func TestOpenProtocolNamesAnExtension(t *testing.T) {
+	p, err := Parse([]byte(doc("", rule("mode: open, open: {protocol: requestlog}"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Spec.Egress[0].Open.Protocol; got != "requestlog" {
+		t.Fatalf("open.protocol = %q", got)
 	}
 }

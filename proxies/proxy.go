@@ -54,8 +54,10 @@ func KeyOf(r *policy.Rule, transport string) Key {
 
 // Flow is one redirected flow, as a proxy receives it.
 type Flow struct {
-	// Sandbox is the sandbox's id (its CNI container ID).
-	Sandbox string
+	// Sandbox is the sandbox's id (its CNI container ID); Attachment names
+	// the attachment the flow came through (container ID/interface: one
+	// sandbox may have several).
+	Sandbox, Attachment string
 	// Rule is the egress rule the flow falls under, as compiled (nil for
 	// DNS); Config is what the proxy's Configure returned for it.
 	Rule   *policy.Rule
@@ -317,4 +319,21 @@ func transports(r *policy.Rule) []string {
 		out = append(out, "udp")
 	}
 	return out
+}
+
+// Refused is implemented by the error a proxy ends a flow with when it
+// refused the flow as a whole (and reset it): the flows metric counts the
+// flow under RefusalReason (a short, bounded token) instead of an end.
+type Refused interface {
+	error
+	RefusalReason() string
+}
+
+// RefusalOf returns the refusal reason err carries, if any.
+func RefusalOf(err error) (string, bool) {
+	var r Refused
+	if err != nil && errors.As(err, &r) {
+		return r.RefusalReason(), true
+	}
+	return "", false
 }

@@ -69,6 +69,10 @@ func run(args []string) error {
 	fs.IntVar(&cfg.Limits.DNSInFlight, "max-dns-inflight", daemon.DefaultLimits.DNSInFlight, "DNS queries over UDP answered at once per sandbox (negative: unlimited)")
 	fs.Float64Var(&cfg.DenyEventsPerSecond, "deny-event-rate", daemon.DefaultDenyEventsPerSecond, "deny events per second per sandbox reported by the datapath (observe, audit, log), burst twice that; every drop is counted regardless (negative: report every drop)")
 	fs.DurationVar(&cfg.WatchdogInterval, "watchdog-interval", daemon.DefaultWatchdogInterval, "how often attachments, pins and the nftables wall are verified; what is missing is put back within about one interval")
+	fs.Func("extension", "an out-of-process privacy proxy, NAME=unix:/path (repeatable): open rules with open.protocol NAME hand their flows to the extension listening on that SOCK_SEQPACKET socket (docs/extensions.md)", func(v string) error {
+		cfg.Extensions = append(cfg.Extensions, v)
+		return nil
+	})
 	fs.BoolVar(&cfg.DNSRefuseNXDomain, "dns-nxdomain", false, "answer names the policy does not allow with NXDOMAIN instead of REFUSED")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

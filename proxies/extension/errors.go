@@ -79,3 +79,7 @@ func causeToken(err error) string {
 	}
 	return "error"
 }
+
+// RefusalReason makes a FlowError a proxies.Refused: the firewall counts
+// the flow under Reason.
+func (e *FlowError) RefusalReason() string { return e.Reason }

@@ -171,11 +171,14 @@ type AttestStatus struct {
 
 // HeldKey describes a released data key (never its bytes).
 type HeldKey struct {
-	ID         string    `json:"id"`
-	Version    int       `json:"version"`
-	ReleasedAt time.Time `json:"releasedAt"`
-	NotAfter   time.Time `json:"notAfter"`
-	LastError  string    `json:"lastError,omitempty"`
+	ID      string `json:"id"`
+	Version int    `json:"version"`
+	// PolicySHA256 is the egress policy the key was released for
+	// (docs/keybroker.md §5): a key is held once per policy that needs it.
+	PolicySHA256 string    `json:"policySHA256,omitempty"`
+	ReleasedAt   time.Time `json:"releasedAt"`
+	NotAfter     time.Time `json:"notAfter"`
+	LastError    string    `json:"lastError,omitempty"`
 }
 
 // PathEvents streams deny events as JSON lines (GET, ?sandbox=ID filters).

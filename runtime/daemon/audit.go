@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"log/slog"
 	"sync"
 	"time"
 
@@ -15,8 +16,6 @@ const (
 	auditSandboxDelete = "sandbox.delete"
 	auditPolicyApply   = "policy.apply"
 	auditPolicyRefuse  = "policy.apply.refused"
-	auditKeyRelease    = "key.release"
-	auditKeyRefuse     = "key.release.refused"
 	auditDenyDatapath  = "deny.datapath"
 	auditDenyDNS       = "deny.dns"
 	auditDenyHTTP      = "deny.http"
@@ -33,8 +32,8 @@ const maxDenyRecordsPerSecond = 50
 // auditor appends to the hash-chained audit log (governance/audit). A
 // failure to audit is logged loudly; it never opens anything.
 type auditor struct {
-	d   *Daemon
-	log *audit.Log
+	log   *slog.Logger
+	chain *audit.Log
 
 	mu         sync.Mutex
 	window     time.Time
@@ -43,17 +42,17 @@ type auditor struct {
 }
 
 func (a *auditor) record(kind string, fields map[string]any) {
-	if a == nil || a.log == nil {
+	if a == nil || a.chain == nil {
 		return
 	}
-	if _, err := a.log.Append(kind, fields); err != nil {
-		a.d.log.Error("audit record lost", "kind", kind, "error", err)
+	if _, err := a.chain.Append(kind, fields); err != nil {
+		a.log.Error("audit record lost", "kind", kind, "error", err)
 	}
 }
 
 // deny records a denial, rate-limited.
 func (a *auditor) deny(kind string, fields map[string]any) {
-	if a == nil || a.log == nil {
+	if a == nil || a.chain == nil {
 		return
 	}
 	a.mu.Lock()
@@ -78,7 +77,7 @@ func (a *auditor) deny(kind string, fields map[string]any) {
 }
 
 func (a *auditor) close() {
-	if a != nil && a.log != nil {
-		a.log.Close()
+	if a != nil && a.chain != nil {
+		a.chain.Close()
 	}
 }

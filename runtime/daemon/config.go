@@ -1,7 +1,21 @@
-// Package daemon is cleanwalld: the sandbox registry and its persisted
-// state, attach/detach and route setup, the unix-socket API, the proxy
-// dispatch (which proxy handles a redirected flow, under which rule), and
-// reconcile after restart. It is also embedded by `cleanwall run`.
+// Package daemon is cleanwalld, assembled: it loads the datapath, opens
+// the proxy sockets, builds the privacy-proxy registry (built-in proxies
+// and configured extensions), serves the unix-socket API and runs the
+// background loops (watchdog, sweeps, deny events). The work itself lives
+// in the packages it wires together:
+//
+//   - runtime/sandbox: the registry of sandboxes and their persisted state
+//   - runtime/enforce: admission with rollback, generation flips, teardown,
+//     check, reconcile after restart, GC, the watchdog's repairs
+//   - runtime/dispatch: which proxy serves a redirected flow, under which
+//     rule, within which limits
+//   - runtime/fqdn: addresses learnt through the DNS proxy
+//   - runtime/keys: data keys released by the key broker
+//   - runtime/limits, runtime/metrics, runtime/kernel (netlink, nftables)
+//   - proxies/...: the privacy proxies, behind proxies.StreamProxy and
+//     proxies.PacketProxy
+//
+// It is also embedded by `cleanwall run`.
 //
 // Fail closed: a sandbox is registered only once its rules, its datapath
 // entry and its attachment are all in place; any failure on the way rolls
@@ -18,7 +32,11 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/cleanwall/cleanwall/proxies/extension"
 	"github.com/cleanwall/cleanwall/runtime/api"
+	"github.com/cleanwall/cleanwall/runtime/kernel"
+	"github.com/cleanwall/cleanwall/runtime/keys"
+	"github.com/cleanwall/cleanwall/runtime/limits"
 )
 
 // Defaults of cleanwalld.
@@ -37,8 +55,21 @@ const (
 	DefaultDenyEventsPerSecond = 100
 	DefaultPriority            = 100
 	// RedirectMask is the part of the mark the fwmark rule matches.
-	RedirectMask = 0xffffff00
+	RedirectMask = kernel.RedirectMask
+	// DefaultWatchdogInterval is how often the watchdog verifies and
+	// repairs attachments, pins and the nftables wall: what is removed
+	// under a running daemon is back within about one interval.
+	DefaultWatchdogInterval = time.Second
 )
+
+// Limits bound each sandbox's flows (runtime/limits).
+type Limits = limits.Limits
+
+// DefaultLimits are the daemon's limits when its flags set none.
+var DefaultLimits = limits.Default
+
+// KeyBrokerConfig connects the daemon to a key broker (docs/keybroker.md).
+type KeyBrokerConfig = keys.BrokerConfig
 
 // Config configures a daemon. Zero values take the defaults above.
 type Config struct {
@@ -98,6 +129,11 @@ type Config struct {
 	// KeyBroker, when set, releases the data keys of secure-mode rules.
 	KeyBroker *KeyBrokerConfig
 
+	// Extensions are out-of-process privacy proxies, NAME=unix:/path each
+	// (docs/extensions.md): open rules with open.protocol NAME go to the
+	// extension listening on that socket.
+	Extensions []string
+
 	Logger  *slog.Logger
 	Version string
 }
@@ -139,7 +175,7 @@ func (c *Config) setDefaults() error {
 	if c.UDPIdleTimeout == 0 {
 		c.UDPIdleTimeout = 60 * time.Second
 	}
-	c.Limits.setDefaults()
+	c.Limits.SetDefaults()
 	if c.DenyEventsPerSecond == 0 {
 		c.DenyEventsPerSecond = DefaultDenyEventsPerSecond
 	}
@@ -165,6 +201,17 @@ func (c *Config) setDefaults() error {
 	case "auto", "tcx", "tc":
 	default:
 		return fmt.Errorf("attach mode %q: want auto, tcx or tc", c.AttachMode)
+	}
+	seen := map[string]bool{}
+	for _, spec := range c.Extensions {
+		name, _, err := extension.ParseSpec(spec)
+		if err != nil {
+			return fmt.Errorf("--extension: %w", err)
+		}
+		if seen[name] {
+			return fmt.Errorf("--extension: %s given twice", name)
+		}
+		seen[name] = true
 	}
 	if !filepath.IsAbs(c.PinRoot) || !filepath.IsAbs(c.StateDir) {
 		return errors.New("pin root and state dir must be absolute paths")

@@ -10,58 +10,63 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/vishvananda/netlink"
 
 	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/governance/audit"
-	"github.com/cleanwall/cleanwall/policy"
+	"github.com/cleanwall/cleanwall/proxies"
 	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
+	"github.com/cleanwall/cleanwall/proxies/extension"
 	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
+	tcpproxy "github.com/cleanwall/cleanwall/proxies/tcp"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
-	"github.com/cleanwall/cleanwall/runtime/api"
+	udpproxy "github.com/cleanwall/cleanwall/proxies/udp"
+	"github.com/cleanwall/cleanwall/runtime/dispatch"
+	"github.com/cleanwall/cleanwall/runtime/enforce"
+	"github.com/cleanwall/cleanwall/runtime/fqdn"
+	"github.com/cleanwall/cleanwall/runtime/kernel"
+	"github.com/cleanwall/cleanwall/runtime/keys"
+	"github.com/cleanwall/cleanwall/runtime/limits"
+	"github.com/cleanwall/cleanwall/runtime/metrics"
+	"github.com/cleanwall/cleanwall/runtime/sandbox"
 )
 
 // Daemon is a running cleanwalld.
 type Daemon struct {
-	cfg   Config
-	log   *slog.Logger
-	dp    *bpf.Datapath
-	store store
-	route routing
-	wall  *wall // the second, BPF-independent wall (nftables)
+	cfg Config
+	log *slog.Logger
 
-	ctx    context.Context
-	cancel context.CancelFunc
-
-	mu        sync.RWMutex
-	sandboxes map[string]*sandbox // by container ID + "/" + ifName
-	byIP      map[netip.Addr]*sandbox
-
-	tcp    *tproxy.TCPListener
-	udp    *tproxy.UDPSocket
-	dnsUDP *tproxy.UDPSocket
-	dnsTCP *tproxy.TCPListener
-	dns    *dnsproxy.Proxy
-	http   *httpproxy.Proxy
-	keys   *keyring
-	audit  *auditor
-
+	dp        *bpf.Datapath
+	route     kernel.Routing
+	wall      *kernel.NFTWall // the second, BPF-independent wall
+	sandboxes *sandbox.Registry
+	enforcer  *enforce.Enforcer
+	learner   *fqdn.Learner
+	dispatch  *dispatch.Dispatcher
+	proxies   *proxies.Registry
+	dns       *dnsproxy.Proxy
+	exts      []*extension.Proxy
+	keys      *keys.Ring // nil without a key broker
+	metrics   *metrics.Metrics
+	audit     *auditor
 	observers observers
-	logs      *logLimiter // hot-path log lines (refusals, accept errors)
-	fds       *fdBudget   // descriptors flows may hold, node-wide
-	udpFlow   *udpFlows
-	events    *bpf.EventReader
-	server    *http.Server
-	sock      net.Listener
-	metrics   *metrics
-	started   time.Time
-	ready     bool
-	wg        sync.WaitGroup
+	logs      *dispatch.LogLimiter // hot-path log lines (refusals, accept errors)
+	node      *limits.Node         // descriptors flows may hold, node-wide
+
+	tcp, dnsTCP *tproxy.TCPListener
+	udp, dnsUDP *tproxy.UDPSocket
+	events      *bpf.EventReader
+	server      *http.Server
+
+	ctx     context.Context
+	cancel  context.CancelFunc
+	started time.Time
+	ready   atomic.Bool
+	wg      sync.WaitGroup
 }
 
 // New validates cfg; nothing is touched until Start.
@@ -72,20 +77,18 @@ func New(cfg Config) (*Daemon, error) {
 	d := &Daemon{
 		cfg:       cfg,
 		log:       cfg.Logger,
-		store:     store{dir: cfg.StateDir},
-		route:     routing{mark: cfg.RedirectMark, mask: RedirectMask, table: cfg.Table, priority: cfg.RulePriority},
-		wall:      newWall(cfg),
-		logs:      newLogLimiter(10, 100*time.Millisecond),
-		fds:       &fdBudget{},
-		sandboxes: map[string]*sandbox{},
-		byIP:      map[netip.Addr]*sandbox{},
+		route:     kernel.Routing{Mark: cfg.RedirectMark, Mask: RedirectMask, Table: cfg.Table, Priority: cfg.RulePriority},
+		wall:      kernel.NewNFTWall(cfg.Table, cfg.RedirectMark),
+		sandboxes: sandbox.NewRegistry(),
+		logs:      dispatch.NewLogLimiter(10, 100*time.Millisecond),
+		node:      &limits.Node{},
 	}
-	d.metrics = newMetrics(d)
+	d.metrics = metrics.New(datapathSource{d})
 	return d, nil
 }
 
 // Registry is the daemon's Prometheus registry (serve it on /metrics).
-func (d *Daemon) Registry() *prometheus.Registry { return d.metrics.reg }
+func (d *Daemon) Registry() *prometheus.Registry { return d.metrics.Registry }
 
 // Config returns the effective configuration.
 func (d *Daemon) Config() Config { return d.cfg }
@@ -93,30 +96,31 @@ func (d *Daemon) Config() Config { return d.cfg }
 // Datapath exposes the loaded datapath (for tests and `cleanwall run`).
 func (d *Daemon) Datapath() *bpf.Datapath { return d.dp }
 
-// Start loads and pins the datapath, installs the routing, opens the proxy
-// listeners, re-adopts persisted sandboxes and serves the API. Until the
-// listeners exist the datapath drops every new flow (no proxy socket).
+// Start loads and pins the datapath, installs the routing and the wall,
+// opens the proxy listeners, builds the proxy registry, re-adopts
+// persisted sandboxes and serves the API. Until the listeners exist the
+// datapath drops every new flow (no proxy socket).
 func (d *Daemon) Start(ctx context.Context) (err error) {
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.started = time.Now()
-	if limit, budget, err := raiseNoFile(); err != nil {
+	if limit, budget, err := limits.RaiseNoFile(); err != nil {
 		d.log.Warn("reading the descriptor limit", "error", err)
 	} else {
-		d.fds = budget
-		d.log.Info("descriptors", "limit", limit, "for_flows", budget.max, "reserved", reservedFDs)
+		d.node = budget
+		d.log.Info("descriptors", "limit", limit, "for_flows", budget.Max, "reserved", limits.ReservedFDs)
 	}
 	defer func() {
 		if err != nil {
 			d.Close()
 		}
 	}()
-	d.audit = &auditor{d: d}
+	d.audit = &auditor{log: d.log}
 	if d.cfg.AuditLog != "-" {
 		l, err := audit.Open(d.cfg.AuditLog, audit.Options{})
 		if err != nil {
 			return fmt.Errorf("opening the audit log: %w", err)
 		}
-		d.audit.log = l
+		d.audit.chain = l
 	}
 	// Pins must outlive this process (see bpf.ResolvePinRoot): in a
 	// private mount namespace they go to the host's bpffs, or start fails.
@@ -126,10 +130,10 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if d.dp, err = bpf.Load(bpf.Options{PinRoot: d.cfg.PinRoot, MaxSandboxes: d.cfg.MaxSandboxes, MaxRules: d.cfg.MaxRules, MaxCounters: d.cfg.MaxCounters}); err != nil {
 		return err
 	}
-	if _, err := d.route.install(); err != nil {
+	if _, err := d.route.Install(); err != nil {
 		return err
 	}
-	if err := d.wall.install(); err != nil {
+	if err := d.wall.Install(); err != nil {
 		return err
 	}
 	if d.tcp, err = tproxy.ListenTCP(ctx, d.cfg.TCPPort, d.cfg.ListenersPerFamily, d.cfg.SocketMark); err != nil {
@@ -138,24 +142,31 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if d.udp, err = tproxy.ListenUDP(ctx, d.cfg.UDPPort, d.cfg.SocketMark); err != nil {
 		return fmt.Errorf("opening the UDP proxy socket: %w", err)
 	}
+	if d.dnsUDP, err = tproxy.ListenUDP(ctx, d.cfg.DNSPort, d.cfg.SocketMark); err != nil {
+		return fmt.Errorf("opening the DNS proxy sockets: %w", err)
+	}
+	if d.dnsTCP, err = tproxy.ListenTCP(ctx, d.cfg.DNSPort, 1, d.cfg.SocketMark); err != nil {
+		return fmt.Errorf("opening the DNS proxy sockets: %w", err)
+	}
 	if d.cfg.KeyBroker != nil {
-		d.keys = newKeyring(d, d.cfg.KeyBroker)
-		if err := d.keys.start(ctx); err != nil {
+		d.keys = keys.New(*d.cfg.KeyBroker, d.log, d.audit.record)
+		if err := d.keys.Start(d.ctx); err != nil {
 			return err
 		}
 	}
-	if err := d.startHTTP(); err != nil {
+	if err := d.buildProxies(); err != nil {
 		return err
 	}
-	if err := d.startDNS(ctx); err != nil {
-		return fmt.Errorf("opening the DNS proxy sockets: %w", err)
+	d.learner = &fqdn.Learner{DP: d.dp, Log: d.log}
+	d.enforcer = &enforce.Enforcer{DP: d.dp, Links: kernel.NetlinkLinks{}, Wall: d.wall, Store: sandbox.Store{Dir: d.cfg.StateDir},
+		Sandboxes: d.sandboxes, Learner: d.learner, AttachMode: d.cfg.AttachMode,
+		DNSRate: d.dnsRate(), EventRate: d.cfg.DenyEventsPerSecond, Log: d.log}
+	d.dispatch = &dispatch.Dispatcher{Sandboxes: d.sandboxes, DP: d.dp, Proxies: d.proxies, Metrics: d.metrics, Node: d.node,
+		Events: flowEvents{d}, Log: d.log, Logs: d.logs, Ctx: d.ctx}
+	if d.keys != nil {
+		d.dispatch.Keys = d.keys.For
 	}
-	d.udpFlow = &udpFlows{d: d, sock: d.udp, m: map[[2]netip.AddrPort]*udpFlow{}}
-	if err := d.dp.SetConfig(bpf.Config{
-		RedirectMark: d.cfg.RedirectMark,
-		SocketMark:   d.cfg.SocketMark,
-		Ports:        d.ports(),
-	}); err != nil {
+	if err := d.dp.SetConfig(bpf.Config{RedirectMark: d.cfg.RedirectMark, SocketMark: d.cfg.SocketMark, Ports: d.ports()}); err != nil {
 		return err
 	}
 	if err := d.steerTimeWait(); err != nil {
@@ -164,11 +175,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if err := d.reconcile(); err != nil {
 		return fmt.Errorf("re-adopting sandboxes: %w", err)
 	}
-	for _, l := range d.tcp.Listeners() {
-		d.goBackground(func() { d.acceptLoop(l, "tcp", func(c *net.TCPConn) { go d.handleTCP(c) }) })
-	}
-	d.goBackground(func() { _ = d.udp.Serve(d.udpFlow.handle) })
-	d.serveDNS()
+	d.serveFlows()
 	d.goBackground(d.sweep)
 	d.goBackground(d.watch)
 	if d.events, err = d.dp.Events(); err != nil {
@@ -178,14 +185,97 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if err := d.serveAPI(); err != nil {
 		return err
 	}
-	d.mu.Lock()
-	d.ready = true
-	d.mu.Unlock()
-	d.audit.record(auditStart, map[string]any{"version": d.cfg.Version, "pinRoot": d.cfg.PinRoot, "sandboxes": len(d.sandboxes),
-		"keyBroker": d.cfg.KeyBroker != nil})
+	d.ready.Store(true)
+	d.sandboxes.RLock()
+	n := d.sandboxes.Len()
+	d.sandboxes.RUnlock()
+	d.audit.record(auditStart, map[string]any{"version": d.cfg.Version, "pinRoot": d.cfg.PinRoot, "sandboxes": n,
+		"keyBroker": d.cfg.KeyBroker != nil, "proxies": d.proxies.Keys()})
 	d.log.Info("cleanwalld ready", "socket", d.cfg.Socket, "pin_root", d.cfg.PinRoot,
-		"tcp_port", d.tcp.Port, "udp_port", d.udp.Port, "sandboxes", len(d.sandboxes))
+		"tcp_port", d.tcp.Port, "udp_port", d.udp.Port, "sandboxes", n, "proxies", d.proxies.Keys())
 	return nil
+}
+
+// upstreamDialer opens the proxies' own connections to destinations, from
+// the node namespace, without the proxy socket mark. No TCP keepalive:
+// the proxies have idle timeouts of their own, and the probe settings
+// cost four system calls per connection.
+var upstreamDialer = net.Dialer{Timeout: tcpproxy.DefaultDialTimeout, KeepAlive: -1}
+
+// buildProxies registers the privacy proxies: open tcp, http and udp, DNS,
+// and the configured extensions. A policy whose rule no proxy serves is
+// refused at admission.
+func (d *Daemon) buildProxies() error {
+	g := proxies.NewRegistry()
+	// Not through Dialer.DialTCP: it binds the socket to the zero local
+	// address it is given (go.dev/issue/81620), an extra system call that
+	// also takes the ephemeral port at bind time.
+	tcp := &tcpproxy.Proxy{Forwarder: tcpproxy.Forwarder{IdleTimeout: d.cfg.IdleTimeout,
+		Dial: func(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+			return upstreamDialer.DialContext(ctx, "tcp", dst.String())
+		}}}
+	httpMetrics, err := httpproxy.NewMetrics(d.metrics.Registry)
+	if err != nil {
+		return err
+	}
+	http := &httpproxy.Proxy{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "http"), Metrics: httpMetrics}
+	dnsMetrics, err := dnsproxy.NewMetrics(d.metrics.Registry)
+	if err != nil {
+		return err
+	}
+	d.dns = &dnsproxy.Proxy{
+		OnLearn: d.learn,
+		OnDeny:  d.dnsDenied,
+		Logger:  d.log.With("proxy", "dns"),
+		Metrics: dnsMetrics,
+		Limits: dnsproxy.Limits{
+			LearnMinTTL:      d.cfg.FQDNMinTTL,
+			LearnMaxTTL:      d.cfg.FQDNMaxTTL,
+			QueriesPerSecond: d.cfg.DNSQueriesPerSecond,
+		},
+	}
+	if d.cfg.DNSRefuseNXDomain {
+		d.dns.DenyRcode = 3 // NXDOMAIN
+	}
+	open := func(protocol string) proxies.Key { return proxies.Key{Mode: "open", Protocol: protocol} }
+	errs := []error{
+		g.AddStream(open("tcp"), tcp),
+		g.AddStream(open("http"), http),
+		g.AddPacket(open("udp"), &udpproxy.Relay{IdleTimeout: d.cfg.UDPIdleTimeout}),
+		g.AddStream(proxies.DNSKey, d.dns),
+		g.AddPacket(proxies.DNSKey, d.dns),
+	}
+	for _, spec := range d.cfg.Extensions {
+		name, path, err := extension.ParseSpec(spec)
+		if err != nil {
+			return err
+		}
+		x := &extension.Proxy{Name: name, Path: path, Logger: d.log.With("extension", name)}
+		d.exts = append(d.exts, x)
+		errs = append(errs, g.AddStream(x.Key(), x))
+		d.goBackground(func() { x.Connect(d.ctx) })
+	}
+	d.proxies = g
+	return errors.Join(errs...)
+}
+
+// serveFlows starts the accept loops and datagram readers of the proxy
+// sockets; the dispatcher takes each flow from there.
+func (d *Daemon) serveFlows() {
+	for _, l := range d.tcp.Listeners() {
+		d.goBackground(func() {
+			dispatch.AcceptLoop(d.ctx, l, "tcp", d.log, d.logs, func(c *net.TCPConn) { go d.dispatch.ServeTCP(c) })
+		})
+	}
+	for _, l := range d.dnsTCP.Listeners() {
+		d.goBackground(func() { dispatch.AcceptLoop(d.ctx, l, "dns-tcp", d.log, d.logs, d.dispatch.ServeDNSTCP) })
+	}
+	d.goBackground(func() {
+		_ = d.udp.Serve(func(dg tproxy.Datagram) { d.dispatch.HandleDatagram(dg, d.udp.Reply) })
+	})
+	d.goBackground(func() {
+		_ = d.dnsUDP.Serve(func(dg tproxy.Datagram) { d.dispatch.HandleDNSDatagram(dg, d.dnsUDP.Reply) })
+	})
 }
 
 func (d *Daemon) ports() [4]uint16 {
@@ -205,6 +295,18 @@ func (d *Daemon) ports() [4]uint16 {
 	return p
 }
 
+// dnsRate is the DNS proxy's per-sandbox query rate (negative: none).
+func (d *Daemon) dnsRate() float64 {
+	switch r := d.cfg.DNSQueriesPerSecond; {
+	case r < 0:
+		return -1
+	case r == 0:
+		return 100 // the DNS proxy's default
+	default:
+		return r
+	}
+}
+
 func (d *Daemon) goBackground(f func()) {
 	d.wg.Add(1)
 	go func() {
@@ -213,6 +315,7 @@ func (d *Daemon) goBackground(f func()) {
 	}()
 }
 
+// sweep ends idle reply sockets and removes expired learnt addresses.
 func (d *Daemon) sweep() {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
@@ -223,9 +326,44 @@ func (d *Daemon) sweep() {
 		case <-t.C:
 			d.udp.Sweep(d.cfg.UDPIdleTimeout)
 			d.dnsUDP.Sweep(d.cfg.UDPIdleTimeout)
-			d.sweepLearnt()
+			for _, s := range d.sandboxes.Snapshot() {
+				d.learner.Sweep(s)
+			}
 		}
 	}
+}
+
+// watch runs the watchdog until the daemon stops: what was removed under
+// the daemon (a detached program, a deleted chain, an unpinned map) is
+// put back within about one interval; meanwhile the nftables wall drops
+// whatever the missing program would have decided.
+func (d *Daemon) watch() {
+	t := time.NewTicker(d.cfg.WatchdogInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+			d.enforcer.Repair(d.repaired)
+		}
+	}
+}
+
+// repaired logs, counts and audits one repair.
+func (d *Daemon) repaired(what, sandbox string, found, err error) {
+	d.metrics.Repairs.WithLabelValues(what).Inc()
+	fields := map[string]any{"what": what, "ok": err == nil, "found": found.Error()}
+	if sandbox != "" {
+		fields["sandbox"] = sandbox
+	}
+	if err != nil {
+		fields["error"] = err.Error()
+		d.log.Error("watchdog: repair failed (the nftables wall keeps dropping)", "what", what, "sandbox", sandbox, "error", err)
+	} else {
+		d.log.Warn("watchdog: repaired", "what", what, "sandbox", sandbox, "found", found)
+	}
+	d.audit.record(auditRepair, fields)
 }
 
 // Close stops serving: the API goes away and every proxy socket closes, so
@@ -252,6 +390,9 @@ func (d *Daemon) Close() error {
 	if d.dnsTCP != nil {
 		d.dnsTCP.Close()
 	}
+	for _, x := range d.exts {
+		_ = x.Close()
+	}
 	if d.events != nil {
 		d.events.Close()
 	}
@@ -263,25 +404,17 @@ func (d *Daemon) Close() error {
 	return nil
 }
 
-// Uninstall removes every sandbox, the routing and the pins. For a daemon
-// that owns its node alone (`cleanwall run`); cleanwalld keeps them.
+// Uninstall removes every sandbox, the routing, the wall and the pins. For
+// a daemon that owns its node alone (`cleanwall run`); cleanwalld keeps
+// them.
 func (d *Daemon) Uninstall() error {
 	var errs []error
-	if d.dp != nil {
-		d.mu.Lock()
-		for _, s := range d.sandboxes {
-			if err := d.teardown(s); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		d.mu.Unlock()
+	if d.dp != nil && d.enforcer != nil {
+		d.sandboxes.Lock()
+		errs = append(errs, d.enforcer.TeardownAll())
+		d.sandboxes.Unlock()
 	}
-	if err := d.route.remove(); err != nil {
-		errs = append(errs, err)
-	}
-	if err := d.wall.remove(); err != nil {
-		errs = append(errs, err)
-	}
+	errs = append(errs, d.route.Remove(), d.wall.Remove())
 	pinRoot := d.cfg.PinRoot
 	dp := d.dp
 	d.Close()
@@ -294,225 +427,4 @@ func (d *Daemon) Uninstall() error {
 		_ = os.Remove(pinRoot) // only if empty: a pin root may be shared
 	}
 	return errors.Join(errs...)
-}
-
-// reconcile re-adopts the persisted sandboxes: their interfaces still
-// exist, so their pinned links are updated in place to the new program
-// (atomically: no window) and their policy is re-applied as a fresh
-// generation. Sandboxes whose interface is gone are cleaned up; kernel
-// state no record owns is removed, which leaves an orphan interface
-// dropping everything (unknown sandbox) rather than open.
-func (d *Daemon) reconcile() error {
-	recs, errs := d.store.load()
-	for _, err := range errs {
-		d.log.Error("unreadable sandbox state", "error", err)
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, rec := range recs {
-		link, err := netlink.LinkByIndex(rec.HostIfindex)
-		if err != nil || link.Attrs().Name != rec.HostInterface {
-			d.log.Info("sandbox interface gone, cleaning up", "sandbox", rec.key(), "interface", rec.HostInterface)
-			_ = d.dp.Detach(rec.Attachment)
-			_ = d.wall.removeSandbox(rec.DatapathID)
-			d.deleteEntryIfOwned(rec.HostIfindex, rec.DatapathID)
-			_, _ = d.dp.DeleteRules(rec.DatapathID, -1)
-			_ = d.dp.DeleteCounters(rec.DatapathID)
-			_ = d.dp.DeleteFlowRate(rec.DatapathID)
-			_ = d.store.remove(rec.ContainerID, rec.IfName)
-			continue
-		}
-		compiled, err := compilePolicy(rec.Policy, rec.PolicySource)
-		if err != nil {
-			// The stored document no longer compiles: enforce nothing-allowed.
-			d.log.Error("stored policy no longer valid; the sandbox gets an empty policy (everything drops)", "sandbox", rec.key(), "error", err)
-			empty := fmt.Sprintf("apiVersion: cleanwall.dev/v1\nkind: EgressPolicy\nmetadata: {name: %s}\nspec: {}\n", "invalid-stored-policy")
-			rec.Policy = []byte(empty)
-			if compiled, err = compilePolicy(rec.Policy, "reconcile"); err != nil {
-				return err
-			}
-		}
-		// Both slots are swept once: the inactive one must be empty before
-		// the re-apply writes into it (a crash may have left entries there).
-		_, _ = d.dp.DeleteRules(rec.DatapathID, int((rec.Generation+1)%2))
-		current, _ := d.dp.SandboxRules(rec.DatapathID, uint8(rec.Generation%2))
-		var epoch uint64
-		if cur, err := d.dp.Sandbox(rec.HostIfindex); err == nil && cur.ID == rec.DatapathID {
-			epoch = cur.Epoch // continue from it: the re-apply moves it forward
-		}
-		sb := newSandbox(rec, compiled, current, epoch, d.cfg.Limits)
-		// The second wall first: it holds whatever happens to the programs.
-		if err := d.wall.addSandbox(rec.wallSandbox()); err != nil {
-			return fmt.Errorf("re-installing the wall of %s: %w", rec.key(), err)
-		}
-		if err := isolatePort(rec, link); err != nil {
-			return err
-		}
-		if rec.Bridge != "" {
-			if err := d.ensureBridge(rec.Bridge, rec.BridgeIfindex); err != nil {
-				return err
-			}
-		}
-		att, err := d.dp.Attach(rec.Attachment, rec.Attachment.Mode == bpf.AttachLegacyTC)
-		if err != nil {
-			return fmt.Errorf("re-attaching %s: %w", rec.key(), err)
-		}
-		rec.Attachment = att
-		if err := d.writeBudgets(rec.DatapathID, *sb.limits.lim.Load()); err != nil {
-			return err
-		}
-		d.register(sb)
-		if _, err := d.apply(sb, compiled, rec.Policy, rec.PolicySource); err != nil {
-			return fmt.Errorf("re-applying the policy of %s: %w", rec.key(), err)
-		}
-		d.log.Info("sandbox re-adopted", "sandbox", rec.key(), "generation", sb.rec.Generation)
-	}
-	d.removeOrphans()
-	return nil
-}
-
-// removeOrphans deletes kernel state that no registered sandbox owns.
-func (d *Daemon) removeOrphans() {
-	owned := map[uint32]bool{}
-	ifOwner := map[int]uint32{}
-	links := map[string]bool{}
-	for _, s := range d.sandboxes {
-		owned[s.rec.DatapathID] = true
-		ifOwner[s.rec.HostIfindex] = s.rec.DatapathID
-		links[s.rec.Attachment.Name] = true
-		if s.rec.Bridge != "" {
-			links["bridge-"+s.rec.Bridge] = true
-		}
-	}
-	if entries, err := d.dp.Sandboxes(); err == nil {
-		for ifindex, e := range entries {
-			if ifOwner[ifindex] != e.ID {
-				d.log.Warn("removing orphan sandbox entry (its interface now drops everything)", "ifindex", ifindex, "datapath_id", e.ID)
-				_ = d.dp.DeleteSandbox(ifindex)
-			}
-		}
-	}
-	if names, err := d.dp.PinnedLinks(); err == nil {
-		for _, name := range names {
-			if links[name] {
-				continue
-			}
-			var ifindex int
-			if _, err := fmt.Sscanf(name[strings.LastIndex(name, "-if")+1:], "if%d", &ifindex); err == nil && strings.HasPrefix(name, "sandbox-") {
-				if _, lerr := netlink.LinkByIndex(ifindex); lerr == nil {
-					continue // keep the program on a live interface: it drops everything
-				}
-			}
-			d.log.Info("removing orphan link pin", "link", name)
-			_ = d.dp.Detach(bpf.Attachment{Name: name, Mode: bpf.AttachTCX})
-		}
-	}
-	if chains, err := d.wall.sandboxChains(); err == nil {
-		for name, id := range chains {
-			if owned[id] {
-				continue
-			}
-			// Like an orphan link: on a live interface the chain stays and
-			// drops everything unmarked; on a gone one it is removed.
-			if _, ifname, _ := chainParts(name); ifname != "" {
-				if _, lerr := netlink.LinkByName(ifname); lerr == nil {
-					continue
-				}
-			}
-			d.log.Info("removing orphan wall chain", "chain", name)
-			_ = d.wall.removeSandbox(id)
-		}
-	}
-	for _, id := range d.dp.FlowRateIDs() {
-		if !owned[id] {
-			_ = d.dp.DeleteFlowRate(id)
-		}
-	}
-	seen := map[uint32]bool{}
-	for id := range d.orphanRuleIDs(owned) {
-		if !seen[id] {
-			seen[id] = true
-			_, _ = d.dp.DeleteRules(id, -1)
-			_ = d.dp.DeleteCounters(id)
-		}
-	}
-}
-
-func (d *Daemon) orphanRuleIDs(owned map[uint32]bool) map[uint32]bool {
-	out := map[uint32]bool{}
-	counters, err := d.dp.Counters()
-	if err == nil {
-		for k := range counters {
-			if k.SandboxID != 0 && !owned[k.SandboxID] {
-				out[k.SandboxID] = true
-			}
-		}
-	}
-	for _, id := range d.dp.RuleSandboxIDs() {
-		if !owned[id] {
-			out[id] = true
-		}
-	}
-	return out
-}
-
-// GC removes every attachment not in valid (CNI GC).
-func (d *Daemon) GC(valid []api.AttachmentRef) []api.AttachmentRef {
-	keep := map[string]bool{}
-	for _, v := range valid {
-		keep[attachmentKey(v.ContainerID, v.IfName)] = true
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	var removed []api.AttachmentRef
-	for k, s := range d.sandboxes {
-		if !keep[k] {
-			if err := d.teardown(s); err != nil {
-				d.log.Warn("gc", "sandbox", k, "error", err)
-			}
-			removed = append(removed, api.AttachmentRef{ContainerID: s.rec.ContainerID, IfName: s.rec.IfName})
-		}
-	}
-	d.removeOrphans()
-	return removed
-}
-
-// view renders a sandbox for the API.
-func (d *Daemon) view(s *sandbox, counters bool) api.Sandbox {
-	s.mu.Lock()
-	rec := s.rec
-	compiled := s.compiled
-	rules := len(s.entries)
-	s.mu.Unlock()
-	v := api.Sandbox{
-		ID: rec.ContainerID, IfName: rec.IfName, Netns: rec.Netns,
-		HostInterface: rec.HostInterface, HostIfindex: rec.HostIfindex, Bridge: rec.Bridge,
-		DatapathID: rec.DatapathID, MAC: rec.MAC, IPs: rec.IPs,
-		PolicyName: rec.PolicyName, PolicyHash: compiled.Hash, Generation: rec.Generation,
-		AttachMode: string(rec.Attachment.Mode), Created: rec.Created, Rules: rules,
-	}
-	if counters {
-		v.Counters = d.countersOf(rec.DatapathID, compiled)
-	}
-	return v
-}
-
-func (d *Daemon) countersOf(id uint32, compiled *policy.Compiled) []api.Counter {
-	all, err := d.dp.Counters()
-	if err != nil {
-		return nil
-	}
-	var out []api.Counter
-	for k, v := range all {
-		if k.SandboxID != id {
-			continue
-		}
-		c := api.Counter{RuleID: k.RuleID, Verdict: k.Verdict.String(), Reason: k.Reason.String(), Packets: v.Packets, Bytes: v.Bytes, Flows: v.Flows}
-		if r := compiled.Rule(k.RuleID); r != nil {
-			c.Rule = r.Name
-		}
-		out = append(out, c)
-	}
-	sortCounters(out)
-	return out
 }

@@ -10,6 +10,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/runtime/kernel"
+	"github.com/cleanwall/cleanwall/runtime/sandbox"
 )
 
 // Purge removes what a runtime with cfg leaves behind when its process died
@@ -67,7 +69,7 @@ func (p *purger) attachments() error {
 	if p.cfg.StateDir == "" || p.cfg.PinRoot == "" {
 		return nil
 	}
-	recs, errs := store{dir: p.cfg.StateDir}.load()
+	recs, errs := sandbox.Store{Dir: p.cfg.StateDir}.Load()
 	if len(recs) == 0 {
 		return errors.Join(errs...)
 	}
@@ -84,9 +86,9 @@ func (p *purger) attachments() error {
 	for _, rec := range recs {
 		if rec.Attachment.Mode == bpf.AttachTCX || isRecorded(rec.HostIfindex, rec.HostInterface) {
 			if err := dp.Detach(rec.Attachment); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", rec.key(), err))
+				errs = append(errs, fmt.Errorf("%s: %w", rec.Key(), err))
 			} else {
-				p.did("attachment of sandbox %s (%s on %s)", rec.key(), rec.Attachment.Mode, rec.HostInterface)
+				p.did("attachment of sandbox %s (%s on %s)", rec.Key(), rec.Attachment.Mode, rec.HostInterface)
 			}
 		}
 		if rec.Bridge == "" || bridges[rec.Bridge] {
@@ -114,29 +116,29 @@ func (p *purger) routing() error {
 	if p.cfg.Table == 0 || p.cfg.RedirectMark == 0 {
 		return fmt.Errorf("table %d and redirect mark %#x: both or neither", p.cfg.Table, p.cfg.RedirectMark)
 	}
-	r := routing{mark: p.cfg.RedirectMark, mask: RedirectMask, table: p.cfg.Table, priority: p.cfg.RulePriority}
+	r := kernel.Routing{Mark: p.cfg.RedirectMark, Mask: RedirectMask, Table: p.cfg.Table, Priority: p.cfg.RulePriority}
 	var errs []error
 	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
 		fam := map[int]string{unix.AF_INET: "IPv4", unix.AF_INET6: "IPv6"}[family]
 		// Loop: a rule added twice (by hand, or a race) is two rules.
 		for range 16 {
-			err := netlink.RuleDel(r.rule(family))
+			err := netlink.RuleDel(r.Rule(family))
 			if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EAFNOSUPPORT) {
 				break
 			}
 			if err != nil {
-				errs = append(errs, fmt.Errorf("deleting %s fwmark rule of table %d: %w", fam, r.table, err))
+				errs = append(errs, fmt.Errorf("deleting %s fwmark rule of table %d: %w", fam, r.Table, err))
 				break
 			}
-			p.did("%s rule fwmark %#x/%#x lookup %d", fam, r.mark, r.mask, r.table)
+			p.did("%s rule fwmark %#x/%#x lookup %d", fam, r.Mark, r.Mask, r.Table)
 		}
-		err := netlink.RouteDel(r.route(family))
+		err := netlink.RouteDel(r.Route(family))
 		switch {
 		case err == nil:
-			p.did("%s local route of table %d", fam, r.table)
+			p.did("%s local route of table %d", fam, r.Table)
 		case errors.Is(err, unix.ESRCH), errors.Is(err, unix.ENOENT), errors.Is(err, unix.EAFNOSUPPORT):
 		default:
-			errs = append(errs, fmt.Errorf("deleting %s local route of table %d: %w", fam, r.table, err))
+			errs = append(errs, fmt.Errorf("deleting %s local route of table %d: %w", fam, r.Table, err))
 		}
 	}
 	return errors.Join(errs...)
@@ -148,15 +150,15 @@ func (p *purger) wall() error {
 	if p.cfg.Table == 0 {
 		return nil
 	}
-	w := newWall(p.cfg)
-	present, err := w.present()
+	w := kernel.NewNFTWall(p.cfg.Table, p.cfg.RedirectMark)
+	present, err := w.Present()
 	if err != nil || !present {
 		return err
 	}
-	if err := w.remove(); err != nil {
+	if err := w.Remove(); err != nil {
 		return err
 	}
-	p.did("nftables tables %s", w.name)
+	p.did("nftables tables %s", w.Name())
 	return nil
 }
 

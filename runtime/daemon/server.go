@@ -13,7 +13,9 @@ import (
 	"time"
 
 	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/runtime/api"
+	"github.com/cleanwall/cleanwall/runtime/sandbox"
 )
 
 // maxRequestBytes bounds API request bodies (a 100k-rule policy is a few MB).
@@ -42,7 +44,6 @@ func (d *Daemon) serveAPI() error {
 		l.Close()
 		return err
 	}
-	d.sock = l
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+api.PathStatus, d.handleStatus)
 	mux.HandleFunc("GET "+api.PathSandboxes, d.handleList)
@@ -53,7 +54,7 @@ func (d *Daemon) serveAPI() error {
 	mux.HandleFunc("GET "+api.PathPolicy, d.handlePolicyShow)
 	mux.HandleFunc("PUT "+api.PathPolicy, d.handleApply)
 	mux.HandleFunc("POST "+api.PathGC, d.handleGC)
-	mux.HandleFunc("GET "+api.PathAttest, d.handleAttest)
+	mux.HandleFunc("GET "+api.PathAttest, func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, d.keys.Status()) })
 	mux.HandleFunc("GET "+api.PathEvents, d.handleEvents)
 	d.server = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	d.goBackground(func() {
@@ -72,7 +73,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 func writeError(w http.ResponseWriter, err error) {
 	var ae *api.Error
-	var nf *api404
+	var nf *notFound
 	switch {
 	case errors.As(err, &ae):
 		writeJSON(w, http.StatusBadRequest, ae)
@@ -100,10 +101,10 @@ func decode(r *http.Request, v any) error {
 }
 
 func (d *Daemon) handleStatus(w http.ResponseWriter, _ *http.Request) {
-	d.mu.RLock()
-	st := api.Status{Ready: d.ready, Version: d.cfg.Version, PinRoot: d.cfg.PinRoot,
-		Sandboxes: len(d.sandboxes), Started: d.started, Ports: d.ports()}
-	d.mu.RUnlock()
+	d.sandboxes.RLock()
+	st := api.Status{Ready: d.ready.Load(), Version: d.cfg.Version, PinRoot: d.cfg.PinRoot,
+		Sandboxes: d.sandboxes.Len(), Started: d.started, Ports: d.ports()}
+	d.sandboxes.RUnlock()
 	if !st.Ready {
 		st.Reason = "starting"
 		writeJSON(w, http.StatusServiceUnavailable, st)
@@ -120,12 +121,12 @@ func (d *Daemon) handleAdd(w http.ResponseWriter, r *http.Request) {
 	}
 	sb, err := d.Add(r.Context(), req)
 	if err != nil {
-		d.log.Warn("sandbox add refused", "sandbox", attachmentKey(req.ContainerID, req.IfName), "error", err)
-		d.audit.record(auditSandboxRefuse, map[string]any{"sandbox": attachmentKey(req.ContainerID, req.IfName), "error": err.Error()})
+		d.log.Warn("sandbox add refused", "sandbox", sandbox.AttachmentKey(req.ContainerID, req.IfName), "error", err)
+		d.audit.record(auditSandboxRefuse, map[string]any{"sandbox": sandbox.AttachmentKey(req.ContainerID, req.IfName), "error": err.Error()})
 		writeError(w, err)
 		return
 	}
-	d.audit.record(auditSandboxAdd, map[string]any{"sandbox": attachmentKey(sb.ID, sb.IfName), "policy": sb.PolicyName,
+	d.audit.record(auditSandboxAdd, map[string]any{"sandbox": sandbox.AttachmentKey(sb.ID, sb.IfName), "policy": sb.PolicyName,
 		"policyHash": sb.PolicyHash, "rules": sb.Rules, "netns": sb.Netns, "interface": sb.HostInterface})
 	writeJSON(w, http.StatusCreated, sb)
 }
@@ -152,12 +153,7 @@ func (d *Daemon) handleCheck(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) handleList(w http.ResponseWriter, _ *http.Request) {
-	d.mu.RLock()
-	list := make([]*sandbox, 0, len(d.sandboxes))
-	for _, s := range d.sandboxes {
-		list = append(list, s)
-	}
-	d.mu.RUnlock()
+	list := d.sandboxes.Snapshot()
 	out := make([]api.Sandbox, 0, len(list))
 	for _, s := range list {
 		out = append(out, d.view(s, true))
@@ -167,10 +163,10 @@ func (d *Daemon) handleList(w http.ResponseWriter, _ *http.Request) {
 }
 
 // one returns the (first) attachment a request names, or answers 404.
-func (d *Daemon) one(w http.ResponseWriter, r *http.Request) *sandbox {
-	d.mu.RLock()
-	list := d.find(r.PathValue("id"), r.URL.Query().Get("ifName"))
-	d.mu.RUnlock()
+func (d *Daemon) one(w http.ResponseWriter, r *http.Request) *sandbox.Sandbox {
+	d.sandboxes.RLock()
+	list := d.sandboxes.Find(r.PathValue("id"), r.URL.Query().Get("ifName"))
+	d.sandboxes.RUnlock()
 	if len(list) == 0 {
 		writeJSON(w, http.StatusNotFound, &api.Error{Message: "no sandbox " + r.PathValue("id")})
 		return nil
@@ -197,15 +193,15 @@ func (d *Daemon) handleApply(w http.ResponseWriter, r *http.Request) {
 	id, ifName := r.PathValue("id"), r.URL.Query().Get("ifName")
 	closed, compiled, err := d.Apply(id, ifName, req.Policy, req.PolicySource)
 	if err != nil {
-		d.audit.record(auditPolicyRefuse, map[string]any{"sandbox": attachmentKey(id, ifName), "source": req.PolicySource, "error": err.Error()})
+		d.audit.record(auditPolicyRefuse, map[string]any{"sandbox": sandbox.AttachmentKey(id, ifName), "source": req.PolicySource, "error": err.Error()})
 		writeError(w, err)
 		return
 	}
-	d.audit.record(auditPolicyApply, map[string]any{"sandbox": attachmentKey(id, ifName), "policy": compiled.Name,
+	d.audit.record(auditPolicyApply, map[string]any{"sandbox": sandbox.AttachmentKey(id, ifName), "policy": compiled.Name,
 		"policyHash": compiled.Hash, "source": req.PolicySource, "closedFlows": closed})
-	d.mu.RLock()
-	list := d.find(id, ifName)
-	d.mu.RUnlock()
+	d.sandboxes.RLock()
+	list := d.sandboxes.Find(id, ifName)
+	d.sandboxes.RUnlock()
 	res := api.ApplyResult{ClosedFlows: closed}
 	if len(list) > 0 {
 		res.Sandbox = d.view(list[0], false)
@@ -223,9 +219,9 @@ func (d *Daemon) handlePolicyShow(w http.ResponseWriter, r *http.Request) {
 	if s == nil {
 		return
 	}
-	s.mu.Lock()
-	rec, compiled := s.rec, s.compiled
-	s.mu.Unlock()
+	s.Lock()
+	rec, compiled := s.Rec, s.Compiled
+	s.Unlock()
 	entry, err := d.dp.Sandbox(rec.HostIfindex)
 	if err != nil {
 		writeError(w, err)
@@ -241,8 +237,8 @@ func (d *Daemon) handlePolicyShow(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	view := api.PolicyView{Sandbox: rec.key(), PolicyName: rec.PolicyName, Generation: rec.Generation, Slot: slot}
-	now := monotonicNow()
+	view := api.PolicyView{Sandbox: s.Name, PolicyName: rec.PolicyName, Generation: rec.Generation, Slot: slot}
+	now := sandbox.MonotonicNow()
 	for _, e := range kernel {
 		kr := api.KernelRule{Prefix: e.Prefix, Protocol: protoName(e.Proto), Port: e.Port, RuleID: e.RuleID, Mode: modeName(e.Mode)}
 		if rule := compiled.Rule(e.RuleID); rule != nil {
@@ -314,4 +310,44 @@ func sortCounters(c []api.Counter) {
 		}
 		return c[i].Reason < c[j].Reason
 	})
+}
+
+// view renders a sandbox for the API.
+func (d *Daemon) view(s *sandbox.Sandbox, counters bool) api.Sandbox {
+	s.Lock()
+	rec := s.Rec
+	compiled := s.Compiled
+	rules := len(s.Entries)
+	s.Unlock()
+	v := api.Sandbox{
+		ID: rec.ContainerID, IfName: rec.IfName, Netns: rec.Netns,
+		HostInterface: rec.HostInterface, HostIfindex: rec.HostIfindex, Bridge: rec.Bridge,
+		DatapathID: rec.DatapathID, MAC: rec.MAC, IPs: rec.IPs,
+		PolicyName: rec.PolicyName, PolicyHash: compiled.Hash, Generation: rec.Generation,
+		AttachMode: string(rec.Attachment.Mode), Created: rec.Created, Rules: rules,
+	}
+	if counters {
+		v.Counters = d.countersOf(rec.DatapathID, compiled)
+	}
+	return v
+}
+
+func (d *Daemon) countersOf(id uint32, compiled *policy.Compiled) []api.Counter {
+	all, err := d.dp.Counters()
+	if err != nil {
+		return nil
+	}
+	var out []api.Counter
+	for k, v := range all {
+		if k.SandboxID != id {
+			continue
+		}
+		c := api.Counter{RuleID: k.RuleID, Verdict: k.Verdict.String(), Reason: k.Reason.String(), Packets: v.Packets, Bytes: v.Bytes, Flows: v.Flows}
+		if r := compiled.Rule(k.RuleID); r != nil {
+			c.Rule = r.Name
+		}
+		out = append(out, c)
+	}
+	sortCounters(out)
+	return out
 }

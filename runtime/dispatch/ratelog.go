@@ -1,4 +1,4 @@
-package daemon
+package dispatch
 
 import (
 	"context"
@@ -9,11 +9,11 @@ import (
 	"time"
 )
 
-// logLimiter lets through a burst of lines per key and then one per
+// LogLimiter lets through a burst of lines per key and then one per
 // interval; what it holds back is counted and reported with the next line
 // of that key. A sandbox can make refusals as fast as it opens flows: the
 // metrics count every one, the log must not grow with them.
-type logLimiter struct {
+type LogLimiter struct {
 	mu    sync.Mutex
 	burst int
 	every time.Duration
@@ -26,8 +26,10 @@ type logBucket struct {
 	suppressed int
 }
 
-func newLogLimiter(burst int, every time.Duration) *logLimiter {
-	return &logLimiter{burst: burst, every: every, keys: map[string]*logBucket{}}
+// NewLogLimiter lets burst lines of a key through at once, then one per
+// every.
+func NewLogLimiter(burst int, every time.Duration) *LogLimiter {
+	return &LogLimiter{burst: burst, every: every, keys: map[string]*logBucket{}}
 }
 
 // maxLogKeys bounds the limiter's memory: keys are reasons and event
@@ -35,8 +37,12 @@ func newLogLimiter(burst int, every time.Duration) *logLimiter {
 const maxLogKeys = 1024
 
 // allow reports whether a line of key may be logged now, and how many
-// lines of that key were held back since the last one let through.
-func (l *logLimiter) allow(key string) (bool, int) {
+// lines of that key were held back since the last one let through. A nil
+// limiter lets everything through.
+func (l *LogLimiter) allow(key string) (bool, int) {
+	if l == nil {
+		return true, 0
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := time.Now()
@@ -60,9 +66,9 @@ func (l *logLimiter) allow(key string) (bool, int) {
 	return true, n
 }
 
-// logf logs through the limiter: level, message and key-values as slog's,
+// Log logs through the limiter: level, message and key-values as slog's,
 // with "suppressed" added when lines were held back.
-func (l *logLimiter) log(log *slog.Logger, level slog.Level, key, msg string, args ...any) {
+func (l *LogLimiter) Log(log *slog.Logger, level slog.Level, key, msg string, args ...any) {
 	ok, suppressed := l.allow(key)
 	if !ok {
 		return
@@ -89,9 +95,10 @@ func (b *acceptBackoff) failed() time.Duration {
 
 func (b *acceptBackoff) ok() { b.d = 0 }
 
-// acceptLoop accepts connections from l and hands each to handle, backing
-// off on errors (logged through the limiter) until l is closed.
-func (d *Daemon) acceptLoop(l *net.TCPListener, what string, handle func(*net.TCPConn)) {
+// AcceptLoop accepts connections from l and hands each to handle, backing
+// off on errors (logged through the limiter) until l is closed or ctx is
+// done.
+func AcceptLoop(ctx context.Context, l *net.TCPListener, what string, log *slog.Logger, logs *LogLimiter, handle func(*net.TCPConn)) {
 	var backoff acceptBackoff
 	for {
 		c, err := l.AcceptTCP()
@@ -100,9 +107,9 @@ func (d *Daemon) acceptLoop(l *net.TCPListener, what string, handle func(*net.TC
 				return
 			}
 			wait := backoff.failed()
-			d.logs.log(d.log, slog.LevelWarn, "accept:"+what, "accept failed", "listener", what, "error", err, "retry_in", wait)
+			logs.Log(log, slog.LevelWarn, "accept:"+what, "accept failed", "listener", what, "error", err, "retry_in", wait)
 			select {
-			case <-d.ctx.Done():
+			case <-ctx.Done():
 				return
 			case <-time.After(wait):
 			}
