@@ -41,6 +41,7 @@ type Daemon struct {
 	log *slog.Logger
 
 	dp        *bpf.Datapath
+	kernel    enforce.Datapath // dp, as the API reads it (a fake in tests)
 	route     kernel.Routing
 	wall      *kernel.NFTWall // the second, BPF-independent wall
 	sandboxes *sandbox.Registry
@@ -154,17 +155,8 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 			return err
 		}
 	}
-	if err := d.buildProxies(); err != nil {
+	if err := d.wire(d.dp, kernel.NetlinkLinks{}, d.wall); err != nil {
 		return err
-	}
-	d.learner = &fqdn.Learner{DP: d.dp, Log: d.log}
-	d.enforcer = &enforce.Enforcer{DP: d.dp, Links: kernel.NetlinkLinks{}, Wall: d.wall, Store: sandbox.Store{Dir: d.cfg.StateDir},
-		Sandboxes: d.sandboxes, Learner: d.learner, AttachMode: d.cfg.AttachMode,
-		DNSRate: d.dnsRate(), EventRate: d.cfg.DenyEventsPerSecond, Log: d.log}
-	d.dispatch = &dispatch.Dispatcher{Sandboxes: d.sandboxes, DP: d.dp, Proxies: d.proxies, Metrics: d.metrics, Node: d.node,
-		Events: flowEvents{d}, Log: d.log, Logs: d.logs, Ctx: d.ctx}
-	if d.keys != nil {
-		d.dispatch.Keys = d.keys.For
 	}
 	if err := d.dp.SetConfig(bpf.Config{RedirectMark: d.cfg.RedirectMark, SocketMark: d.cfg.SocketMark, Ports: d.ports()}); err != nil {
 		return err
@@ -193,6 +185,31 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		"keyBroker": d.cfg.KeyBroker != nil, "proxies": d.proxies.Keys()})
 	d.log.Info("cleanwalld ready", "socket", d.cfg.Socket, "pin_root", d.cfg.PinRoot,
 		"tcp_port", d.tcp.Port, "udp_port", d.udp.Port, "sandboxes", n, "proxies", d.proxies.Keys())
+	return nil
+}
+
+// kernelDatapath is all the daemon's parts ask of the datapath.
+type kernelDatapath interface {
+	enforce.Datapath
+	dispatch.Datapath
+}
+
+// wire builds the proxy registry and the parts that act on the kernel
+// through dp, links and wall (the real ones, or runtime/fake's in tests).
+func (d *Daemon) wire(dp kernelDatapath, links enforce.Links, wall enforce.Wall) error {
+	d.kernel = dp
+	if err := d.buildProxies(); err != nil {
+		return err
+	}
+	d.learner = &fqdn.Learner{DP: dp, Log: d.log}
+	d.enforcer = &enforce.Enforcer{DP: dp, Links: links, Wall: wall, Store: sandbox.Store{Dir: d.cfg.StateDir},
+		Sandboxes: d.sandboxes, Learner: d.learner, AttachMode: d.cfg.AttachMode,
+		DNSRate: d.dnsRate(), EventRate: d.cfg.DenyEventsPerSecond, Log: d.log}
+	d.dispatch = &dispatch.Dispatcher{Sandboxes: d.sandboxes, DP: dp, Proxies: d.proxies, Metrics: d.metrics, Node: d.node,
+		Events: flowEvents{d}, Log: d.log, Logs: d.logs, Ctx: d.ctx}
+	if d.keys != nil {
+		d.dispatch.Keys = d.keys.For
+	}
 	return nil
 }
 

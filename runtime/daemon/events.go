@@ -122,10 +122,10 @@ func (d *Daemon) dnsDenied(sandbox string, ev dnsproxy.DenyEvent) {
 type datapathSource struct{ d *Daemon }
 
 func (s datapathSource) Counters() (map[bpf.CounterKey]bpf.CounterValue, error) {
-	if s.d.dp == nil {
+	if s.d.kernel == nil {
 		return nil, errors.New("no datapath")
 	}
-	return s.d.dp.Counters()
+	return s.d.kernel.Counters()
 }
 
 func (s datapathSource) RuleCapacity() int {

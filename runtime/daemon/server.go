@@ -222,7 +222,7 @@ func (d *Daemon) handlePolicyShow(w http.ResponseWriter, r *http.Request) {
 	s.Lock()
 	rec, compiled := s.Rec, s.Compiled
 	s.Unlock()
-	entry, err := d.dp.Sandbox(rec.HostIfindex)
+	entry, err := d.kernel.Sandbox(rec.HostIfindex)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -232,7 +232,7 @@ func (d *Daemon) handlePolicyShow(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	slot := uint8(entry.Generation)
-	kernel, err := d.dp.SandboxRules(rec.DatapathID, slot)
+	kernel, err := d.kernel.SandboxRules(rec.DatapathID, slot)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -333,7 +333,7 @@ func (d *Daemon) view(s *sandbox.Sandbox, counters bool) api.Sandbox {
 }
 
 func (d *Daemon) countersOf(id uint32, compiled *policy.Compiled) []api.Counter {
-	all, err := d.dp.Counters()
+	all, err := d.kernel.Counters()
 	if err != nil {
 		return nil
 	}

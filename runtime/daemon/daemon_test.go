@@ -1,0 +1,303 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cleanwall/cleanwall/governance/audit"
+	"github.com/cleanwall/cleanwall/internal/testutil"
+	"github.com/cleanwall/cleanwall/proxies"
+	"github.com/cleanwall/cleanwall/runtime/api"
+	"github.com/cleanwall/cleanwall/runtime/fake"
+)
+
+// The daemon's API over its unix socket, without root: the datapath,
+// links and nftables wall are runtime/fake's, everything else is real
+// (the proxy registry, the enforcer, the dispatcher, the audit log).
+
+type testDaemon struct {
+	*Daemon
+	dp     *fake.Datapath
+	links  *fake.Links
+	wall   *fake.Wall
+	client *api.Client
+}
+
+func startTest(t *testing.T, cfg Config) *testDaemon {
+	t.Helper()
+	dir := t.TempDir()
+	cfg.Socket = filepath.Join(dir, "cleanwalld.sock")
+	cfg.StateDir = filepath.Join(dir, "state")
+	cfg.PinRoot = filepath.Join(dir, "bpf")
+	cfg.PolicyDir = filepath.Join(dir, "policies")
+	cfg.Logger = testutil.Logger(t)
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.audit = &auditor{log: d.log}
+	if d.audit.chain, err = audit.Open(d.cfg.AuditLog, audit.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	td := &testDaemon{Daemon: d, dp: fake.NewDatapath(), links: fake.NewLinks(), wall: fake.NewWall()}
+	if err := d.wire(td.dp, td.links, td.wall); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.serveAPI(); err != nil {
+		t.Fatal(err)
+	}
+	d.ready.Store(true)
+	t.Cleanup(func() { d.Close() })
+	td.client = api.NewClient(cfg.Socket)
+	return td
+}
+
+func ctx() context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	_ = cancel // bounded by the test
+	return c
+}
+
+const openPolicy = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: results}
+spec:
+  egress:
+    - name: results
+      to: [{cidr: 198.51.100.10/32}]
+      ports: [{port: 8080}, {port: 8125, protocol: UDP}]
+      mode: open
+    - name: api
+      to: [{cidr: 198.51.100.20/32}]
+      ports: [{port: 80}]
+      mode: open
+      open: {protocol: http, http: {rules: [{methods: [GET], paths: [/]}]}}
+`
+
+func (td *testDaemon) request(name string, n int, doc string) api.AddRequest {
+	host := td.links.Add("veth-"+name, "veth", 0)
+	return api.AddRequest{ContainerID: "c-" + name, IfName: "eth0", Netns: "/run/netns/" + name, HostInterface: host.Name,
+		MAC: fmt.Sprintf("02:aa:00:00:00:%02x", n), Policy: []byte(doc), PolicySource: "test",
+		IPs: []api.IPConfig{{Address: netip.MustParsePrefix(fmt.Sprintf("10.1.0.%d/24", n)), Gateway: netip.MustParseAddr("10.1.0.1")}}}
+}
+
+func TestAPILifecycle(t *testing.T) {
+	td := startTest(t, Config{})
+	st, err := td.client.Status(ctx())
+	if err != nil || !st.Ready || st.Sandboxes != 0 {
+		t.Fatalf("status %+v, %v", st, err)
+	}
+	sb, err := td.client.Add(ctx(), td.request("a", 2, openPolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sb.ID != "c-a" || sb.PolicyName != "results" || sb.Rules == 0 || sb.PolicyHash == "" {
+		t.Fatalf("added %+v", sb)
+	}
+	if err := td.client.Check(ctx(), "c-a", "eth0"); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+	list, err := td.client.List(ctx())
+	if err != nil || len(list) != 1 || list[0].ID != "c-a" {
+		t.Fatalf("list %+v, %v", list, err)
+	}
+	view, err := td.client.Policy(ctx(), "c-a", "")
+	if err != nil || view.Generation != 0 || len(view.Rules) != 3 || view.Rules[0].Rule != "results" {
+		t.Fatalf("policy view %+v, %v", view, err)
+	}
+	// A new generation: the flip is read back from the (fake) kernel.
+	applied := strings.Replace(openPolicy, "198.51.100.10/32", "198.51.100.11/32", 1)
+	res, err := td.client.ApplyPolicy(ctx(), "c-a", "", api.ApplyRequest{Policy: []byte(applied), PolicySource: "test"})
+	if err != nil || res.Sandbox.Generation != 1 {
+		t.Fatalf("apply %+v, %v", res, err)
+	}
+	view, err = td.client.Policy(ctx(), "c-a", "")
+	if err != nil || view.Generation != 1 || view.Slot != 1 || view.Rules[0].Prefix != netip.MustParsePrefix("198.51.100.11/32") {
+		t.Fatalf("after apply: %+v, %v", view, err)
+	}
+	if err := td.client.Check(ctx(), "c-a", "eth0"); err != nil {
+		t.Fatalf("check after apply: %v", err)
+	}
+	// Unknown sandboxes: 404 for apply, nothing for DEL (idempotent).
+	if _, err := td.client.ApplyPolicy(ctx(), "c-none", "", api.ApplyRequest{Policy: []byte(applied)}); err == nil || !strings.Contains(err.Error(), "no sandbox") {
+		t.Fatalf("apply to an unknown sandbox: %v", err)
+	}
+	if err := td.client.Delete(ctx(), "c-none", "eth0"); err != nil {
+		t.Fatalf("DEL of an unknown sandbox: %v", err)
+	}
+	// GC keeps what is valid and removes the rest.
+	if _, err := td.client.Add(ctx(), td.request("b", 3, openPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	gc, err := td.client.GC(ctx(), api.GCRequest{Valid: []api.AttachmentRef{{ContainerID: "c-a", IfName: "eth0"}}})
+	if err != nil || len(gc.Removed) != 1 || gc.Removed[0].ContainerID != "c-b" {
+		t.Fatalf("gc %+v, %v", gc, err)
+	}
+	if err := td.client.Delete(ctx(), "c-a", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := td.client.Status(ctx()); st.Sandboxes != 0 {
+		t.Fatalf("%d sandboxes left", st.Sandboxes)
+	}
+	if n := td.wall.Chains(); n != 0 {
+		t.Fatalf("%d wall chains left", n)
+	}
+	if ids := td.dp.RuleSandboxIDs(); len(ids) != 0 {
+		t.Fatalf("rules left for %v", ids)
+	}
+	// Every change was audited, in a chain that verifies.
+	td.audit.close()
+	td.audit.chain = nil
+	data, err := os.ReadFile(td.cfg.AuditLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := audit.Verify(bytes.NewReader(data)); err != nil {
+		t.Fatalf("the audit chain does not verify: %v", err)
+	}
+	for _, kind := range []string{auditSandboxAdd, auditPolicyApply, auditPolicyRefuse, auditSandboxDelete} {
+		if !strings.Contains(string(data), `"`+kind+`"`) {
+			t.Fatalf("no %s record in the audit log:\n%s", kind, data)
+		}
+	}
+}
+
+// A rule whose privacy proxy is not registered is refused when the policy
+// is admitted (ADD or apply), naming the rule, never at flow time; nothing
+// of the sandbox is installed.
+func TestRuleWithoutProxyRefusedAtAdmission(t *testing.T) {
+	td := startTest(t, Config{})
+	cases := map[string]string{
+		"extension not configured": `
+    - name: logged
+      to: [{cidr: 198.51.100.30/32}]
+      ports: [{port: 80}]
+      mode: open
+      open: {protocol: requestlog}
+`,
+		"trusted without a proxy for it": `
+    - name: sealed
+      to: [{cidr: 198.51.100.40/32}]
+      ports: [{port: 9000}]
+      mode: trusted
+      trusted: {hpke: {publicKeyFile: /nonexistent}}
+`,
+	}
+	n := 10
+	for name, rule := range cases {
+		t.Run(name, func(t *testing.T) {
+			n++
+			doc := openPolicy + rule
+			_, err := td.client.Add(ctx(), td.request(fmt.Sprintf("x%d", n), n, doc))
+			var ae *api.Error
+			if !errors.As(err, &ae) || ae.Field != "policy" || !strings.Contains(ae.Message, "spec.egress[2]") || !strings.Contains(ae.Message, "no privacy proxy") {
+				t.Fatalf("ADD: %v", err)
+			}
+			if n := td.wall.Chains(); n != 0 {
+				t.Fatalf("a refused sandbox left %d wall chains", n)
+			}
+		})
+	}
+	// The same for an apply: the running policy stays.
+	if _, err := td.client.Add(ctx(), td.request("ok", 30, openPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := td.client.ApplyPolicy(ctx(), "c-ok", "", api.ApplyRequest{Policy: []byte(openPolicy + cases["extension not configured"])})
+	if err == nil || !strings.Contains(err.Error(), "no privacy proxy for mode open, protocol requestlog") {
+		t.Fatalf("apply: %v", err)
+	}
+	if sb, _ := td.client.Get(ctx(), "c-ok", ""); sb.Generation != 0 {
+		t.Fatalf("a refused apply flipped the sandbox to generation %d", sb.Generation)
+	}
+}
+
+// An extension configured on the daemon serves open.protocol NAME: the
+// policy is admitted (the extension need not be running yet).
+func TestExtensionProtocolAdmitted(t *testing.T) {
+	td := startTest(t, Config{Extensions: []string{"requestlog=unix:" + filepath.Join(t.TempDir(), "ext.sock")}})
+	doc := openPolicy + `
+    - name: logged
+      to: [{cidr: 198.51.100.30/32}]
+      ports: [{port: 80}]
+      mode: open
+      open: {protocol: requestlog}
+`
+	if _, err := td.client.Add(ctx(), td.request("e", 4, doc)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(Config{Extensions: []string{"tcp=unix:/x"}, StateDir: t.TempDir()}); err == nil {
+		t.Fatal("an extension named like a built-in protocol was accepted")
+	}
+	if _, err := New(Config{Extensions: []string{"a=unix:/x", "a=unix:/y"}, StateDir: t.TempDir()}); err == nil {
+		t.Fatal("an extension given twice was accepted")
+	}
+}
+
+// Without a key broker, a policy with secure rules is refused at ADD with
+// the flag to set.
+func TestSecureWithoutKeyBroker(t *testing.T) {
+	td := startTest(t, Config{})
+	if _, ok := td.proxies.Stream(proxiesKey("secure", "http")); !ok {
+		t.Skip("no secure-mode proxy registered in this build")
+	}
+	doc := openPolicy + `
+    - name: blob
+      to: [{cidr: 198.51.100.50/32}]
+      ports: [{port: 80}]
+      mode: secure
+      secure: {keyID: k1, protocol: http}
+`
+	_, err := td.client.Add(ctx(), td.request("s", 5, doc))
+	if err == nil || !strings.Contains(err.Error(), "--keybroker") {
+		t.Fatalf("ADD: %v", err)
+	}
+}
+
+// Sandboxes survive a restart: a new daemon over the same state re-adopts
+// them from their records.
+func TestReconcileAfterRestart(t *testing.T) {
+	td := startTest(t, Config{})
+	if _, err := td.client.Add(ctx(), td.request("r", 6, openPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	td.Close()
+	cfg := td.cfg
+	cfg.Logger = testutil.Logger(t)
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.audit = &auditor{log: d.log}
+	defer d.Close()
+	if err := d.wire(td.dp, td.links, td.wall); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	s := d.sandboxes.Lookup("c-r/eth0")
+	if s == nil {
+		t.Fatal("the sandbox was not re-adopted")
+	}
+	if gen := s.Record().Generation; gen != 1 {
+		t.Fatalf("re-adopted at generation %d, want 1 (re-applied)", gen)
+	}
+	if err := d.enforcer.Check(s); err != nil {
+		t.Fatalf("check after reconcile: %v", err)
+	}
+}
+
+func proxiesKey(mode, protocol string) proxies.Key { return proxies.Key{Mode: mode, Protocol: protocol} }
