@@ -300,4 +300,6 @@ func TestReconcileAfterRestart(t *testing.T) {
 	}
 }
 
-func proxiesKey(mode, protocol string) proxies.Key { return proxies.Key{Mode: mode, Protocol: protocol} }
+func proxiesKey(mode, protocol string) proxies.Key {
+	return proxies.Key{Mode: mode, Protocol: protocol}
+}
