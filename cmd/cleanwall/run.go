@@ -27,6 +27,7 @@ import (
 	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/runtime/cnichain"
 	"github.com/cleanwall/cleanwall/runtime/daemon"
+	"github.com/cleanwall/cleanwall/runtime/keys"
 )
 
 // runDir holds what `cleanwall run` makes: per-run sockets and state, the
@@ -51,6 +52,9 @@ type runOptions struct {
 	attach      string
 	verbose     bool
 	command     []string
+	// The embedded runtime's key broker and extensions (cleanwalld's flags).
+	keyBroker, brokerCA, attestation string
+	extensions                       []string
 }
 
 // usageError is a one-line "what is wrong and how to fix it".
@@ -73,6 +77,13 @@ func parseRunFlags(args []string) (*runOptions, error) {
 	subnet6 := fs.String("subnet6", defaultSubnet6.String(), "IPv6 range of sandbox addresses (\"\" for none)")
 	fs.StringVar(&o.attach, "attach", "auto", "datapath attachment: auto, tcx or tc")
 	fs.BoolVar(&o.verbose, "v", false, "log the embedded runtime's decisions to stderr")
+	fs.StringVar(&o.keyBroker, "keybroker", "", "key broker URL for the embedded runtime (as cleanwalld's): releases the data keys of secure-mode rules to this node's attestation")
+	fs.StringVar(&o.brokerCA, "broker-ca", "", "PEM file of the CA(s) the key broker's TLS certificate chains to (default: system roots)")
+	fs.StringVar(&o.attestation, "attestation", "snp", "evidence for the key broker: snp (SEV-SNP guest device) or simulated (labelled fake: tests and demos only)")
+	fs.Func("extension", "an out-of-process privacy proxy for the embedded runtime, NAME=unix:/path (repeatable; docs/extensions.md)", func(v string) error {
+		o.extensions = append(o.extensions, v)
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return nil, fail("%v (usage: cleanwall run --policy FILE [--name NAME] -- COMMAND [ARGS...])", err)
 	}
@@ -360,8 +371,14 @@ func (o *runOptions) runtime(ctx context.Context, td *teardown, rec *runRecord, 
 		SocketMark:   daemon.DefaultSocketMark | uint32(slot),
 		Table:        daemon.DefaultTable + slot,
 		AttachMode:   o.attach,
+		Extensions:   o.extensions,
 		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 		Version:      version,
+	}
+	if o.keyBroker != "" {
+		if cfg.KeyBroker, err = keys.BrokerFromFlags(o.keyBroker, o.brokerCA, o.attestation); err != nil {
+			return nil, nil, fail("%v", err)
+		}
 	}
 	d, err := daemon.New(cfg)
 	if err != nil {

@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -19,12 +18,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/cleanwall/cleanwall/attest"
-	"github.com/cleanwall/cleanwall/attest/simulated"
-	"github.com/cleanwall/cleanwall/attest/snp/guest"
-
 	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/runtime/daemon"
+	"github.com/cleanwall/cleanwall/runtime/keys"
 )
 
 var version = "dev"
@@ -90,7 +86,7 @@ func run(args []string) error {
 	cfg.Version = version
 
 	if *keyBroker != "" {
-		kb, err := keyBrokerConfig(*keyBroker, *brokerCA, *attestation)
+		kb, err := keys.BrokerFromFlags(*keyBroker, *brokerCA, *attestation)
 		if err != nil {
 			return err
 		}
@@ -136,37 +132,4 @@ func run(args []string) error {
 	<-ctx.Done()
 	cfg.Logger.Info("shutting down: sandboxes stay enforced (pinned), new flows drop until restart")
 	return d.Close()
-}
-
-// keyBrokerConfig builds the attester and the broker's trust roots.
-func keyBrokerConfig(url, caFile, attestation string) (*daemon.KeyBrokerConfig, error) {
-	var roots *x509.CertPool
-	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("--broker-ca: %w", err)
-		}
-		roots = x509.NewCertPool()
-		if !roots.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--broker-ca %s: no PEM certificate in it", caFile)
-		}
-	}
-	var a attest.Attester
-	switch attestation {
-	case "snp":
-		g, err := guest.New()
-		if err != nil {
-			return nil, fmt.Errorf("--attestation snp: %w (on a machine without SEV-SNP, only --attestation simulated works, and only with a broker that allows simulated evidence)", err)
-		}
-		a = g
-	case "simulated":
-		s, err := simulated.New(simulated.DefaultConfig())
-		if err != nil {
-			return nil, err
-		}
-		a = s
-	default:
-		return nil, fmt.Errorf("--attestation %q: want snp or simulated", attestation)
-	}
-	return &daemon.KeyBrokerConfig{URL: url, Roots: roots, Attester: a}, nil
 }
