@@ -57,7 +57,11 @@ func (l *Learner) Learn(s *sandbox.Sandbox, name string, addrs []netip.Addr, ttl
 	slot := uint8(s.Rec.Generation % 2)
 	changed := false
 	for _, a := range addrs {
-		entries := sandbox.LearntEntries(s.Slots[slot], s.Static, name, a, expires)
+		// A shorter TTL does not cut short an address already learnt for
+		// longer: the sandbox may still use the earlier answer.
+		k := sandbox.LearnKey{Name: name, Addr: a}
+		exp := max(expires, s.Learned[k])
+		entries := sandbox.LearntEntries(s.Slots[slot], s.Static, name, a, exp)
 		if len(entries) == 0 {
 			continue
 		}
@@ -66,10 +70,7 @@ func (l *Learner) Learn(s *sandbox.Sandbox, name string, addrs []netip.Addr, ttl
 			continue
 		}
 		changed = true
-		k := sandbox.LearnKey{Name: name, Addr: a}
-		if exp, ok := s.Learned[k]; !ok || exp < expires {
-			s.Learned[k] = expires
-		}
+		s.Learned[k] = exp
 	}
 	// Cached verdicts ("no rule" for this address, or a broader rule's)
 	// are stale now.
@@ -96,11 +97,13 @@ func (l *Learner) BumpEpoch(s *sandbox.Sandbox) error {
 // Relearn writes s's unexpired learnt addresses into slot under that
 // slot's policy and static hosts (at a generation flip, before it). Call
 // with s locked, s.Slots[slot] and s.Static already the new generation's.
+// Expired ones stay in s.Learned for Sweep to forget: the flip removes
+// their entries from the old generation through it, and an expired host
+// entry left there would shadow a wider cidr once that slot is active.
 func (l *Learner) Relearn(s *sandbox.Sandbox, slot uint8) {
 	now := l.now()
 	for k, exp := range s.Learned {
 		if exp <= now {
-			delete(s.Learned, k)
 			continue
 		}
 		if entries := sandbox.LearntEntries(s.Slots[slot], s.Static, k.Name, k.Addr, exp); len(entries) > 0 {

@@ -225,7 +225,12 @@ func (k *Ring) release(ctx context.Context, hk heldKey) (proxies.DataKey, error)
 		if old.current.Version != dk.Version {
 			h.older = append([]version{{old.current, old.notAfter}}, old.older...)
 		} else {
-			clear(old.current.Key)
+			// The same version again (its bytes never change at the broker):
+			// keep the bytes flows were handed, since wiping them would zero
+			// a key a flow may be about to seal with, and wipe the new copy.
+			clear(dk.Key)
+			dk.Key = old.current.Key
+			h.current = dk
 			h.older = old.older
 		}
 		for len(h.older) > maxOlderVersions {
