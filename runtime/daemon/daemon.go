@@ -267,7 +267,7 @@ func (d *Daemon) buildProxies() error {
 		if err != nil {
 			return err
 		}
-		x := &extension.Proxy{Name: name, Path: path, Logger: d.log.With("extension", name)}
+		x := &extension.Proxy{Name: name, Path: path, Logger: d.log} // it names itself in its lines
 		d.exts = append(d.exts, x)
 		errs = append(errs, g.AddStream(x.Key(), x))
 		d.goBackground(func() { x.Connect(d.ctx) })

@@ -110,7 +110,7 @@ func (d *Dispatcher) Revoke(s *sandbox.Sandbox) int {
 func (d *Dispatcher) flowOf(dec *Decision, src, dst netip.AddrPort, rep proxies.Reporter) *proxies.Flow {
 	f := &proxies.Flow{Sandbox: dec.Sandbox.ContainerID, Attachment: dec.Sandbox.Name, Rule: dec.Rule, Config: dec.Config,
 		Src: src, Dst: dst, Report: rep}
-	if dec.Key.Protocol == "http" {
+	if dec.Key.Protocol != "tcp" && dec.Key.Protocol != "udp" { // http, and extensions (the L4 proxies need none)
 		f.Hosts = hosts(dec, dst.Addr())
 	}
 	if dec.Rule.Mode == policy.ModeSecure && d.Keys != nil {
