@@ -146,7 +146,7 @@ func TestExtensionServesFlows(t *testing.T) {
 	if len(lines) != 1 {
 		t.Fatalf("request log has %d lines, want 1:\n%s", len(lines), e.x.Requests())
 	}
-	for _, want := range []string{"sandbox=" + sb.ContainerID + " ", "rule=logged ", "src=" + sb.IP.String() + ":", "dst=198.51.100.10:8080 ", `"GET /v1/logged?q=1 HTTP/1.1"`} {
+	for _, want := range []string{"sandbox=" + sb.ContainerID + " ", "rule=logged ", "src=" + sb.IP.String() + ":", "dst=198.51.100.10:8080 ", "hosts=198.51.100.10 ", `"GET /v1/logged?q=1 HTTP/1.1"`} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("request log line %q lacks %q", lines[0], want)
 		}
