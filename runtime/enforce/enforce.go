@@ -429,11 +429,17 @@ func entryKey(e bpf.RuleEntry) string {
 }
 
 // diffEntries compares the kernel's static entries with the expected ones.
+// A static host entry an earlier rule's learnt address holds (fqdn.Learner:
+// the lower rule id owns the key) is not missing: it comes back when the
+// learnt one expires.
 func diffEntries(kernel, want []bpf.RuleEntry) string {
 	have := map[string]bpf.RuleEntry{}
+	learnt := map[string]bool{}
 	for _, e := range kernel {
 		if e.Expires == 0 {
 			have[entryKey(e)] = e
+		} else {
+			learnt[entryKey(e)] = true
 		}
 	}
 	var missing, wrong []string
@@ -441,6 +447,7 @@ func diffEntries(kernel, want []bpf.RuleEntry) string {
 		k := entryKey(e)
 		h, ok := have[k]
 		switch {
+		case !ok && learnt[k]:
 		case !ok:
 			missing = append(missing, k)
 		case h.RuleID != e.RuleID || h.Listener != e.Listener || h.Mode != e.Mode:

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/internal/testutil"
@@ -571,5 +572,48 @@ func TestAttachModes(t *testing.T) {
 	}
 	if err := v.e.Check(s); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A learnt address of an earlier fqdn rule holds a later rule's static
+// host entry (the lower rule id owns the key): CHECK must not call the
+// static entry missing.
+func TestCheckWithALearntAddressOverAStaticHost(t *testing.T) {
+	v := newEnv(t)
+	doc := `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: over}
+spec:
+  dns: {upstream: 198.51.100.53:53, allow: [api.example.test]}
+  egress:
+    - name: api
+      to: [{fqdn: api.example.test}]
+      ports: [{port: 443}]
+      mode: open
+    - name: host
+      to: [{cidr: 198.51.100.30/32}]
+      ports: [{port: 443}]
+      mode: open
+`
+	s := v.admit("l", 2, doc)
+	if err := v.e.Check(s); err != nil {
+		t.Fatal(err)
+	}
+	if !v.e.Learner.Learn(s, "api.example.test", []netip.Addr{netip.MustParseAddr("198.51.100.30")}, time.Minute) {
+		t.Fatal("nothing learnt")
+	}
+	got, ok, err := v.dp.LookupRule(s.ID, 0, 6, netip.MustParseAddr("198.51.100.30"), 443)
+	if err != nil || !ok || got.Expires == 0 || got.RuleID != s.Compiled.Rules[0].ID {
+		t.Fatalf("the learnt entry of the earlier rule does not hold the address: %+v %v %v", got, ok, err)
+	}
+	if err := v.e.Check(s); err != nil {
+		t.Fatalf("check with the learnt entry holding the static one's key: %v", err)
+	}
+	// A static entry really missing is still found.
+	if err := v.dp.DeleteRuleEntries(s.ID, 0, []bpf.RuleEntry{sandbox.DatapathEntries(s.Compiled)[0]}); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.e.Check(s); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Fatalf("check after deleting a static entry: %v", err)
 	}
 }
