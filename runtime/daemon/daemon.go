@@ -21,6 +21,7 @@ import (
 	"github.com/cleanwall/cleanwall/proxies"
 	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
 	"github.com/cleanwall/cleanwall/proxies/extension"
+	"github.com/cleanwall/cleanwall/proxies/secure"
 	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
 	tcpproxy "github.com/cleanwall/cleanwall/proxies/tcp"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
@@ -259,6 +260,7 @@ func (d *Daemon) buildProxies() error {
 		g.AddStream(open("tcp"), tcp),
 		g.AddStream(open("http"), http),
 		g.AddPacket(open("udp"), &udpproxy.Relay{IdleTimeout: d.cfg.UDPIdleTimeout}),
+		g.AddStream(proxies.Key{Mode: "secure", Protocol: "tcp"}, &secure.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "secure-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
 		g.AddStream(proxies.DNSKey, d.dns),
 		g.AddPacket(proxies.DNSKey, d.dns),
 	}
