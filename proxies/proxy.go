@@ -337,3 +337,27 @@ func RefusalOf(err error) (string, bool) {
 	}
 	return "", false
 }
+
+// EndFor names the End of a flow that ended with Err (errors.Is).
+type EndFor struct {
+	Err error
+	End End
+}
+
+// ResultOf is how a stream ended, mapped the way every proxy does: revoked
+// when ctx is done (Err is its cause), closed without an error, otherwise
+// the End of the first of ends that err matches, otherwise EndError.
+func ResultOf(ctx context.Context, err error, ends ...EndFor) Result {
+	switch {
+	case ctx.Err() != nil:
+		return Result{End: EndRevoked, Err: context.Cause(ctx)}
+	case err == nil:
+		return Result{End: EndClosed}
+	}
+	for _, e := range ends {
+		if errors.Is(err, e.Err) {
+			return Result{End: e.End, Err: err}
+		}
+	}
+	return Result{End: EndError, Err: err}
+}

@@ -55,13 +55,7 @@ func (p *Proxy) Configure(r *cwpolicy.Rule) (any, error) {
 // ServeStream answers a sandbox's DNS over TCP (ServeTCP).
 func (p *Proxy) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) proxies.Result {
 	err := p.ServeTCP(ctx, f.Attachment, c)
-	switch {
-	case ctx.Err() != nil:
-		return proxies.Result{End: proxies.EndRevoked, Err: context.Cause(ctx)}
-	case err == nil:
-		return proxies.Result{End: proxies.EndClosed}
-	}
-	return proxies.Result{End: proxies.EndError, Err: err}
+	return proxies.ResultOf(ctx, err)
 }
 
 // OpenPacketFlow answers one query over UDP: a DNS datagram is a flow of

@@ -90,15 +90,7 @@ func (p *Proxy) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) pr
 	if bc != nil {
 		f.Report.Bytes(bc.used.Load(), 0)
 	}
-	switch {
-	case ctx.Err() != nil:
-		return proxies.Result{End: proxies.EndRevoked, Err: context.Cause(ctx)}
-	case err == nil:
-		return proxies.Result{End: proxies.EndClosed}
-	case errors.Is(err, errBudget):
-		return proxies.Result{End: proxies.EndBudget, Err: err}
-	}
-	return proxies.Result{End: proxies.EndError, Err: err}
+	return proxies.ResultOf(ctx, err, proxies.EndFor{Err: errBudget, End: proxies.EndBudget})
 }
 
 // budgetConn cuts the sandbox's side of a connection once it has sent its

@@ -2,7 +2,6 @@ package tcpproxy
 
 import (
 	"context"
-	"errors"
 	"net"
 
 	"github.com/cleanwall/cleanwall/policy"
@@ -46,15 +45,5 @@ func (p *Proxy) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) pr
 // Result maps how a flow ended to the firewall's result: a canceled
 // context is a revocation whatever error it caused.
 func Result(ctx context.Context, err error) proxies.Result {
-	switch {
-	case ctx.Err() != nil:
-		return proxies.Result{End: proxies.EndRevoked, Err: context.Cause(ctx)}
-	case err == nil:
-		return proxies.Result{End: proxies.EndClosed}
-	case errors.Is(err, ErrBudgetExceeded):
-		return proxies.Result{End: proxies.EndBudget, Err: err}
-	case errors.Is(err, ErrIdle):
-		return proxies.Result{End: proxies.EndIdle, Err: err}
-	}
-	return proxies.Result{End: proxies.EndError, Err: err}
+	return proxies.ResultOf(ctx, err, proxies.EndFor{Err: ErrBudgetExceeded, End: proxies.EndBudget}, proxies.EndFor{Err: ErrIdle, End: proxies.EndIdle})
 }
