@@ -120,7 +120,7 @@ func (r *reporter) wantDenial(t *testing.T, reasons ...string) {
 	t.Helper()
 	got := r.reasons()
 	if strings.Join(got, ",") != strings.Join(reasons, ",") {
-		t.Fatalf("denials %q, want %q", got, reasons)
+		t.Fatalf("denials %q, want %q (%+v)", got, reasons, r.denials)
 	}
 }
 

@@ -73,9 +73,10 @@ func (p *TCP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) prox
 	key, err := currentKey(f, cfg.keyID)
 	if err != nil {
 		// Before any dial: without the key nothing may leave, not even a
-		// connection attempt.
-		reset(c)
+		// connection attempt. Reported before the reset, so that the audit
+		// trail never lags the sandbox.
 		deny(ReasonNoKey, err)
+		reset(c)
 		return proxies.Result{End: proxies.EndError, Err: err}
 	}
 	host := ""
@@ -84,13 +85,14 @@ func (p *TCP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) prox
 	}
 	up, err := dialRemote(ctx, p.Dial, p.DialTimeout, cfg, f.Dst, host)
 	if err != nil {
-		reset(c)
 		if ctx.Err() != nil {
+			reset(c)
 			return proxies.Result{End: proxies.EndRevoked, Err: context.Cause(ctx)}
 		}
 		if isVerifyError(err) {
 			deny(ReasonUpstreamTLS, err)
 		}
+		reset(c)
 		return proxies.Result{End: proxies.EndError, Err: err}
 	}
 	sealer, err := seal.NewSealer(up.conn, cfg.sealConfig(key, p.SegmentSize, true))
@@ -104,7 +106,7 @@ func (p *TCP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) prox
 	if idle <= 0 {
 		idle = DefaultIdleTimeout
 	}
-	s := &tcpFlow{client: c, up: up, idle: idle}
+	s := &tcpFlow{client: c, up: up, idle: idle, deny: deny}
 	s.touch()
 	stop := context.AfterFunc(ctx, func() { s.fail(context.Cause(ctx), "") })
 	s.mu.Lock()
@@ -124,12 +126,9 @@ func (p *TCP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) prox
 	s.mu.Lock()
 	s.finished = true
 	s.timer.Stop()
-	err, reason := s.err, s.reason
+	err = s.err
 	s.mu.Unlock()
 	f.Report.Bytes(s.out.Load(), s.in.Load())
-	if reason != "" {
-		deny(reason, err)
-	}
 	if err == nil && ctx.Err() == nil {
 		// Both objects ended whole: the half-closes went out already.
 		_ = c.Close()
@@ -156,10 +155,11 @@ type tcpFlow struct {
 	last    atomic.Int64 // time.Since(epoch) of the last byte moved
 	out, in atomic.Int64 // plaintext bytes: sealed from the sandbox, opened to it
 
+	deny func(reason string, err error)
+
 	mu       sync.Mutex
 	timer    *time.Timer
 	err      error
-	reason   string // the Denial reason of err, if it is a refusal
 	failed   bool
 	finished bool
 }
@@ -182,17 +182,20 @@ func (s *tcpFlow) checkIdle() {
 	s.mu.Unlock()
 }
 
-// fail records the flow's first failure and resets both connections: the
-// sandbox must not read a cut stream as an ended one, and the remote must
-// not either.
+// fail records the flow's first failure, reports it when it is a refusal
+// (reason set), and resets both connections: the sandbox must not read a
+// cut stream as an ended one, and the remote must not either.
 func (s *tcpFlow) fail(err error, reason string) {
 	s.mu.Lock()
 	if s.finished || s.failed {
 		s.mu.Unlock()
 		return
 	}
-	s.failed, s.err, s.reason = true, err, reason
+	s.failed, s.err = true, err
 	s.mu.Unlock()
+	if reason != "" {
+		s.deny(reason, err)
+	}
 	reset(s.client)
 	s.up.reset()
 }

@@ -163,7 +163,7 @@ func TestTCPRoundTrip(t *testing.T) {
 	for _, size := range []int{0, 1, seg - 1, seg, seg + 1, large} {
 		t.Run(fmt.Sprint(size), func(t *testing.T) {
 			data := pattern(size, canary)
-			sb, s := serve(t, context.Background(), &TCP{Logger: testutil.Logger(t)}, rule, keys, remote.addr())
+			sb, s := serve(t, context.Background(), testTCP(t), rule, keys, remote.addr())
 			got, err := exchange(t, sb, data)
 			if err != nil {
 				t.Fatalf("sandbox: %v", err)
@@ -196,7 +196,7 @@ func TestTCPInteractive(t *testing.T) {
 	keys := newKeys().add(testKeyID, 1, 0x42)
 	remote := newLoopRemote(t, keys, 1, func(m []byte) []byte { return append([]byte("re: "), m...) })
 	name, spec := tcpRule("")
-	sb, s := serve(t, context.Background(), &TCP{}, compileRule(t, name, spec), keys, remote.addr())
+	sb, s := serve(t, context.Background(), testTCP(t), compileRule(t, name, spec), keys, remote.addr())
 	for i := range 3 {
 		msg := fmt.Sprintf("SELECT %d;", i)
 		if _, err := sb.Write([]byte(msg)); err != nil {
@@ -229,7 +229,7 @@ func TestTCPReflectedStreamRefused(t *testing.T) {
 		_, _ = io.Copy(c, c)
 	})
 	name, spec := tcpRule("")
-	sb, s := serve(t, context.Background(), &TCP{}, compileRule(t, name, spec), keys, remote.addr())
+	sb, s := serve(t, context.Background(), testTCP(t), compileRule(t, name, spec), keys, remote.addr())
 	got, err := exchange(t, sb, []byte(canary+"reflect me"))
 	if len(got) != 0 {
 		t.Fatalf("the sandbox read %q", got)
@@ -297,7 +297,7 @@ func TestTCPRefusedInbound(t *testing.T) {
 				_, _ = io.Copy(io.Discard, c)
 			})
 			name, spec := tcpRule("")
-			sb, s := serve(t, context.Background(), &TCP{}, compileRule(t, name, spec), keys, remote.addr())
+			sb, s := serve(t, context.Background(), testTCP(t), compileRule(t, name, spec), keys, remote.addr())
 			got, err := readAll(sb)
 			if string(got) != tc.want {
 				t.Fatalf("the sandbox read %q, want %q", got, tc.want)
@@ -334,7 +334,7 @@ func TestTCPNoKey(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			remote := listenRemote(t, func(c net.Conn) { c.Close() })
 			name, spec := tcpRule("")
-			sb, s := serve(t, context.Background(), &TCP{}, compileRule(t, name, spec), tc.keys, remote.addr())
+			sb, s := serve(t, context.Background(), testTCP(t), compileRule(t, name, spec), tc.keys, remote.addr())
 			sb.Write([]byte(canary)) // may fail: the connection may be reset already
 			got, err := readAll(sb)
 			if len(got) != 0 || !isReset(err) {
@@ -359,7 +359,7 @@ func TestTCPRevocation(t *testing.T) {
 	remote := newLoopRemote(t, keys, 1, echo)
 	name, spec := tcpRule("")
 	ctx, cancel := context.WithCancelCause(context.Background())
-	sb, s := serve(t, ctx, &TCP{}, compileRule(t, name, spec), keys, remote.addr())
+	sb, s := serve(t, ctx, testTCP(t), compileRule(t, name, spec), keys, remote.addr())
 	if _, err := sb.Write([]byte("hello")); err != nil {
 		t.Fatal(err)
 	}
@@ -387,7 +387,7 @@ func TestTCPIdle(t *testing.T) {
 	keys := newKeys().add(testKeyID, 1, 0x42)
 	remote := newLoopRemote(t, keys, 1, echo)
 	name, spec := tcpRule("")
-	sb, s := serve(t, context.Background(), &TCP{IdleTimeout: 100 * time.Millisecond}, compileRule(t, name, spec), keys, remote.addr())
+	sb, s := serve(t, context.Background(), &TCP{IdleTimeout: 100 * time.Millisecond, Logger: testutil.Logger(t)}, compileRule(t, name, spec), keys, remote.addr())
 	if res := s.wait(t); res.End != proxies.EndIdle {
 		t.Fatalf("result %+v", res)
 	}
@@ -402,7 +402,7 @@ func TestTCPKeyVersions(t *testing.T) {
 	keys := newKeys().add(testKeyID, 1, 0x42).add(testKeyID, 2, 0x44)
 	remote := newLoopRemote(t, keys, 1, echo)
 	name, spec := tcpRule("")
-	sb, s := serve(t, context.Background(), &TCP{}, compileRule(t, name, spec), keys, remote.addr())
+	sb, s := serve(t, context.Background(), testTCP(t), compileRule(t, name, spec), keys, remote.addr())
 	got, err := exchange(t, sb, []byte("rotated"))
 	if err != nil || string(got) != "rotated" {
 		t.Fatalf("got %q, %v", got, err)
@@ -444,7 +444,7 @@ func TestTCPUpstreamTLS(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			remote := newTLSLoopRemote(t, keys, cert)
 			name, spec := tcpRule(", upstreamTLS: {" + tc.tls + "}")
-			sb, s := serve(t, context.Background(), &TCP{}, compileRule(t, name, spec), keys, remote.addr())
+			sb, s := serve(t, context.Background(), testTCP(t), compileRule(t, name, spec), keys, remote.addr())
 			got, err := exchange(t, sb, []byte(canary))
 			res := s.wait(t)
 			if tc.ok {
@@ -464,3 +464,6 @@ func TestTCPUpstreamTLS(t *testing.T) {
 		})
 	}
 }
+
+// testTCP is the proxy under test, logging to t.
+func testTCP(t testing.TB) *TCP { return &TCP{Logger: testutil.Logger(t)} }
