@@ -140,13 +140,7 @@ func (p *HTTP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) pro
 	f.Report.Bytes(h.client.read.Load(), h.client.written.Load())
 	clean := err == nil && ctx.Err() == nil && !h.isAborted()
 	h.finish(clean)
-	switch {
-	case ctx.Err() != nil:
-		return proxies.Result{End: proxies.EndRevoked, Err: context.Cause(ctx)}
-	case err == nil:
-		return proxies.Result{End: proxies.EndClosed}
-	}
-	return proxies.Result{End: proxies.EndError, Err: err}
+	return proxies.ResultOf(ctx, err)
 }
 
 // httpFlow is one sandbox connection and, once a request went out, its

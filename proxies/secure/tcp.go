@@ -137,13 +137,7 @@ func (p *TCP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) prox
 	}
 	reset(c) // a no-op after fail, which reset both already
 	up.reset()
-	switch {
-	case ctx.Err() != nil:
-		return proxies.Result{End: proxies.EndRevoked, Err: context.Cause(ctx)}
-	case errors.Is(err, ErrIdle):
-		return proxies.Result{End: proxies.EndIdle, Err: err}
-	}
-	return proxies.Result{End: proxies.EndError, Err: err}
+	return proxies.ResultOf(ctx, err, proxies.EndFor{Err: ErrIdle, End: proxies.EndIdle})
 }
 
 // tcpFlow is one secure TCP flow: both directions, the idle timer and the
