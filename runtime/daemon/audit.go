@@ -22,6 +22,7 @@ const (
 	auditDenyProxy     = "deny.proxy"
 	auditDenySuppress  = "deny.suppressed"
 	auditRepair        = "watchdog.repair"
+	auditKeyLapse      = "key.lapse"
 )
 
 // maxDenyRecordsPerSecond bounds deny records: a sandbox flooding denied

@@ -18,6 +18,7 @@ import (
 
 	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/governance/audit"
+	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/proxies"
 	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
 	"github.com/cleanwall/cleanwall/proxies/extension"
@@ -152,6 +153,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}
 	if d.cfg.KeyBroker != nil {
 		d.keys = keys.New(*d.cfg.KeyBroker, d.log, d.audit.record)
+		d.keys.OnLapse = d.keyLapsed
 		if err := d.keys.Start(d.ctx); err != nil {
 			return err
 		}
@@ -446,4 +448,32 @@ func (d *Daemon) Uninstall() error {
 		_ = os.Remove(pinRoot) // only if empty: a pin root may be shared
 	}
 	return errors.Join(errs...)
+}
+
+// errKeyLapsed ends the secure flows of a key that was not released again
+// before it expired.
+var errKeyLapsed = errors.New("data key expired and not released again")
+
+// keyLapsed ends the flows that seal with a key released for a policy
+// whose current version expired: no key, no egress. New flows are refused
+// by the secure proxies until a release succeeds.
+func (d *Daemon) keyLapsed(keyID, policySHA256 string) {
+	closed := 0
+	for _, s := range d.sandboxes.Snapshot() {
+		s.Lock()
+		under := false
+		for _, c := range s.Slots {
+			under = under || c != nil && c.Hash == policySHA256
+		}
+		s.Unlock()
+		if !under {
+			continue
+		}
+		closed += s.CloseFlows(func(f *sandbox.Flow) bool {
+			sec := f.Rule.Spec.Secure
+			return f.Rule.Mode != policy.ModeSecure || sec == nil || sec.KeyID != keyID
+		}, errKeyLapsed)
+	}
+	d.log.Warn("data key lapsed: its secure flows are closed", "key", keyID, "policy", policySHA256, "closed_flows", closed)
+	d.audit.record(auditKeyLapse, map[string]any{"key": keyID, "policySHA256": policySHA256, "closedFlows": closed})
 }

@@ -12,11 +12,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cleanwall/cleanwall/attest/broker/client"
+	"github.com/cleanwall/cleanwall/attest/simulated"
 	"github.com/cleanwall/cleanwall/governance/audit"
 	"github.com/cleanwall/cleanwall/internal/testutil"
+	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/proxies"
 	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/runtime/fake"
+	"github.com/cleanwall/cleanwall/runtime/keys"
+	"github.com/cleanwall/cleanwall/runtime/sandbox"
 )
 
 // The daemon's API over its unix socket, without root: the datapath,
@@ -302,4 +307,63 @@ func TestReconcileAfterRestart(t *testing.T) {
 
 func proxiesKey(mode, protocol string) proxies.Key {
 	return proxies.Key{Mode: mode, Protocol: protocol}
+}
+
+// releaser releases every key as version 1 for an hour.
+type releaser struct{}
+
+func (releaser) ReleaseWith(ctx context.Context, id string, o client.ReleaseOptions) (client.Key, error) {
+	return client.Key{ID: id, Version: 1, Bytes: bytes.Repeat([]byte{7}, 32), NotAfter: time.Now().Add(time.Hour)}, nil
+}
+
+// When a key lapses (not released again before it expired), the flows
+// that seal with it end; the sandbox's other flows go on.
+func TestKeyLapseClosesItsFlows(t *testing.T) {
+	td := startTest(t, Config{})
+	att, err := simulated.New(simulated.DefaultConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	td.keys = keys.NewWith("https://broker.test", att, releaser{}, td.log, td.audit.record)
+	doc := openPolicy + `
+    - name: sealed
+      to: [{cidr: 198.51.100.60/32}]
+      ports: [{port: 9000}]
+      mode: secure
+      secure: {keyID: k1, protocol: tcp}
+`
+	if _, err := td.client.Add(ctx(), td.request("k", 7, doc)); err != nil {
+		t.Fatal(err)
+	}
+	s := td.sandboxes.Lookup("c-k/eth0")
+	s.Lock()
+	c := s.Compiled
+	s.Unlock()
+	flow := func(rule string) (*sandbox.Flow, context.Context) {
+		fctx, cancel := context.WithCancelCause(context.Background())
+		var r *policy.Rule
+		for _, x := range c.Rules {
+			if x.Name == rule {
+				r = x
+			}
+		}
+		f := &sandbox.Flow{Rule: r, Cancel: cancel}
+		if ok, err := s.AddFlowDecidedAt(f, s.Record()); !ok || err != nil {
+			t.Fatalf("registering a %s flow: %v %v", rule, ok, err)
+		}
+		return f, fctx
+	}
+	_, sealed := flow("sealed")
+	_, open := flow("results")
+	td.keyLapsed("k1", "another-policy")
+	if sealed.Err() != nil {
+		t.Fatal("a lapse of a key released for another policy closed the flow")
+	}
+	td.keyLapsed("k1", c.Hash)
+	if !errors.Is(context.Cause(sealed), errKeyLapsed) {
+		t.Fatalf("the sealed flow: %v", context.Cause(sealed))
+	}
+	if open.Err() != nil {
+		t.Fatal("an open flow was closed by a key lapse")
+	}
 }

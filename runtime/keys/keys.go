@@ -53,6 +53,12 @@ type Ring struct {
 	audit    func(kind string, fields map[string]any)
 	now      func() time.Time
 
+	// OnLapse, when set, is told when the current version of a key held
+	// for a policy expired without being released again: the flows that
+	// seal with it must end (their sandboxes' new flows are refused until
+	// a release succeeds). It is called from the refresher, without locks.
+	OnLapse func(keyID, policySHA256 string)
+
 	mu          sync.Mutex
 	keys        map[heldKey]*held
 	measurement string
@@ -69,6 +75,7 @@ type held struct {
 	releasedAt time.Time
 	notAfter   time.Time
 	lastError  string
+	lapsed     bool // OnLapse was told
 }
 
 type version struct {
@@ -258,17 +265,24 @@ func (k *Ring) refresh(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		for _, hk := range k.expire() {
+		due, lapsed := k.expire()
+		for _, hk := range due {
 			_, _ = k.release(ctx, hk)
+		}
+		for _, hk := range lapsed {
+			if k.OnLapse != nil {
+				k.OnLapse(hk.id, hk.policy)
+			}
 		}
 	}
 }
 
 // expire drops expired keys and versions and lists the keys due for
-// release again (within a tenth of their validity, at least 30 s).
-func (k *Ring) expire() []heldKey {
+// release again (within a tenth of their validity, at least 30 s), and the
+// keys whose current version lapsed since the last call (each once, until
+// a release renews it).
+func (k *Ring) expire() (due, lapsed []heldKey) {
 	now := k.now()
-	var due []heldKey
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	for hk, h := range k.keys {
@@ -285,12 +299,16 @@ func (k *Ring) expire() []heldKey {
 			}
 		}
 		h.older = kept
+		if !now.Before(h.notAfter) && !h.lapsed {
+			h.lapsed = true
+			lapsed = append(lapsed, hk)
+		}
 		if !now.Before(h.notAfter) && len(h.older) == 0 {
 			clear(h.current.Key)
 			delete(k.keys, hk)
 		}
 	}
-	return due
+	return due, lapsed
 }
 
 func (k *Ring) wipe() {

@@ -384,11 +384,11 @@ func TestRotationAndExpiry(t *testing.T) {
 
 	// Not due before the last tenth of its validity (6 of 60 minutes).
 	v.clock.set(t0.Add(53 * time.Minute))
-	if due := v.ring.expire(); len(due) != 0 {
-		t.Fatalf("due %v at 53 of 60 minutes", due)
+	if due, lapsed := v.ring.expire(); len(due) != 0 || len(lapsed) != 0 {
+		t.Fatalf("due %v, lapsed %v at 53 of 60 minutes", due, lapsed)
 	}
 	v.clock.set(t0.Add(55 * time.Minute))
-	due := v.ring.expire()
+	due, _ := v.ring.expire()
 	if len(due) != 1 || due[0] != (heldKey{"k1", c.Hash}) {
 		t.Fatalf("due %v at 55 of 60 minutes", due)
 	}
@@ -414,8 +414,8 @@ func TestRotationAndExpiry(t *testing.T) {
 	if _, err := src.Version("k1", 1); !errors.Is(err, proxies.ErrNoKey) {
 		t.Fatalf("version 1 at its expiry: %v", err)
 	}
-	if len(v.ring.expire()) != 0 {
-		t.Fatal("version 2 due right after its release")
+	if due, lapsed := v.ring.expire(); len(due) != 0 || len(lapsed) != 0 {
+		t.Fatalf("version 2 due (%v) or lapsed (%v) right after its release", due, lapsed)
 	}
 	if !allZero(v1.Key) {
 		t.Fatalf("expired version 1 not wiped: %q", v1.Key)
@@ -433,8 +433,12 @@ func TestRotationAndExpiry(t *testing.T) {
 	if _, err := src.Version("k1", 2); !errors.Is(err, proxies.ErrNoKey) {
 		t.Fatalf("version 2 at its expiry: %v", err)
 	}
-	if due := v.ring.expire(); len(due) != 1 {
+	due, lapsed := v.ring.expire()
+	if len(due) != 1 {
 		t.Fatalf("an expired key is not due for release: %v", due)
+	}
+	if len(lapsed) != 1 || lapsed[0] != (heldKey{"k1", c.Hash}) {
+		t.Fatalf("the lapse of the current version was not reported: %v", lapsed)
 	}
 	if !allZero(v2.Key) {
 		t.Fatalf("expired version 2 not wiped: %q", v2.Key)
