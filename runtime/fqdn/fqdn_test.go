@@ -490,3 +490,238 @@ func TestDefaultClockIsMonotonic(t *testing.T) {
 		t.Fatalf("swept %d", n)
 	}
 }
+
+// policyShared has two fqdn rules on one port whose names a CDN answers
+// with the same addresses (1: a, open; 2: b, trusted, so a flow under the
+// wrong rule goes to another proxy), a rule naming two fqdns (3), and a
+// later static host (4) on one of the shared addresses.
+const policyShared = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: shared}
+spec:
+  dns: {upstream: 198.51.100.53:53, allow: [a.example.test, b.example.test, c.example.test, d.example.test]}
+  egress:
+    - name: a
+      to: [{fqdn: a.example.test}]
+      ports: [{port: 443}]
+      mode: open
+    - name: b
+      to: [{fqdn: b.example.test}]
+      ports: [{port: 443}]
+      mode: trusted
+      trusted: {hpke: {publicKeyFile: /nonexistent}}
+    - name: c-or-d
+      to: [{fqdn: c.example.test}, {fqdn: d.example.test}]
+      ports: [{port: 443}]
+      mode: open
+    - name: shared-host
+      to: [{cidr: 192.0.2.7/32}]
+      ports: [{port: 443}]
+      mode: open
+`
+
+// policySwapped lists b's rule before a's.
+const policySwapped = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: swapped}
+spec:
+  dns: {upstream: 198.51.100.53:53, allow: [a.example.test, b.example.test]}
+  egress:
+    - name: b
+      to: [{fqdn: b.example.test}]
+      ports: [{port: 443}]
+      mode: trusted
+      trusted: {hpke: {publicKeyFile: /nonexistent}}
+    - name: a
+      to: [{fqdn: a.example.test}]
+      ports: [{port: 443}]
+      mode: open
+`
+
+var (
+	// cdnStatic is shared by a and b and is rule 4's static host;
+	// cdn is shared by a and b only.
+	cdnStatic = netip.MustParseAddr("192.0.2.7")
+	cdn       = netip.MustParseAddr("192.0.2.8")
+)
+
+// wantRule fails unless a TCP flow to a:443 in the active generation is
+// classified under rule id with mode, expiring at expires (0: static).
+func (v *env) wantRule(s *sandbox.Sandbox, a netip.Addr, id uint32, mode policy.Mode, expires uint64) {
+	v.t.Helper()
+	e, ok := v.lookup(s, a)
+	if !ok || e.RuleID != id || e.Mode != uint8(mode) || e.Expires != expires {
+		v.t.Fatalf("%v: %+v %v, want rule %d (%v) expiring at %d", a, e, ok, id, mode, expires)
+	}
+}
+
+// Two names answering the same address on the same port: the flow goes
+// to the lower rule id (docs/policy.md), whichever name was learnt last.
+func TestLowerRuleWinsWhicheverNameIsLearntLast(t *testing.T) {
+	for i, order := range [][]string{{"a.example.test", "b.example.test"}, {"b.example.test", "a.example.test"}} {
+		t.Run(order[0]+" first", func(t *testing.T) {
+			v := newEnv(t)
+			s := v.admit(fmt.Sprintf("o%d", i), 20+i, policyShared)
+			expires := map[string]uint64{}
+			for j, name := range order {
+				ttl := time.Duration(j+1) * time.Minute // the later name lives longer
+				if !v.l.Learn(s, name, []netip.Addr{cdnStatic, cdn}, ttl) {
+					t.Fatalf("learning %s wrote nothing", name)
+				}
+				expires[name] = v.now.Load() + uint64(ttl)
+			}
+			for _, a := range []netip.Addr{cdnStatic, cdn} {
+				v.wantRule(s, a, 1, policy.ModeOpen, expires["a.example.test"])
+			}
+			if got := v.learned(s); len(got) != 4 {
+				t.Fatalf("learned %v, want both names for both addresses", got)
+			}
+			if err := v.e.Check(s); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// When the lower rule's name expires first, the address falls back to
+// the other name's rule until that expires too, then to the static entry
+// behind it, or to nothing.
+func TestSweepFallsBackToTheOtherName(t *testing.T) {
+	v := newEnv(t)
+	s := v.admit("fb", 22, policyShared)
+	v.l.Learn(s, "b.example.test", []netip.Addr{cdnStatic, cdn}, time.Minute)
+	bExpires := v.now.Load() + uint64(time.Minute)
+	v.l.Learn(s, "a.example.test", []netip.Addr{cdnStatic, cdn}, 10*time.Second)
+	aExpires := v.now.Load() + uint64(10*time.Second)
+	for _, a := range []netip.Addr{cdnStatic, cdn} {
+		v.wantRule(s, a, 1, policy.ModeOpen, aExpires)
+	}
+
+	epoch := v.epoch(s)
+	v.advance(10 * time.Second)
+	if n := v.l.Sweep(s); n != 2 {
+		t.Fatalf("swept %d, want a's 2", n)
+	}
+	for _, a := range []netip.Addr{cdnStatic, cdn} {
+		v.wantRule(s, a, 2, policy.ModeTrusted, bExpires)
+	}
+	if v.epoch(s) <= epoch {
+		t.Fatal("the sweep did not move the epoch: a cached verdict of rule 1 still answers")
+	}
+	if got := v.learned(s); len(got) != 2 || got[sandbox.LearnKey{Name: "b.example.test", Addr: cdn}] != bExpires {
+		t.Fatalf("learned %v, want b's", got)
+	}
+	if err := v.e.Check(s); err != nil {
+		t.Fatal(err)
+	}
+
+	v.advance(time.Minute)
+	if n := v.l.Sweep(s); n != 2 {
+		t.Fatalf("swept %d, want b's 2", n)
+	}
+	v.wantRule(s, cdnStatic, 4, policy.ModeOpen, 0)
+	if e, ok := v.lookup(s, cdn); ok {
+		t.Fatalf("an address whose names all expired is still allowed: %+v", e)
+	}
+	if got := v.learned(s); len(got) != 0 {
+		t.Fatalf("learned %v", got)
+	}
+	if err := v.e.Check(s); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// One rule learnt through two of its names keeps the later expiry: the
+// shorter-lived name neither cuts the entry short nor takes it with it.
+func TestSameRuleThroughTwoNamesKeepsTheLaterExpiry(t *testing.T) {
+	v := newEnv(t)
+	s := v.admit("cd", 23, policyShared)
+	v.l.Learn(s, "c.example.test", []netip.Addr{cdn}, time.Minute)
+	long := v.now.Load() + uint64(time.Minute)
+	v.l.Learn(s, "d.example.test", []netip.Addr{cdn}, 10*time.Second)
+	v.wantRule(s, cdn, 3, policy.ModeOpen, long)
+
+	v.advance(10 * time.Second)
+	if n := v.l.Sweep(s); n != 1 {
+		t.Fatalf("swept %d, want d's", n)
+	}
+	v.wantRule(s, cdn, 3, policy.ModeOpen, long)
+
+	v.advance(time.Minute)
+	v.l.Sweep(s)
+	if e, ok := v.lookup(s, cdn); ok {
+		t.Fatalf("still allowed after both names expired: %+v", e)
+	}
+}
+
+// A flip writes the arbitrated winner into the new generation, under the
+// new policy's rule ids: the same one every time while they stay, the
+// other name's rule once the new policy lists it first.
+func TestFlipKeepsTheLowerRule(t *testing.T) {
+	v := newEnv(t)
+	s := v.admit("fk", 24, policyShared)
+	v.l.Learn(s, "b.example.test", []netip.Addr{cdnStatic, cdn}, 2*time.Minute)
+	bExpires := v.now.Load() + uint64(2*time.Minute)
+	v.l.Learn(s, "a.example.test", []netip.Addr{cdnStatic, cdn}, time.Minute)
+	aExpires := v.now.Load() + uint64(time.Minute)
+
+	// Map order is random: several flips would catch a winner picked by it.
+	for range 8 {
+		v.flip(s, policyShared)
+		for _, a := range []netip.Addr{cdnStatic, cdn} {
+			v.wantRule(s, a, 1, policy.ModeOpen, aExpires)
+		}
+	}
+	v.flip(s, policySwapped)
+	for _, a := range []netip.Addr{cdnStatic, cdn} {
+		v.wantRule(s, a, 1, policy.ModeTrusted, bExpires)
+	}
+	v.flip(s, policyShared)
+	for _, a := range []netip.Addr{cdnStatic, cdn} {
+		v.wantRule(s, a, 1, policy.ModeOpen, aExpires)
+	}
+	// The new generation sweeps as the first did.
+	v.advance(time.Minute)
+	v.l.Sweep(s)
+	for _, a := range []netip.Addr{cdnStatic, cdn} {
+		v.wantRule(s, a, 2, policy.ModeTrusted, bExpires)
+	}
+}
+
+// A failed write forgets the name it was learning: the address stays
+// with the name that held it, and the sandbox records only what the
+// kernel has.
+func TestLearnFailureKeepsTheOtherName(t *testing.T) {
+	v := newEnv(t)
+	s := v.admit("lf", 25, policyShared)
+	v.l.Learn(s, "b.example.test", []netip.Addr{cdn}, time.Minute)
+	bExpires := v.now.Load() + uint64(time.Minute)
+	v.dp.FailNext("PutRules", 0)
+	if v.l.Learn(s, "a.example.test", []netip.Addr{cdn}, time.Minute) {
+		t.Fatal("a failed write was reported as learnt")
+	}
+	v.wantRule(s, cdn, 2, policy.ModeTrusted, bExpires)
+	if got := v.learned(s); len(got) != 1 || got[sandbox.LearnKey{Name: "b.example.test", Addr: cdn}] != bExpires {
+		t.Fatalf("learned %v, want b's only", got)
+	}
+}
+
+// A sweep whose kernel write fails keeps the expired name, so the next
+// sweep moves the key on: otherwise the expired entry would stay and
+// refuse the address the other name still allows.
+func TestSweepRetriesAFailedWrite(t *testing.T) {
+	v := newEnv(t)
+	s := v.admit("sr", 26, policyShared)
+	v.l.Learn(s, "b.example.test", []netip.Addr{cdn}, time.Minute)
+	bExpires := v.now.Load() + uint64(time.Minute)
+	v.l.Learn(s, "a.example.test", []netip.Addr{cdn}, 10*time.Second)
+	v.advance(10 * time.Second)
+	v.dp.FailNext("PutRules", 0)
+	if n := v.l.Sweep(s); n != 0 {
+		t.Fatalf("swept %d with the write failing", n)
+	}
+	if n := v.l.Sweep(s); n != 1 {
+		t.Fatalf("the retry swept %d, want a's", n)
+	}
+	v.wantRule(s, cdn, 2, policy.ModeTrusted, bExpires)
+}
