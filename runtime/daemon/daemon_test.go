@@ -14,11 +14,14 @@ import (
 
 	"github.com/cleanwall/cleanwall/attest/broker/client"
 	"github.com/cleanwall/cleanwall/attest/simulated"
+	"github.com/cleanwall/cleanwall/bpf"
 	"github.com/cleanwall/cleanwall/governance/audit"
 	"github.com/cleanwall/cleanwall/internal/testutil"
 	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/proxies"
+	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
 	"github.com/cleanwall/cleanwall/runtime/api"
+	"github.com/cleanwall/cleanwall/runtime/dispatch"
 	"github.com/cleanwall/cleanwall/runtime/fake"
 	"github.com/cleanwall/cleanwall/runtime/keys"
 	"github.com/cleanwall/cleanwall/runtime/sandbox"
@@ -365,5 +368,137 @@ func TestKeyLapseClosesItsFlows(t *testing.T) {
 	}
 	if open.Err() != nil {
 		t.Fatal("an open flow was closed by a key lapse")
+	}
+}
+
+// Every field of an ADD is checked before anything is touched, and the
+// error names the field.
+func TestAddValidation(t *testing.T) {
+	td := startTest(t, Config{})
+	ok := td.request("v", 8, openPolicy)
+	cases := []struct {
+		field string
+		edit  func(r *api.AddRequest)
+	}{
+		{"containerID", func(r *api.AddRequest) { r.ContainerID = "../etc" }},
+		{"ifName", func(r *api.AddRequest) { r.IfName = "a/b" }},
+		{"netns", func(r *api.AddRequest) { r.Netns = "" }},
+		{"hostInterface", func(r *api.AddRequest) { r.HostInterface = "" }},
+		{"mac", func(r *api.AddRequest) { r.MAC = "zz" }},
+		{"ips", func(r *api.AddRequest) { r.IPs = nil }},
+		{"ips[0].address", func(r *api.AddRequest) { r.IPs[0].Address = netip.MustParsePrefix("127.0.0.1/8") }},
+		{"ips[0].gateway", func(r *api.AddRequest) { r.IPs[0].Gateway = netip.Addr{} }},
+		{"ips[0].gateway", func(r *api.AddRequest) { r.IPs[0].Gateway = netip.MustParseAddr("fd00::1") }},
+		{"ips", func(r *api.AddRequest) { r.IPs = append(r.IPs, r.IPs[0]) }},
+		{"policy", func(r *api.AddRequest) { r.Policy = nil }},
+		{"policyName", func(r *api.AddRequest) { r.PolicyName = "x" }},
+		{"policyName", func(r *api.AddRequest) { r.Policy, r.PolicyName = nil, "Not_A_Label" }},
+		{"policyName", func(r *api.AddRequest) { r.Policy, r.PolicyName = nil, "missing" }},
+		{"policy", func(r *api.AddRequest) { r.Policy = []byte("spec: [") }},
+		{"hostInterface", func(r *api.AddRequest) { r.HostInterface = "no-such-if" }},
+	}
+	for _, c := range cases {
+		r := ok
+		r.IPs = append([]api.IPConfig(nil), ok.IPs...)
+		c.edit(&r)
+		_, err := td.client.Add(ctx(), r)
+		var ae *api.Error
+		if !errors.As(err, &ae) || ae.Field != c.field {
+			t.Errorf("%s: got %v", c.field, err)
+		}
+	}
+	if n := td.wall.Chains(); n != 0 {
+		t.Fatalf("refused requests left %d wall chains", n)
+	}
+	// A named policy from the policy directory.
+	if err := os.MkdirAll(td.cfg.PolicyDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(td.cfg.PolicyDir, "named.yaml"), []byte(openPolicy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := ok
+	r.Policy, r.PolicyName = nil, "named"
+	sb, err := td.client.Add(ctx(), r)
+	if err != nil || sb.PolicyName != "results" {
+		t.Fatalf("ADD with a named policy: %+v %v", sb, err)
+	}
+	if _, err := td.client.Add(ctx(), r); err == nil || !strings.Contains(err.Error(), "already attached") {
+		t.Fatalf("a second ADD of the same attachment: %v", err)
+	}
+}
+
+// Refusals and denials reach `cleanwall observe` streams (filtered by
+// sandbox) and the metrics registry gathers the datapath's series.
+func TestEventsAndMetrics(t *testing.T) {
+	td := startTest(t, Config{})
+	if _, err := td.client.Add(ctx(), td.request("m", 9, openPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	evs := make(chan api.DenyEvent, 16)
+	sctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		_ = td.client.Events(sctx, "c-m", func(ev api.DenyEvent) error {
+			evs <- ev
+			return nil
+		})
+	}()
+	// The stream is live once an event published after subscribing arrives.
+	src, dst := netip.MustParseAddrPort("10.1.0.9:40000"), netip.MustParseAddrPort("198.51.100.10:8080")
+	deadline := time.Now().Add(10 * time.Second)
+	var first api.DenyEvent
+	for first.Source == "" {
+		flowEvents{td.Daemon}.Refused(dispatch.FlowInfo{Sandbox: "c-m/eth0", Proto: "tcp", Src: src, Dst: dst}, "no-rule")
+		select {
+		case first = <-evs:
+		case <-time.After(50 * time.Millisecond):
+			if time.Now().After(deadline) {
+				t.Fatal("no event on the stream")
+			}
+		}
+	}
+	if first.Source != "proxy" || first.Reason != "no-rule" || first.Proto != "TCP" || first.Dst != dst.String() {
+		t.Fatalf("refusal event %+v", first)
+	}
+	for len(evs) > 0 {
+		<-evs
+	}
+	flowEvents{td.Daemon}.Denied(dispatch.FlowInfo{Sandbox: "c-m/eth0", Proxy: proxies.Key{Mode: "open", Protocol: "http"}, Proto: "tcp", Src: src, Dst: dst},
+		proxies.Denial{Reason: "method", Status: 403, Method: "DELETE", Path: "/x"})
+	td.dnsDenied("c-m/eth0", dnsproxy.DenyEvent{Reason: dnsproxy.ReasonNotAllowed, Name: "evil.test", TCP: true})
+	flowEvents{td.Daemon}.Refused(dispatch.FlowInfo{Sandbox: "c-other/eth0", Proto: "udp", Src: src, Dst: dst}, "no-rule") // filtered out
+	got := map[string]api.DenyEvent{}
+	for len(got) < 2 {
+		select {
+		case ev := <-evs:
+			if ev.Sandbox != "c-m/eth0" {
+				t.Fatalf("an event of another sandbox passed the filter: %+v", ev)
+			}
+			got[ev.Source] = ev
+		case <-time.After(10 * time.Second):
+			t.Fatalf("events: %+v", got)
+		}
+	}
+	if h := got["http"]; h.Reason != "method" || h.Status != 403 || h.Method != "DELETE" {
+		t.Fatalf("http denial %+v", h)
+	}
+	if d := got["dns"]; d.Reason != string(dnsproxy.ReasonNotAllowed) || d.Name != "evil.test" || d.Proto != "TCP" {
+		t.Fatalf("dns denial %+v", d)
+	}
+	// The datapath collector reads the fake datapath at scrape time.
+	td.dp.Count(bpf.CounterKey{SandboxID: 1, RuleID: 1, Verdict: bpf.VerdictDrop, Reason: bpf.ReasonNoRule}, 3)
+	mfs, err := td.metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := map[string]bool{}
+	for _, mf := range mfs {
+		found[mf.GetName()] = true
+	}
+	for _, name := range []string{"cleanwall_datapath_rules", "cleanwall_datapath_rule_capacity", "cleanwall_sandboxes", "cleanwall_datapath_packets_total"} {
+		if !found[name] {
+			t.Errorf("metric %s not gathered", name)
+		}
 	}
 }
