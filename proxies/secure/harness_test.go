@@ -268,7 +268,7 @@ func isReset(err error) bool {
 
 // readAll reads c to its end and reports what ended it.
 func readAll(c net.Conn) ([]byte, error) {
-	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_ = c.SetReadDeadline(time.Now().Add(time.Minute))
 	b, err := io.ReadAll(c)
 	return b, err
 }

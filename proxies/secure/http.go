@@ -168,7 +168,7 @@ type httpFlow struct {
 	upLim   *limitedReader
 	ur      *bufio.Reader
 	uw      *bufio.Writer
-	body    chan bodyResult // the current request body's sender, if any
+	body    *bodySender // the current request body's sender, if any
 }
 
 // refusal is a request the proxy answers itself.
@@ -365,9 +365,12 @@ func (h *httpFlow) roundTrip(req *http.Request, key proxies.DataKey, rangeHdr, i
 	if body {
 		// The response head timeout starts once the body is sent.
 		_ = h.upIO.SetReadDeadline(time.Time{})
-		done := make(chan bodyResult, 1)
-		h.body = done
-		go func() { done <- h.sendBody(req, key, chunked) }()
+		b := &bodySender{done: make(chan struct{})}
+		h.body = b
+		go func() {
+			b.res = h.sendBody(req, key, chunked)
+			close(b.done)
+		}()
 	} else {
 		if err := uw.Flush(); err != nil {
 			return nil, refuseFor(http.StatusBadGateway, reasonUpstreamUnreachable, false, err)
@@ -471,28 +474,53 @@ func (s *sourceReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// bodySender is a request body being sent: res is set once done is
+// closed.
+type bodySender struct {
+	done chan struct{}
+	res  bodyResult
+}
+
+// bodySentWhole reports, without waiting, whether the current request's
+// body (if any) went out whole. A response head that says the connection
+// stays open is written only then: a remote may answer before the sender
+// returned, and the connection cannot carry another request unless the
+// sandbox's body was read to its end.
+func (h *httpFlow) bodySentWhole() bool {
+	if h.body == nil {
+		return true
+	}
+	select {
+	case <-h.body.done:
+		return h.body.res.err == nil
+	default:
+		return false
+	}
+}
+
 // endBody ends the current request body's sender: at once when it is
 // done, else (the remote answered or failed before it had the whole body)
 // by resetting the remote connection and stopping the sandbox's reads.
 func (h *httpFlow) endBody() bodyResult {
-	if h.body == nil {
+	b := h.body
+	if b == nil {
 		return bodyResult{}
 	}
-	var res bodyResult
-	select {
-	case res = <-h.body:
-	default:
-		h.resetUpstream()
-		h.client.stop.Store(true)
-		_ = h.client.Conn.SetReadDeadline(time.Now())
-		res = <-h.body
-		h.client.stop.Store(false)
-		if res.err == nil {
-			res.err = errors.New("the remote answered before it had the whole request body")
-		}
-	}
 	h.body = nil
-	return res
+	select {
+	case <-b.done:
+		return b.res
+	default:
+	}
+	h.resetUpstream()
+	h.client.stop.Store(true)
+	_ = h.client.Conn.SetReadDeadline(time.Now())
+	<-b.done
+	h.client.stop.Store(false)
+	if b.res.err == nil {
+		b.res.err = errors.New("the remote answered before it had the whole request body")
+	}
+	return b.res
 }
 
 // end completes an exchange whose response went to the sandbox: the
@@ -516,7 +544,7 @@ func (h *httpFlow) end(keep, keepUp bool) (bool, error) {
 // reaches the sandbox). ranged is set for a response the proxy asked a
 // range of (its 206 is expected).
 func (h *httpFlow) relay(req *http.Request, resp *http.Response, ranged bool) (bool, error) {
-	keep := !req.Close
+	keep := !req.Close && h.bodySentWhole()
 	fields := resp.Header.Clone()
 	dropFields(fields, dropResponse)
 	// The response body is read to its end or not at all: the remote
@@ -563,7 +591,7 @@ func (h *httpFlow) relay(req *http.Request, resp *http.Response, ranged bool) (b
 // whole one. length is the plaintext's length when the caller knows it
 // (a range), else -1.
 func (h *httpFlow) deliver(req *http.Request, resp *http.Response, o *seal.Opener, fields http.Header, length int64) (bool, error) {
-	keep := !req.Close
+	keep := !req.Close && h.bodySentWhole()
 	hd, err := o.Header()
 	if err != nil {
 		return h.failed(req, refuseFor(http.StatusBadGateway, ReasonSealOpenFailed, true, err))

@@ -736,3 +736,76 @@ func TestHTTPUpstreamTLS(t *testing.T) {
 		t.Fatal("the store received the plaintext canary")
 	}
 }
+
+// TestHTTPExpectContinue: the proxy answers 100-continue itself and the
+// remote gets no Expect.
+func TestHTTPExpectContinue(t *testing.T) {
+	keys := newKeys().add(testKeyID, 1, 0x42)
+	st := newStore(t, nil)
+	sb := newSandbox(t, httpRule, keys, st.addr())
+	c, err := sb.client.Transport.(*http.Transport).DialContext(context.Background(), "tcp", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	host := storeHost + ":" + strconv.Itoa(int(st.addr().Port()))
+	io.WriteString(c, "PUT /e HTTP/1.1\r\nHost: "+host+"\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+	br := bufio.NewReader(c)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	line, err := br.ReadString('\n')
+	if err != nil || line != "HTTP/1.1 100 Continue\r\n" {
+		t.Fatalf("first line %q, %v", line, err)
+	}
+	if blank, _ := br.ReadString('\n'); blank != "\r\n" {
+		t.Fatalf("after 100 Continue: %q", blank)
+	}
+	io.WriteString(c, "hello")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("response %v, %v", resp, err)
+	}
+	r := st.requests()[0]
+	if r.Header.Get("Expect") != "" {
+		t.Fatalf("the store got Expect %q", r.Header.Get("Expect"))
+	}
+	if got, err := seal.Open(st.object("/e"), keys.keyFunc); err != nil || string(got) != "hello" {
+		t.Fatalf("the stored object opens to %q, %v", got, err)
+	}
+}
+
+// TestHTTPCutBodyIsNoObject: a request body the sandbox does not finish
+// never reaches the remote as a whole object.
+func TestHTTPCutBodyIsNoObject(t *testing.T) {
+	keys := newKeys().add(testKeyID, 1, 0x42)
+	st := newStore(t, nil)
+	sb := newSandbox(t, httpRule, keys, st.addr())
+	c, err := sb.client.Transport.(*http.Transport).DialContext(context.Background(), "tcp", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := storeHost + ":" + strconv.Itoa(int(st.addr().Port()))
+	body := pattern(300_000, canary)
+	io.WriteString(c, "PUT /cut HTTP/1.1\r\nHost: "+host+"\r\nContent-Length: "+strconv.Itoa(len(body))+"\r\n\r\n")
+	c.Write(body[:len(body)/2])
+	time.Sleep(100 * time.Millisecond) // the first segments go out
+	c.Close()
+	for _, r := range sb.close() {
+		if r.End != proxies.EndError {
+			t.Fatalf("result %+v", r)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(st.requests()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	got := st.object("/cut")
+	if len(got) == 0 {
+		t.Fatal("the store saw none of the body (the test wants a cut one)")
+	}
+	if _, err := seal.Open(got, keys.keyFunc); !errors.Is(err, seal.ErrTruncated) {
+		t.Fatalf("what the store received opens with %v, want it truncated", err)
+	}
+	if bytes.Contains(st.received(), []byte(canary)) {
+		t.Fatal("the store received the plaintext canary")
+	}
+}

@@ -152,7 +152,7 @@ func exchange(t *testing.T, sb *net.TCPConn, data []byte) ([]byte, error) {
 
 func TestTCPRoundTrip(t *testing.T) {
 	seg := seal.DefaultSegmentSize
-	large := 64 << 20
+	large := 32 << 20
 	if testing.Short() {
 		large = 8 << 20
 	}
@@ -335,10 +335,12 @@ func TestTCPNoKey(t *testing.T) {
 			remote := listenRemote(t, func(c net.Conn) { c.Close() })
 			name, spec := tcpRule("")
 			sb, s := serve(t, context.Background(), testTCP(t), compileRule(t, name, spec), tc.keys, remote.addr())
-			sb.Write([]byte(canary)) // may fail: the connection may be reset already
+			// The reset shows in the write or, if the write came first, in
+			// the read (a socket reports its error once).
+			_, werr := sb.Write([]byte(canary))
 			got, err := readAll(sb)
-			if len(got) != 0 || !isReset(err) {
-				t.Fatalf("the sandbox read %q, %v; want a reset", got, err)
+			if len(got) != 0 || !(isReset(err) || isReset(werr)) {
+				t.Fatalf("the sandbox read %q, %v (write: %v); want a reset", got, err, werr)
 			}
 			res := s.wait(t)
 			if res.End != proxies.EndError || res.Err == nil {
