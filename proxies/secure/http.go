@@ -282,7 +282,7 @@ func (h *httpFlow) check(req *http.Request) *refusal {
 	case !strings.HasPrefix(req.RequestURI, "/") && req.RequestURI != "*" && (req.URL.Scheme != "http" || req.URL.User != nil):
 		return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, errors.New("the target is neither origin-form nor an http absolute-form"))
 	case !httpproxy.HostAllowed(h.hosts, req.Host):
-		return refuseFor(http.StatusMisdirectedRequest, ReasonHostMismatch, true, fmt.Errorf("Host %q", truncate(req.Host, 64)))
+		return refuseFor(http.StatusMisdirectedRequest, ReasonHostMismatch, true, fmt.Errorf("the Host %q", truncate(req.Host, 64)))
 	}
 	if e := req.Header.Get("Expect"); e != "" && !strings.EqualFold(e, "100-continue") {
 		return refuseFor(http.StatusExpectationFailed, ReasonExpect, true, nil)
@@ -552,7 +552,7 @@ func (h *httpFlow) relay(req *http.Request, resp *http.Response, ranged bool) (b
 	// drain it).
 	if ce := resp.Header.Values("Content-Encoding"); len(ce) > 0 && !(len(ce) == 1 && strings.EqualFold(ce[0], "identity")) {
 		h.endBody()
-		h.refuse(req, refuseFor(http.StatusBadGateway, ReasonContentEncoding, true, fmt.Errorf("Content-Encoding %q", truncate(strings.Join(ce, ","), 64))))
+		h.refuse(req, refuseFor(http.StatusBadGateway, ReasonContentEncoding, true, fmt.Errorf("the response's Content-Encoding %q", truncate(strings.Join(ce, ","), 64))))
 		h.closeUpstream()
 		return false, nil
 	}
@@ -641,6 +641,7 @@ func (h *httpFlow) deliver(req *http.Request, resp *http.Response, o *seal.Opene
 			h.deny(req, ReasonSealOpenFailed, resp.StatusCode, err)
 		}
 		h.abort()
+		h.endBody()
 		return false, fmt.Errorf("opening a response body: %w", err)
 	}
 	if cw != nil {

@@ -130,7 +130,7 @@ func (h *httpFlow) ranged(req *http.Request, key proxies.DataKey, rs rangeSpec) 
 	}
 	first, _, total, ok := contentRange(resp.Header.Get("Content-Range"))
 	if !ok || first != 0 {
-		return h.failed(req, refuseFor(http.StatusBadGateway, reasonBadUpstreamResponse, false, fmt.Errorf("Content-Range %q for bytes 0-", truncate(resp.Header.Get("Content-Range"), 64))))
+		return h.failed(req, refuseFor(http.StatusBadGateway, reasonBadUpstreamResponse, false, fmt.Errorf("the Content-Range %q for bytes 0-", truncate(resp.Header.Get("Content-Range"), 64))))
 	}
 	start, err := io.ReadAll(io.LimitReader(resp.Body, seal.MaxHeaderSize+1))
 	if err != nil || len(start) > seal.MaxHeaderSize {
