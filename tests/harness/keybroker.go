@@ -35,6 +35,9 @@ type KeyBrokerOptions struct {
 	Measurement string
 	// Keys are the key ids to create (default egress-dek).
 	Keys []string
+	// ReleaseValidity sets how long a released key is valid
+	// (releaseValidity); zero keeps the broker's default (1h).
+	ReleaseValidity time.Duration
 }
 
 // StartKeyBroker writes a configuration whose release policy the
@@ -80,6 +83,9 @@ keyStore:
 verification: {checkRevocations: false, fetchCertificates: false}
 keys:
 %s`, port, o.AllowSimulated, keys.String())
+	if o.ReleaseValidity > 0 {
+		cfg += fmt.Sprintf("releaseValidity: %s\n", o.ReleaseValidity)
+	}
 	cfgPath := filepath.Join(dir, "broker.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		e.T.Fatal(err)
