@@ -263,6 +263,7 @@ func (d *Daemon) buildProxies() error {
 		g.AddStream(open("http"), http),
 		g.AddPacket(open("udp"), &udpproxy.Relay{IdleTimeout: d.cfg.UDPIdleTimeout}),
 		g.AddStream(proxies.Key{Mode: "secure", Protocol: "tcp"}, &secure.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "secure-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
+		g.AddStream(proxies.Key{Mode: "secure", Protocol: "http"}, secure.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "secure-http"))),
 		g.AddStream(proxies.DNSKey, d.dns),
 		g.AddPacket(proxies.DNSKey, d.dns),
 	}
