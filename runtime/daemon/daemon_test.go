@@ -257,8 +257,10 @@ func TestExtensionProtocolAdmitted(t *testing.T) {
 // the flag to set.
 func TestSecureWithoutKeyBroker(t *testing.T) {
 	td := startTest(t, Config{})
-	if _, ok := td.proxies.Stream(proxiesKey("secure", "http")); !ok {
-		t.Skip("no secure-mode proxy registered in this build")
+	for _, protocol := range []string{"http", "tcp"} {
+		if _, ok := td.proxies.Stream(proxies.Key{Mode: "secure", Protocol: protocol}); !ok {
+			t.Fatalf("no secure/%s proxy registered", protocol)
+		}
 	}
 	doc := openPolicy + `
     - name: blob
@@ -306,10 +308,6 @@ func TestReconcileAfterRestart(t *testing.T) {
 	if err := d.enforcer.Check(s); err != nil {
 		t.Fatalf("check after reconcile: %v", err)
 	}
-}
-
-func proxiesKey(mode, protocol string) proxies.Key {
-	return proxies.Key{Mode: mode, Protocol: protocol}
 }
 
 // releaser releases every key as version 1 for an hour.
