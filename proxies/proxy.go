@@ -361,3 +361,14 @@ func ResultOf(ctx context.Context, err error, ends ...EndFor) Result {
 	}
 	return Result{End: EndError, Err: err}
 }
+
+// RefusalError is a Refused error for proxies that need no type of their
+// own: the flow was refused as a whole for Reason, Err says how.
+type RefusalError struct {
+	Reason string
+	Err    error
+}
+
+func (e *RefusalError) Error() string         { return e.Reason + ": " + e.Err.Error() }
+func (e *RefusalError) Unwrap() error         { return e.Err }
+func (e *RefusalError) RefusalReason() string { return e.Reason }

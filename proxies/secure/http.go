@@ -127,7 +127,7 @@ func (p *HTTP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) pro
 		// before the reset, so that the audit trail never lags the sandbox.
 		h.deny(nil, ReasonNoKey, 0, err)
 		reset(c)
-		return proxies.Result{End: proxies.EndError, Err: err}
+		return proxies.Result{End: proxies.EndError, Err: &proxies.RefusalError{Reason: ReasonNoKey, Err: err}}
 	}
 	h.client = &timedConn{Conn: c}
 	h.cin = &limitedReader{r: h.client, left: -1}

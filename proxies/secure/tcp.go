@@ -77,7 +77,7 @@ func (p *TCP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) prox
 		// trail never lags the sandbox.
 		deny(ReasonNoKey, err)
 		reset(c)
-		return proxies.Result{End: proxies.EndError, Err: err}
+		return proxies.Result{End: proxies.EndError, Err: &proxies.RefusalError{Reason: ReasonNoKey, Err: err}}
 	}
 	host := ""
 	if len(f.Hosts) > 0 {

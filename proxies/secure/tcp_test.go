@@ -343,8 +343,8 @@ func TestTCPNoKey(t *testing.T) {
 				t.Fatalf("the sandbox read %q, %v (write: %v); want a reset", got, err, werr)
 			}
 			res := s.wait(t)
-			if res.End != proxies.EndError || res.Err == nil {
-				t.Fatalf("result %+v", res)
+			if reason, _ := proxies.RefusalOf(res.Err); res.End != proxies.EndError || reason != ReasonNoKey {
+				t.Fatalf("result %+v: want a refusal counted as %s", res, ReasonNoKey)
 			}
 			s.rep.wantDenial(t, ReasonNoKey)
 			time.Sleep(50 * time.Millisecond)
