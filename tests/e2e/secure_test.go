@@ -29,6 +29,22 @@ import (
 // records every byte it received, so the tests can show that no plaintext
 // canary ever left the Clean Room.
 
+// policySecureStore: the blob store at 198.51.100.10:8080 through the
+// secure HTTP proxy. Sandboxes A and B share it: the context the proxy
+// seals under names the rule ("rule=blob-store dir=out"), so the rule's
+// name is part of the closed loop.
+const policySecureStore = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: secure-store}
+spec:
+  egress:
+    - name: blob-store
+      to: [{cidr: 198.51.100.10/32}]
+      ports: [{port: 8080}]
+      mode: secure
+      secure: {keyID: egress-dek, protocol: http}
+`
+
 // policySecurePeer: TCP to 198.51.100.10 through the secure TCP proxy: the
 // key holder on 9000, a reflector on 9001, a server answering in clear on
 // 9002.
@@ -71,6 +87,156 @@ func sealedHeader(t *testing.T, what string, b []byte, rule string) seal.Header 
 		t.Fatalf("%s sealed under key %q context %q, want egress-dek and %q", what, h.KeyID, h.Context, want)
 	}
 	return h
+}
+
+// TestSecureHTTPClosedLoop: sandbox A PUTs objects holding a canary
+// through the secure HTTP proxy (one with Content-Length, one chunked);
+// the store receives and keeps only sealed objects under egress-dek, and
+// sandbox B GETs the original bytes back, whole and by range. What the
+// store holds in clear, or sealed and then changed, never reaches B's
+// output.
+func TestSecureHTTPClosedLoop(t *testing.T) {
+	env := harness.New(t)
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true})
+	d := env.StartDaemon("--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated")
+	store := env.BlobStore("198.51.100.10:8080")
+	a := env.MustAddSandbox("writer", harness.SandboxOptions{Policy: policySecureStore, NoIPv6: true})
+	b := env.MustAddSandbox("reader", harness.SandboxOptions{Policy: policySecureStore, NoIPv6: true})
+	leaks := env.SniffFromSandboxes()
+	events := watchEvents(t, d, b)
+	secret := canary(t)
+
+	// 200 KiB of random bytes (four 64 KiB segments) with the canary at
+	// the start, in the middle and at the end; and a small object.
+	big := make([]byte, 200<<10)
+	if _, err := rand.Read(big); err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int{0, 100 << 10, len(big) - len(secret)} {
+		copy(big[off:], secret)
+	}
+	small := []byte("small object " + secret + "\n")
+	dir := t.TempDir()
+	bigFile, smallFile := filepath.Join(dir, "big"), filepath.Join(dir, "small")
+	if err := os.WriteFile(bigFile, big, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(smallFile, small, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const url = "http://198.51.100.10:8080/objects/"
+
+	// A puts both: big with Content-Length (curl -T), small chunked.
+	if code, hdr, body := a.Curl(t, "-T", bigFile, url+"big"); code != 201 {
+		t.Fatalf("PUT big from A: %d %q\n%s\n%s", code, body, hdr, d.Log())
+	}
+	if code, hdr, body := a.Curl(t, "-X", "PUT", "-H", "Transfer-Encoding: chunked", "--data-binary", "@"+smallFile, url+"small"); code != 201 {
+		t.Fatalf("PUT small (chunked) from A: %d %q\n%s", code, body, hdr)
+	}
+
+	// The store holds sealed objects of exactly the sealed size.
+	for name, plain := range map[string][]byte{"big": big, "small": small} {
+		stored, ok := store.Object("/objects/" + name)
+		if !ok {
+			t.Fatalf("the store has no object %s", name)
+		}
+		h := sealedHeader(t, "stored object "+name, stored, "blob-store")
+		if want := h.Layout().SealedSize(int64(len(plain))); int64(len(stored)) != want {
+			t.Errorf("stored object %s is %d bytes, want the sealed size of %d plaintext bytes, %d", name, len(stored), len(plain), want)
+		}
+	}
+	raw := store.Received()
+	if bytes.Contains(raw, []byte(secret)) {
+		t.Fatal("the store received the canary in clear")
+	}
+	// Nor any stretch of the random plaintext.
+	for off := 0; off+64 <= len(big); off += 16 << 10 {
+		if bytes.Contains(raw, big[off+8:off+64]) {
+			t.Fatalf("the store received plaintext bytes %d-%d of the object", off+8, off+64)
+		}
+	}
+	if !bytes.Contains(raw, []byte("Transfer-Encoding: chunked")) {
+		t.Errorf("the chunked PUT did not reach the store chunked:\n%s", harness.Grep(string(raw), "PUT "))
+	}
+
+	// B gets the original bytes back: whole, and a range across a segment
+	// boundary (the proxy maps it to the segments that hold it).
+	if code, hdr, body := b.Curl(t, url+"big"); code != 200 || !bytes.Equal([]byte(body), big) {
+		t.Fatalf("GET big from B: %d, %d bytes (equal: %v)\n%s", code, len(body), bytes.Equal([]byte(body), big), hdr)
+	}
+	if code, hdr, body := b.Curl(t, url+"small"); code != 200 || body != string(small) {
+		t.Fatalf("GET small from B: %d %q\n%s", code, body, hdr)
+	}
+	if code, hdr, body := b.Curl(t, "-r", "65000-70999", url+"big"); code != 206 || body != string(big[65000:71000]) {
+		t.Errorf("GET bytes 65000-70999 of big from B: %d, %d bytes (equal: %v)\n%s", code, len(body), body == string(big[65000:71000]), hdr)
+	}
+
+	// An object in the store in clear (put there directly, not through a
+	// Clean Room): B gets the status, never the body.
+	plainSecret := canary(t)
+	store.Put("/objects/plain", []byte("stored in clear "+plainSecret+"\n"))
+	code, hdr, body := b.Curl(t, url+"plain")
+	if body != "" {
+		t.Fatalf("B read a plaintext object from the store: %d %q (canary in it: %v)", code, body, strings.Contains(body, plainSecret))
+	}
+	if code != 200 || !strings.Contains(hdr, "Cleanwall-Reason: unsealed-body") {
+		t.Errorf("GET of a plaintext object: %d, want 200 without its body and Cleanwall-Reason: unsealed-body\n%s", code, hdr)
+	}
+	if !events.wait(5*time.Second, func(ev api.DenyEvent) bool {
+		return ev.Source == "http" && ev.Reason == "unsealed-body" && ev.Status == 200 && ev.Path == "/objects/plain"
+	}) {
+		t.Errorf("no http/unsealed-body deny event for B; got %+v", events.all())
+	}
+
+	// The key's owner, outside the Clean Room, seals an object for it
+	// under the rule's inbound context (what `cleanwall seal seal
+	// --context "rule=blob-store dir=in"` makes): B opens it. The same
+	// sealed for another rule is refused before any of it reaches B.
+	key, version := kb.DataKey(t, "egress-dek")
+	fromOwner := []byte("from the key's owner\n")
+	for _, c := range []struct {
+		path, context string
+		opens         bool
+	}{{"/objects/from-owner", "rule=blob-store dir=in", true}, {"/objects/other-rule", "rule=other-store dir=out", false}} {
+		sealed, err := seal.Seal(fromOwner, seal.SealConfig{Key: key, KeyID: "egress-dek", KeyVersion: version, Context: c.context})
+		if err != nil {
+			t.Fatal(err)
+		}
+		store.Put(c.path, sealed)
+		code, hdr, body := b.Curl(t, "http://198.51.100.10:8080"+c.path)
+		switch {
+		case c.opens && (code != 200 || body != string(fromOwner)):
+			t.Errorf("GET of an object sealed under %q: %d %q, want 200 and its plaintext\n%s", c.context, code, body, hdr)
+		case !c.opens && (code != 502 || body != "" || !strings.Contains(hdr, "Cleanwall-Reason: seal-open-failed")):
+			t.Errorf("GET of an object sealed under %q: %d %q, want 502 seal-open-failed and no body\n%s", c.context, code, body, hdr)
+		}
+	}
+
+	// A sealed object changed in the store (one bit in its first
+	// segment): refused before any of it reaches B.
+	tampered, _ := store.Object("/objects/big")
+	_, n, err := seal.ParseHeader(tampered)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tampered[n+8+100] ^= 1 // a ciphertext byte of segment 0
+	store.Put("/objects/tampered", tampered)
+	code, hdr, body = b.Curl(t, url+"tampered")
+	if body != "" || code != 502 || !strings.Contains(hdr, "Cleanwall-Reason: seal-open-failed") {
+		t.Fatalf("GET of a tampered object: %d, %d bytes, want 502 seal-open-failed and no body\n%s", code, len(body), hdr)
+	}
+	if !events.wait(5*time.Second, func(ev api.DenyEvent) bool {
+		return ev.Source == "http" && ev.Reason == "seal-open-failed" && ev.Path == "/objects/tampered"
+	}) {
+		t.Errorf("no http/seal-open-failed deny event for B; got %+v", events.all())
+	}
+
+	if n := leaks.FromSource(a.IP) + leaks.FromSource(b.IP); n != 0 {
+		t.Errorf("%d packets from the sandboxes' own addresses reached the remote side", n)
+	}
+	if n := proxyFlows(t, d, a, "blob-store", "accepted"); n != 2 {
+		t.Errorf("A's flows counted accepted: %v, want 2", n)
+	}
 }
 
 // keyHolder is the far end of a secure TCP rule's closed loop, outside the
@@ -418,8 +584,9 @@ func auditHas(t *testing.T, d *harness.Daemon, s string, n int) {
 
 // TestSecureNoKeyNoEgress: once the broker stops releasing and the
 // released key's validity ran out, a new secure flow is reset before
-// anything is dialed, counted and reported as no-key: nothing of it
-// reaches the remote side, in clear or sealed.
+// anything is dialed, counted, streamed and audited as no-key: nothing of
+// it reaches the remote side, in clear or sealed. The flow opened while
+// the key was held is reset once cleanwalld sees the key lapse.
 func TestSecureNoKeyNoEgress(t *testing.T) {
 	env := harness.New(t)
 	// Keys valid for 6 s: cleanwalld releases again every 5 s while the
@@ -473,9 +640,11 @@ func TestSecureNoKeyNoEgress(t *testing.T) {
 	}) {
 		t.Errorf("no tcp/no-key deny event; got %+v", events.all())
 	}
-	if !harness.Eventually(5*time.Second, func() bool { return proxyFlows(t, d, sb, "sealed-peer", "error") >= 1 }) {
-		m, _ := d.Metrics()
-		t.Errorf("the keyless flow was not counted (result=error):\n%s", grep(m, `rule="sealed-peer"`))
+	// Refused as a whole: counted under its reason, like the firewall's
+	// own refusals.
+	if !harness.Eventually(5*time.Second, func() bool { return proxyFlows(t, d, sb, "sealed-peer", "no-key") == 1 }) {
+		m, err := d.Metrics()
+		t.Errorf("the keyless flow was not counted (result=no-key): %v\n%s", err, grep(m, `rule="sealed-peer"`))
 	}
 	auditHas(t, d, `"reason":"no-key"`, 1)
 	if n := len(holder.connections()); n != before {
