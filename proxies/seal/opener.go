@@ -321,11 +321,14 @@ func (o *Opener) advance() error {
 // readHeader reads a header off r field by field, never past its end.
 func readHeader(r io.Reader) (Header, int, error) {
 	b := make([]byte, 0, MaxHeaderSize)
-	// The fixed start, then the key id, version and context length, then
-	// the context, salt and commitment: each step's size is known from
-	// the step before. ParseHeader refuses what is wrong as early as it
-	// can be seen.
-	want := 4 + 1 + 1 + 4 + 1
+	// The magic (so that a stream that is not sealed is refused as soon as
+	// 4 bytes came, not when a longer read would have been filled: a peer
+	// answering "ok\n" in clear must not hold the flow), the rest of the
+	// fixed start, then the key id, version and context length, then the
+	// context, salt and commitment: each step's size is known from the
+	// step before. ParseHeader refuses what is wrong as early as it can be
+	// seen.
+	want := len(magic)
 	for {
 		n, err := io.ReadFull(r, b[len(b):want])
 		b = b[:len(b)+n]
@@ -344,6 +347,8 @@ func readHeader(r io.Reader) (Header, int, error) {
 			return h, len(b), err
 		}
 		switch want {
+		case len(magic):
+			want = 4 + 1 + 1 + 4 + 1
 		case 4 + 1 + 1 + 4 + 1:
 			want += int(b[10]) + 4 + 2
 		default:

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"testing"
+	"time"
 )
 
 // tamperSeg is small so that objects have many segments and every byte
@@ -316,5 +318,27 @@ func TestTamperDistinct(t *testing.T) {
 		}
 		seen[key] = name
 		t.Logf("%-17s %v", name, err)
+	}
+}
+
+// A stream that is not sealed is refused as soon as its first 4 bytes are
+// in, even when the peer then waits: a short answer in clear must not hold
+// the flow until the peer closes.
+func TestShortClearAnswerRefusedAtOnce(t *testing.T) {
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	go func() { _, _ = pw.Write([]byte("ok\n!")) }() // then nothing, and no close
+	done := make(chan error, 1)
+	go func() {
+		_, err := NewOpener(pr, func(string, int) ([]byte, error) { return nil, errors.New("no key wanted") }).Read(make([]byte, 16))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrNotSealed) {
+			t.Fatalf("got %v, want ErrNotSealed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the opener waited for more than the magic")
 	}
 }

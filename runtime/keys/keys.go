@@ -253,10 +253,15 @@ func (k *Ring) release(ctx context.Context, hk heldKey) (proxies.DataKey, error)
 	return dk, nil
 }
 
+// RefreshInterval is how often the ring looks for keys due for release
+// and for lapsed ones: a key that expired without a new release stops
+// sealing open flows within about this long.
+const RefreshInterval = time.Second
+
 // refresh re-attests before keys expire; a key the broker no longer
 // releases is dropped at its expiry (its secure flows are then refused).
 func (k *Ring) refresh(ctx context.Context) {
-	t := time.NewTicker(5 * time.Second)
+	t := time.NewTicker(RefreshInterval)
 	defer t.Stop()
 	for {
 		select {

@@ -596,7 +596,7 @@ func TestStartRefreshesAndWipes(t *testing.T) {
 		t.Fatalf("release audit records %v", recs)
 	}
 	v1, _ := src.Current("k1")
-	// Within the last tenth of its validity: the next tick (every 5 s)
+	// Within the last tenth of its validity: the next tick (every RefreshInterval)
 	// releases version 2.
 	v.clock.set(t0.Add(55 * time.Minute))
 	deadline := time.Now().Add(15 * time.Second)
