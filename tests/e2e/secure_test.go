@@ -676,3 +676,33 @@ func TestSecureNoKeyNoEgress(t *testing.T) {
 	}
 	auditHas(t, d, `"kind":"key.lapse"`, 1)
 }
+
+// `cleanwall run` takes the daemon's key flags: its embedded runtime
+// releases the key and the command's PUT reaches the store sealed, its GET
+// comes back in plaintext. Without a key broker the run refuses to start
+// the command.
+func TestRunWithSecureRule(t *testing.T) {
+	env := harness.New(t)
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true})
+	store := env.BlobStore("198.51.100.10:8080")
+	pol := writePolicy(t, env, "secure-run.yaml", policySecureStore)
+	secret := canary(t)
+	name := runName("secure-run")
+	res := cleanwallRun(t, env, "--policy", pol, "--name", name,
+		"--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated", "--",
+		"sh", "-c", `printf '%s' "$1" | curl -sS -m 5 -f -T - http://198.51.100.10:8080/objects/run && curl -sS -m 5 -f http://198.51.100.10:8080/objects/run`, "sh", secret)
+	if res.code != 0 || res.stdout != secret {
+		t.Fatalf("exit status %d, stdout %q (want the canary back)\nstderr: %s", res.code, res.stdout, res.stderr)
+	}
+	stored, ok := store.Object("/objects/run")
+	if !ok || !bytes.HasPrefix(stored, []byte("CWSL")) || bytes.Contains(store.Received(), []byte(secret)) {
+		t.Fatalf("the store holds %q (found %v): want a sealed object and never the canary", stored, ok)
+	}
+	runLeftovers(t, env, name)
+
+	res = cleanwallRun(t, env, "--policy", pol, "--name", runName("secure-nobroker"), "--", "true")
+	if res.code == 0 || !strings.Contains(res.stderr, "--keybroker") {
+		t.Fatalf("without a key broker: exit status %d\nstderr: %s", res.code, res.stderr)
+	}
+	runLeftovers(t, env, runName("secure-nobroker"))
+}
