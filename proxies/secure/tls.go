@@ -1,18 +1,16 @@
 package secure
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 
 	"github.com/cleanwall/cleanwall/policy"
+	"github.com/cleanwall/cleanwall/proxies/internal/tlsconf"
 )
 
 // upstreamTLS is a rule's secure.upstreamTLS, its files read at Configure
@@ -29,14 +27,11 @@ type upstreamTLS struct {
 func loadUpstreamTLS(t *policy.TLSSpec, path string) (*upstreamTLS, error) {
 	u := &upstreamTLS{serverName: t.ServerName}
 	if t.CAFile != "" {
-		pem, err := os.ReadFile(t.CAFile)
+		roots, err := tlsconf.LoadCA(t.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("%s.caFile: %w", path, err)
+			return nil, fmt.Errorf("%s.%w", path, err)
 		}
-		u.roots = x509.NewCertPool()
-		if !u.roots.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("%s.caFile: %s holds no PEM certificate", path, t.CAFile)
-		}
+		u.roots = roots
 	}
 	pins, err := t.Pins()
 	if err != nil {
@@ -57,9 +52,6 @@ func loadUpstreamTLS(t *policy.TLSSpec, path string) (*upstreamTLS, error) {
 	}
 	return u, nil
 }
-
-// errPin is a certificate whose key matches no spkiSHA256 pin.
-var errPin = errors.New("no certificate's public key matches a spkiSHA256 pin")
 
 // config is the client TLS configuration of one connection to a remote
 // called serverName. With pins and no caFile, the pins alone identify
@@ -82,7 +74,7 @@ func (u *upstreamTLS) config(serverName string) *tls.Config {
 		c.InsecureSkipVerify = true
 		c.VerifyConnection = func(cs tls.ConnectionState) error {
 			if len(cs.PeerCertificates) == 0 || !u.pinned(cs.PeerCertificates[0]) {
-				return errPin
+				return tlsconf.ErrPin
 			}
 			return nil
 		}
@@ -96,19 +88,13 @@ func (u *upstreamTLS) config(serverName string) *tls.Config {
 				}
 			}
 		}
-		return errPin
+		return tlsconf.ErrPin
 	}
 	return c
 }
 
 func (u *upstreamTLS) pinned(cert *x509.Certificate) bool {
-	sum := sha256.Sum256(cert.RawSubjectPublicKeyInfo)
-	for _, p := range u.pins {
-		if bytes.Equal(sum[:], p[:]) {
-			return true
-		}
-	}
-	return false
+	return tlsconf.Pinned(u.pins, cert)
 }
 
 // serverNameFor is the name a flow's remote is verified as: upstreamTLS's
@@ -137,10 +123,4 @@ func (u *upstreamTLS) handshake(ctx context.Context, raw net.Conn, serverName st
 
 // isVerifyError reports whether a handshake failed on the remote's
 // identity (not on the network).
-func isVerifyError(err error) bool {
-	var cv *tls.CertificateVerificationError
-	var ua x509.UnknownAuthorityError
-	var hn x509.HostnameError
-	var ci x509.CertificateInvalidError
-	return errors.Is(err, errPin) || errors.As(err, &cv) || errors.As(err, &ua) || errors.As(err, &hn) || errors.As(err, &ci)
-}
+func isVerifyError(err error) bool { return tlsconf.IsVerifyError(err) }
