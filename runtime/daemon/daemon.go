@@ -26,6 +26,7 @@ import (
 	"github.com/cleanwall/cleanwall/proxies/secure"
 	tcpproxy "github.com/cleanwall/cleanwall/proxies/tcp"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
+	"github.com/cleanwall/cleanwall/proxies/trusted"
 	udpproxy "github.com/cleanwall/cleanwall/proxies/udp"
 	"github.com/cleanwall/cleanwall/runtime/dispatch"
 	"github.com/cleanwall/cleanwall/runtime/enforce"
@@ -264,6 +265,7 @@ func (d *Daemon) buildProxies() error {
 		g.AddPacket(open("udp"), &udpproxy.Relay{IdleTimeout: d.cfg.UDPIdleTimeout}),
 		g.AddStream(proxies.Key{Mode: "secure", Protocol: "tcp"}, &secure.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "secure-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
 		g.AddStream(proxies.Key{Mode: "secure", Protocol: "http"}, secure.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "secure-http"))),
+		g.AddStream(proxies.Key{Mode: "trusted", Protocol: "tcp"}, &trusted.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "trusted-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
 		g.AddStream(proxies.DNSKey, d.dns),
 		g.AddPacket(proxies.DNSKey, d.dns),
 	}
