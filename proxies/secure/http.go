@@ -11,16 +11,15 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/proxies"
 	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
+	"github.com/cleanwall/cleanwall/proxies/internal/httpwire"
 	"github.com/cleanwall/cleanwall/proxies/seal"
 )
 
@@ -129,15 +128,15 @@ func (p *HTTP) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) pro
 		reset(c)
 		return proxies.Result{End: proxies.EndError, Err: &proxies.RefusalError{Reason: ReasonNoKey, Err: err}}
 	}
-	h.client = &timedConn{Conn: c}
-	h.cin = &limitedReader{r: h.client, left: -1}
+	h.client = &httpwire.TimedConn{Conn: c}
+	h.cin = httpwire.NewLimitedReader(h.client)
 	h.cr = bufio.NewReaderSize(h.cin, 16<<10)
 	h.cw = bufio.NewWriterSize(h.client, 4<<10)
 
 	stop := context.AfterFunc(ctx, h.abort)
 	err = h.serve()
 	stop()
-	f.Report.Bytes(h.client.read.Load(), h.client.written.Load())
+	f.Report.Bytes(h.client.BytesRead.Load(), h.client.BytesWritten.Load())
 	clean := err == nil && ctx.Err() == nil && !h.isAborted()
 	h.finish(clean)
 	return proxies.ResultOf(ctx, err)
@@ -154,8 +153,8 @@ type httpFlow struct {
 	log   *slog.Logger
 	hosts httpproxy.Flow
 
-	client *timedConn
-	cin    *limitedReader
+	client *httpwire.TimedConn
+	cin    *httpwire.LimitedReader
 	cr     *bufio.Reader
 	cw     *bufio.Writer
 	wrote  bool // part of the current response reached the sandbox
@@ -164,8 +163,8 @@ type httpFlow struct {
 	up      remote
 	aborted bool
 	upHost  string // the Host the remote connection was verified for
-	upIO    *timedConn
-	upLim   *limitedReader
+	upIO    *httpwire.TimedConn
+	upLim   *httpwire.LimitedReader
 	ur      *bufio.Reader
 	uw      *bufio.Writer
 	body    *bodySender // the current request body's sender, if any
@@ -209,10 +208,10 @@ func (h *httpFlow) serve() error {
 		}
 		_ = h.client.SetReadDeadline(time.Now().Add(h.lim.HeaderTimeout))
 		// What the reader holds already is part of the head's budget.
-		h.cin.limit(max(0, h.lim.MaxHeaderBytes-h.cr.Buffered()))
+		h.cin.Limit(max(0, h.lim.MaxHeaderBytes-h.cr.Buffered()))
 		req, err := http.ReadRequest(h.cr)
-		hit := h.cin.hit
-		h.cin.limit(-1)
+		hit := h.cin.Hit
+		h.cin.Limit(-1)
 		_ = h.client.SetReadDeadline(time.Time{})
 		if err != nil {
 			switch {
@@ -293,11 +292,11 @@ func (h *httpFlow) check(req *http.Request) *refusal {
 		return refuseFor(http.StatusUnsupportedMediaType, ReasonContentEncoding, true, nil)
 	}
 	for k, vs := range req.Header {
-		if !validFieldName(k) {
+		if !httpwire.ValidFieldName(k) {
 			return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, fmt.Errorf("field name %q", truncate(k, 64)))
 		}
 		for _, v := range vs {
-			if !validFieldValue(v) {
+			if !httpwire.ValidFieldValue(v) {
 				return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, fmt.Errorf("field %s", truncate(k, 64)))
 			}
 		}
@@ -326,7 +325,7 @@ func (h *httpFlow) roundTrip(req *http.Request, key proxies.DataKey, rangeHdr, i
 	if rf := h.connect(req.Host); rf != nil {
 		return nil, rf
 	}
-	h.upIO.readIdle = 0
+	h.upIO.ReadIdle = 0
 	body := hasBody(req) && rangeHdr == ""
 	var layout seal.Layout
 	if body {
@@ -341,7 +340,7 @@ func (h *httpFlow) roundTrip(req *http.Request, key proxies.DataKey, rangeHdr, i
 		target = req.URL.RequestURI()
 	}
 	uw.WriteString(req.Method + " " + target + " HTTP/1.1\r\nHost: " + req.Host + "\r\n")
-	writeFields(uw, req.Header, dropRequest)
+	httpwire.WriteFields(uw, req.Header, dropRequest)
 	uw.WriteString("Accept-Encoding: identity\r\n")
 	if rangeHdr != "" {
 		uw.WriteString("Range: " + rangeHdr + "\r\n")
@@ -378,8 +377,8 @@ func (h *httpFlow) roundTrip(req *http.Request, key proxies.DataKey, rangeHdr, i
 		_ = h.upIO.SetReadDeadline(time.Now().Add(h.lim.ResponseHeaderTimeout))
 	}
 
-	h.upLim.limit(h.lim.MaxResponseHeaderBytes)
-	defer h.upLim.limit(-1)
+	h.upLim.Limit(h.lim.MaxResponseHeaderBytes)
+	defer h.upLim.Limit(-1)
 	probe := &http.Request{Method: req.Method}
 	for range 9 {
 		resp, err := http.ReadResponse(h.ur, probe)
@@ -397,7 +396,7 @@ func (h *httpFlow) roundTrip(req *http.Request, key proxies.DataKey, rangeHdr, i
 				err = res.err
 			}
 			switch {
-			case h.upLim.hit:
+			case h.upLim.Hit:
 				return nil, refuseFor(http.StatusBadGateway, reasonBadUpstreamResponse, false, err)
 			case errors.Is(err, os.ErrDeadlineExceeded):
 				return nil, refuseFor(http.StatusGatewayTimeout, reasonUpstreamTimeout, false, err)
@@ -411,7 +410,7 @@ func (h *httpFlow) roundTrip(req *http.Request, key proxies.DataKey, rangeHdr, i
 			continue // 100 Continue (the proxy answered the sandbox's), 103
 		}
 		_ = h.upIO.SetReadDeadline(time.Time{})
-		h.upIO.readIdle = h.lim.BodyIdleTimeout
+		h.upIO.ReadIdle = h.lim.BodyIdleTimeout
 		return resp, nil
 	}
 	return nil, refuseFor(http.StatusBadGateway, reasonBadUpstreamResponse, false, errors.New("too many informational responses"))
@@ -423,8 +422,8 @@ func (h *httpFlow) roundTrip(req *http.Request, key proxies.DataKey, rangeHdr, i
 // a whole object: the remote connection is reset instead of the object
 // closed.
 func (h *httpFlow) sendBody(req *http.Request, key proxies.DataKey, chunked bool) bodyResult {
-	h.client.readIdle = h.lim.BodyIdleTimeout
-	defer func() { h.client.readIdle = 0 }()
+	h.client.ReadIdle = h.lim.BodyIdleTimeout
+	defer func() { h.client.ReadIdle = 0 }()
 	var w io.Writer = h.uw
 	var cw io.WriteCloser
 	if chunked {
@@ -513,10 +512,10 @@ func (h *httpFlow) endBody() bodyResult {
 	default:
 	}
 	h.resetUpstream()
-	h.client.stop.Store(true)
+	h.client.Stop.Store(true)
 	_ = h.client.Conn.SetReadDeadline(time.Now())
 	<-b.done
-	h.client.stop.Store(false)
+	h.client.Stop.Store(false)
 	if b.res.err == nil {
 		b.res.err = errors.New("the remote answered before it had the whole request body")
 	}
@@ -546,7 +545,7 @@ func (h *httpFlow) end(keep, keepUp bool) (bool, error) {
 func (h *httpFlow) relay(req *http.Request, resp *http.Response, ranged bool) (bool, error) {
 	keep := !req.Close && h.bodySentWhole()
 	fields := resp.Header.Clone()
-	dropFields(fields, dropResponse)
+	httpwire.DropFields(fields, dropResponse)
 	// The response body is read to its end or not at all: the remote
 	// connection is closed rather than drained (resp.Body.Close would
 	// drain it).
@@ -606,7 +605,7 @@ func (h *httpFlow) deliver(req *http.Request, resp *http.Response, o *seal.Opene
 	if length < 0 && req.ProtoMinor == 0 {
 		keep = false // an HTTP/1.0 client reads to the close
 	}
-	before := h.client.written.Load()
+	before := h.client.BytesWritten.Load()
 	h.writeHead(resp.StatusCode, fields, length, keep)
 	var w io.Writer = h.cw
 	var cw io.WriteCloser
@@ -620,7 +619,7 @@ func (h *httpFlow) deliver(req *http.Request, resp *http.Response, o *seal.Opene
 		w = held
 	}
 	h.wrote = true
-	h.client.writeIdle = h.lim.BodyIdleTimeout
+	h.client.WriteIdle = h.lim.BodyIdleTimeout
 	n, err := o.WriteTo(w)
 	if err == nil && length >= 0 && n != length {
 		err = fmt.Errorf("opened %d bytes, the response said %d", n, length)
@@ -628,9 +627,9 @@ func (h *httpFlow) deliver(req *http.Request, resp *http.Response, o *seal.Opene
 	if err == nil && held != nil {
 		err = held.release()
 	}
-	h.client.writeIdle = 0
+	h.client.WriteIdle = 0
 	if err != nil {
-		if isSealError(err) && h.client.written.Load() == before {
+		if isSealError(err) && h.client.BytesWritten.Load() == before {
 			// Nothing left the buffer yet (the first segment failed): the
 			// head is taken back and the sandbox gets a plain refusal.
 			h.cw.Reset(h.client)
@@ -736,7 +735,7 @@ func (h *httpFlow) writeHead(status int, fields http.Header, length int64, keep 
 		text = "Status"
 	}
 	w.WriteString("HTTP/1.1 " + strconv.Itoa(status) + " " + text + "\r\n")
-	writeFields(w, fields, nil)
+	httpwire.WriteFields(w, fields, nil)
 	switch {
 	case length >= 0:
 		w.WriteString("Content-Length: " + strconv.FormatInt(length, 10) + "\r\n")
@@ -810,8 +809,8 @@ func (h *httpFlow) connect(host string) *refusal {
 	}
 	h.up, h.upHost = up, name
 	// A remote that stops reading a body it is sent fails the write.
-	h.upIO = &timedConn{Conn: up.conn, writeIdle: h.lim.BodyIdleTimeout}
-	h.upLim = &limitedReader{r: h.upIO, left: -1}
+	h.upIO = &httpwire.TimedConn{Conn: up.conn, WriteIdle: h.lim.BodyIdleTimeout}
+	h.upLim = httpwire.NewLimitedReader(h.upIO)
 	h.ur = bufio.NewReaderSize(h.upLim, 16<<10)
 	h.uw = bufio.NewWriterSize(h.upIO, 16<<10)
 	return nil
@@ -881,145 +880,13 @@ func (h *httpFlow) finish(clean bool) {
 // sandbox gets. Validators (ETag, Last-Modified) pass both ways: they name
 // the stored object, which is the sealed one, consistently.
 var (
-	hopByHop     = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
-	digests      = []string{"Content-Md5", "Digest", "Content-Digest", "Repr-Digest", "Want-Digest", "Want-Content-Digest", "Want-Repr-Digest"}
-	dropRequest  = fieldSet(hopByHop, digests, []string{"Host", "Content-Length", "Expect", "Accept-Encoding", "Range"})
-	dropResponse = fieldSet(hopByHop, digests, []string{"Content-Length", "Content-Range"})
+	dropRequest  = httpwire.FieldSet(httpwire.HopByHop, httpwire.Digests, []string{"Host", "Content-Length", "Expect", "Accept-Encoding", "Range"})
+	dropResponse = httpwire.FieldSet(httpwire.HopByHop, httpwire.Digests, []string{"Content-Length", "Content-Range"})
 )
-
-func fieldSet(lists ...[]string) map[string]bool {
-	m := map[string]bool{}
-	for _, l := range lists {
-		for _, k := range l {
-			m[http.CanonicalHeaderKey(k)] = true
-		}
-	}
-	return m
-}
-
-// dropFields removes from h the fields in drop and those its Connection
-// field names.
-func dropFields(h http.Header, drop map[string]bool) {
-	for _, v := range h.Values("Connection") {
-		for _, name := range strings.Split(v, ",") {
-			h.Del(strings.TrimSpace(name))
-		}
-	}
-	for k := range h {
-		if drop[k] {
-			delete(h, k)
-		}
-	}
-}
-
-// writeFields writes h's fields, sorted, without those in drop or named
-// by its Connection field.
-func writeFields(w *bufio.Writer, h http.Header, drop map[string]bool) {
-	if drop != nil {
-		h = h.Clone()
-		dropFields(h, drop)
-	}
-	keys := make([]string, 0, len(h))
-	for k := range h {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
-		for _, v := range h[k] {
-			w.WriteString(k + ": " + v + "\r\n")
-		}
-	}
-}
-
-// validFieldName and validFieldValue keep what the proxy writes in the
-// grammar (net/http's reader is more tolerant in places).
-func validFieldName(k string) bool {
-	if k == "" {
-		return false
-	}
-	for i := 0; i < len(k); i++ {
-		c := k[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"(),/:;<=>?@[\\]{}", c) >= 0 {
-			return false
-		}
-	}
-	return true
-}
-
-func validFieldValue(v string) bool {
-	for i := 0; i < len(v); i++ {
-		if c := v[i]; (c < ' ' && c != '\t') || c == 0x7f {
-			return false
-		}
-	}
-	return true
-}
 
 func truncate(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
 	return s[:n]
-}
-
-// timedConn counts a connection's bytes and, when readIdle or writeIdle
-// is set, moves the deadline before each read or write (a body must keep
-// moving).
-type timedConn struct {
-	net.Conn
-	readIdle, writeIdle time.Duration
-	read, written       atomic.Int64
-	// stop fails reads at once (endBody ends a body sender that may be
-	// between two reads with it).
-	stop atomic.Bool
-}
-
-func (c *timedConn) Read(p []byte) (int, error) {
-	if c.stop.Load() {
-		return 0, os.ErrDeadlineExceeded
-	}
-	if c.readIdle > 0 {
-		_ = c.Conn.SetReadDeadline(time.Now().Add(c.readIdle))
-	}
-	n, err := c.Conn.Read(p)
-	c.read.Add(int64(n))
-	return n, err
-}
-
-func (c *timedConn) Write(p []byte) (int, error) {
-	if c.writeIdle > 0 {
-		_ = c.Conn.SetWriteDeadline(time.Now().Add(c.writeIdle))
-	}
-	n, err := c.Conn.Write(p)
-	c.written.Add(int64(n))
-	return n, err
-}
-
-// limitedReader passes reads through while its budget lasts (left < 0:
-// no budget); a head that does not end within it is refused as too large.
-type limitedReader struct {
-	r    io.Reader
-	left int64
-	hit  bool
-}
-
-var errHeadTooLarge = errors.New("head above the limit")
-
-func (l *limitedReader) limit(n int) {
-	l.left, l.hit = int64(n), false
-}
-
-func (l *limitedReader) Read(p []byte) (int, error) {
-	if l.left == 0 {
-		l.hit = true
-		return 0, errHeadTooLarge
-	}
-	if l.left > 0 && int64(len(p)) > l.left {
-		p = p[:l.left]
-	}
-	n, err := l.r.Read(p)
-	if l.left > 0 {
-		l.left -= int64(n)
-	}
-	return n, err
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/cleanwall/cleanwall/proxies"
+	"github.com/cleanwall/cleanwall/proxies/internal/httpwire"
 	"github.com/cleanwall/cleanwall/proxies/seal"
 )
 
@@ -197,7 +198,7 @@ func (h *httpFlow) ranged(req *http.Request, key proxies.DataKey, rs rangeSpec) 
 		fields = resp.Header.Clone()
 		frames = resp.Body
 	}
-	dropFields(fields, dropResponse)
+	httpwire.DropFields(fields, dropResponse)
 	fields.Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, off+length-1, n))
 	o := seal.NewOpener(io.MultiReader(bytes.NewReader(start[:size]), frames), h.cfg.keyFunc(h.f),
 		seal.WithAccept(h.acceptBody), seal.WithRange(span))
