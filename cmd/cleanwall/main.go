@@ -23,7 +23,9 @@ Usage:
   cleanwall attest status
   cleanwall audit verify FILE
   cleanwall seal seal --key-file FILE --key-id ID [--key-version N] [--context S] [-o OUT] [IN]
-  cleanwall seal open --key-file FILE [-v] [-o OUT] [IN]
+  cleanwall seal open --key-file FILE [-v] [--context S] [-o OUT] [IN]
+  cleanwall seal open --hpke-key FILE [-v] [--context S] [-o OUT] [IN]
+  cleanwall seal keygen --private-key FILE --public-key FILE [--suite xwing|x25519]
   cleanwall version
 
 Commands that talk to cleanwalld take --socket (default /run/cleanwall/cleanwalld.sock).
