@@ -346,6 +346,19 @@ func TestRunKilledTakesItsCommandAlongAndGCRemovesLeftovers(t *testing.T) {
 		t.Fatalf("the command (%d) and its grandchild (%d) should be running", child, grandchild)
 	}
 	dead := runFootprint{name: name, ipv4: run.ipv4, pid: run.pid()}
+	// Both beat before the kill (a pid file appears just before the first
+	// beat): a heartbeat that stops must have started.
+	sizes := func() (n [2]int64) {
+		for i, f := range []string{"child.hb", "grandchild.hb"} {
+			if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
+				n[i] = fi.Size()
+			}
+		}
+		return n
+	}
+	if !harness.Eventually(5*time.Second, func() bool { n := sizes(); return n[0] > 0 && n[1] > 0 }) {
+		t.Fatalf("the command and its grandchild never beat: %v", sizes())
+	}
 
 	killed := time.Now()
 	run.kill(t)
@@ -370,14 +383,6 @@ func TestRunKilledTakesItsCommandAlongAndGCRemovesLeftovers(t *testing.T) {
 	assertRunGone(t, env, dead)
 
 	// The heartbeats have stopped: for 20 periods neither file grows.
-	sizes := func() (n [2]int64) {
-		for i, f := range []string{"child.hb", "grandchild.hb"} {
-			if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
-				n[i] = fi.Size()
-			}
-		}
-		return n
-	}
 	before := sizes()
 	if before[0] == 0 || before[1] == 0 {
 		t.Fatalf("no heartbeat was ever written: %v", before)
