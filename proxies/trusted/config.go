@@ -62,6 +62,13 @@ func configure(r *policy.Rule, protocol string, reload time.Duration) (*ruleConf
 		}
 		cfg.tls = tr
 	}
+	if t.HPKE != nil {
+		h, err := loadHPKE(t.HPKE, r.Name, reload)
+		if err != nil {
+			return nil, fmt.Errorf("trusted.hpke.%w", err)
+		}
+		cfg.hpke = h
+	}
 	return cfg, nil
 }
 

@@ -427,13 +427,17 @@ func (s *served) wait(t testing.TB) proxies.Result {
 }
 
 // serveFlow serves one flow of rule configured as cfg from a new sandbox
-// connection to dst; it returns the sandbox's end.
-func serveFlow(t testing.TB, ctx context.Context, p proxies.StreamProxy, rule *policy.Rule, cfg any, dst netip.AddrPort) (*net.TCPConn, *served) {
+// connection to dst, resolved from hosts (none: a cidr rule's literal
+// IP); it returns the sandbox's end.
+func serveFlow(t testing.TB, ctx context.Context, p proxies.StreamProxy, rule *policy.Rule, cfg any, dst netip.AddrPort, hosts ...string) (*net.TCPConn, *served) {
 	t.Helper()
 	sb, proxied := sandboxPair(t)
 	s := &served{done: make(chan proxies.Result, 1), rep: &reporter{}}
 	f := &proxies.Flow{Sandbox: "sb-test", Rule: rule, Config: cfg, Src: sb.LocalAddr().(*net.TCPAddr).AddrPort(), Dst: dst,
-		Hosts: []string{dst.Addr().String()}, Report: s.rep}
+		Hosts: hosts, Report: s.rep}
+	if len(hosts) == 0 {
+		f.Hosts = []string{dst.Addr().String()}
+	}
 	go func() { s.done <- p.ServeStream(ctx, proxied, f) }()
 	return sb, s
 }

@@ -418,7 +418,7 @@ func TestConfigure(t *testing.T) {
 	k := newPKI(t)
 	notPEM := writeFile(t, k.dir, "not.pem", []byte("hello"))
 	missing := k.dir + "/missing.pem"
-	tcp := &TCP{}
+	tcp, httpProxy := &TCP{}, &HTTP{}
 	for _, tc := range []struct {
 		name    string
 		p       proxies.StreamProxy
@@ -455,6 +455,7 @@ func TestConfigure(t *testing.T) {
 		{"hpke on the tcp proxy", tcp, func() *policy.Rule {
 			return compile(t, `{hpke: {publicKeyFile: /x}, tls: {serverName: a.test, caFile: `+k.caFile+`}}`)
 		}, "trusted.hpke: a rule with hpke is served by the trusted HTTP proxy"},
+		{"no hpke on the http proxy", httpProxy, func() *policy.Rule { return compile(t, tlsBlock(`serverName: a.test, caFile: `+k.caFile)) }, "trusted.hpke: required"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := tc.rule()
