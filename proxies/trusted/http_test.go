@@ -458,3 +458,78 @@ func TestHTTPKeyReload(t *testing.T) {
 		t.Errorf("the remote got %d requests, want 2", n)
 	}
 }
+
+// TestHTTPEarlyAnswer: a remote that answers before it read the body (a
+// refusal of its own) and stops reading gets its answer to the sandbox
+// within the grace the proxy gives the body; the rest of the body never
+// reaches it as a whole sealed body, and the sandbox's connection ends
+// (what it sends next could not be told from the rest of its body).
+func TestHTTPEarlyAnswer(t *testing.T) {
+	priv := hpkeKey(t, hpke.SuiteX25519)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!")
+		c.(*net.TCPConn).CloseWrite()
+		time.Sleep(1500 * time.Millisecond) // reads nothing meanwhile
+		n, _ := io.Copy(io.Discard, br)
+		got <- n
+	}()
+	st := &store{ln: ln}
+	p := &HTTP{Logger: testLog(t)}
+	rule := compile(t, hpkeRuleYAML(t, t.TempDir(), priv, ""))
+	sb, s := serveFlow(t, context.Background(), p, rule, configureOK(t, p, rule), st.addr(), serverName)
+	const n = 8 << 20
+	resp, body := send(t, bufio.NewReader(sb), sb, hostOf(st), "PUT", "/big", n, false, "")
+	if resp.StatusCode != 413 || body != "big!" || !resp.Close {
+		t.Fatalf("%d %q close=%v", resp.StatusCode, body, resp.Close)
+	}
+	s.wait(t)
+	select {
+	case m := <-got:
+		if m >= hpke.SealedSize(n, priv.Public()) {
+			t.Errorf("the remote read %d bytes: the whole sealed body", m)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the remote's connection did not end")
+	}
+}
+
+// TestHTTPRevocation: a done ctx resets both connections mid-body.
+func TestHTTPRevocation(t *testing.T) {
+	priv := hpkeKey(t, hpke.SuiteX25519)
+	st := startStore(t, priv, nil)
+	p := &HTTP{Logger: testLog(t)}
+	rule := compile(t, hpkeRuleYAML(t, t.TempDir(), priv, ""))
+	ctx, cancel := context.WithCancel(context.Background())
+	sb, s := serveFlow(t, ctx, p, rule, configureOK(t, p, rule), st.addr(), serverName)
+	_ = sb.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(sb, "PUT /x HTTP/1.1\r\nHost: %s\r\nContent-Length: 1000000\r\n\r\n%s", hostOf(st), canary)
+	time.Sleep(100 * time.Millisecond)
+	cancel()
+	if res := s.wait(t); res.End != proxies.EndRevoked {
+		t.Errorf("result %+v", res)
+	}
+	if _, err := io.ReadAll(sb); err == nil {
+		t.Error("the sandbox's connection ended cleanly")
+	}
+	time.Sleep(100 * time.Millisecond)
+	for _, r := range st.requests() {
+		if r.openErr == nil {
+			t.Errorf("the remote holds a body that opens: %+v", r)
+		}
+	}
+}
