@@ -111,7 +111,7 @@ fuzz:
 BENCH_ARGS ?=
 bench: deps
 	$(call install_missing,$(BENCH_DEPS))
-	$(GO) test -count=3 -run '^$$' -bench '^BenchmarkRatio$$' -benchtime 2s ./proxies/seal/ ./proxies/secure/ ./proxies/trusted/
+	$(GO) test -count=3 -run '^$$' -bench '^BenchmarkRatio$$' -benchtime 2s ./proxies/seal/ ./proxies/seal/hpke/ ./proxies/secure/ ./proxies/trusted/
 	$(GO) test -tags bench -count=1 -timeout 20m -run '^TestBench$$' -v ./tests/bench/ $(if $(BENCH_ARGS),-args $(BENCH_ARGS))
 
 # Soak: SOAK_DURATION (default 5m) of mixed allowed/denied traffic from 20

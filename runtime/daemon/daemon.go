@@ -266,6 +266,7 @@ func (d *Daemon) buildProxies() error {
 		g.AddStream(proxies.Key{Mode: "secure", Protocol: "tcp"}, &secure.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "secure-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
 		g.AddStream(proxies.Key{Mode: "secure", Protocol: "http"}, secure.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "secure-http"))),
 		g.AddStream(proxies.Key{Mode: "trusted", Protocol: "tcp"}, &trusted.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "trusted-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
+		g.AddStream(proxies.Key{Mode: "trusted", Protocol: "http"}, trusted.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "trusted-http"))),
 		g.AddStream(proxies.DNSKey, d.dns),
 		g.AddPacket(proxies.DNSKey, d.dns),
 	}

@@ -195,12 +195,12 @@ func TestRuleWithoutProxyRefusedAtAdmission(t *testing.T) {
       mode: open
       open: {protocol: requestlog}
 `,
-		"trusted without a proxy for it": `
-    - name: sealed
+		"another extension not configured": `
+    - name: warehouse
       to: [{cidr: 198.51.100.40/32}]
-      ports: [{port: 9000}]
-      mode: trusted
-      trusted: {hpke: {publicKeyFile: /nonexistent}}
+      ports: [{port: 5432}]
+      mode: open
+      open: {protocol: pgproxy}
 `,
 	}
 	n := 10
@@ -498,5 +498,33 @@ func TestEventsAndMetrics(t *testing.T) {
 		if !found[name] {
 			t.Errorf("metric %s not gathered", name)
 		}
+	}
+}
+
+// A trusted rule that could never verify its remote, or whose files
+// cannot be read, is refused at ADD naming the field (issue 14's policy
+// check, done by the trusted proxies' Configure).
+func TestTrustedRuleChecked(t *testing.T) {
+	td := startTest(t, Config{})
+	for field, tlsSpec := range map[string]string{
+		"trusted.tls.caFile":         "serverName: p.example.test, caFile: /nonexistent/ca.pem",
+		"trusted.tls":                "serverName: p.example.test",
+		"trusted.tls.clientCertFile": "serverName: p.example.test, spkiSHA256: ['" + strings.Repeat("A", 43) + "='], clientCertFile: /nonexistent/c.pem, clientKeyFile: /nonexistent/c.key",
+	} {
+		doc := openPolicy + `
+    - name: partner
+      to: [{cidr: 198.51.100.70/32}]
+      ports: [{port: 80}]
+      mode: trusted
+      trusted: {tls: {` + tlsSpec + `}}
+`
+		_, err := td.client.Add(ctx(), td.request("t", 11, doc))
+		var ae *api.Error
+		if !errors.As(err, &ae) || !strings.Contains(ae.Message, "spec.egress[2]") || !strings.Contains(ae.Message, field) {
+			t.Errorf("%s: ADD gave %v", field, err)
+		}
+	}
+	if n := td.wall.Chains(); n != 0 {
+		t.Fatalf("refused sandboxes left %d wall chains", n)
 	}
 }

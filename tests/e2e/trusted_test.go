@@ -1,9 +1,14 @@
 package e2e
 
 import (
+	"bytes"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -116,5 +121,73 @@ func TestTrustedTLSOrigination(t *testing.T) {
 	}
 	if !strings.Contains(fmt.Sprint(presented), "clean-room-7") {
 		t.Fatalf("the mTLS server saw client certificates %q, want clean-room-7's", presented)
+	}
+}
+
+// Trusted mode's HPKE sealing through cleanwalld: request bodies the
+// sandbox PUTs in plaintext reach the store sealed to the customer's
+// public key, and open with `cleanwall seal open --hpke-key` to exactly
+// what was sent; the store's recording never holds the canary. Sizes: 0,
+// 1, a chunk and one byte either side, and 50 MiB.
+func TestTrustedHPKEBodies(t *testing.T) {
+	env := harness.New(t)
+	cw := filepath.Join(env.Bin, "cleanwall")
+	priv, pub := filepath.Join(env.Dir, "customer.key"), filepath.Join(env.Dir, "customer.pub")
+	if out, err := exec.Command(cw, "seal", "keygen", "--private-key", priv, "--public-key", pub).CombinedOutput(); err != nil {
+		t.Fatalf("cleanwall seal keygen: %v\n%s", err, out)
+	}
+	store := env.BlobStore("198.51.100.10:8080")
+	policy := `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: trusted-hpke}
+spec:
+  egress:
+    - name: partner-upload
+      to: [{cidr: 198.51.100.10/32}]
+      ports: [{port: 8080}]
+      mode: trusted
+      trusted: {hpke: {publicKeyFile: ` + pub + `}}
+`
+	env.StartDaemon()
+	sb := env.MustAddSandbox("hpke", harness.SandboxOptions{Policy: policy, NoIPv6: true})
+	secret := canary(t)
+	for _, n := range []int{0, 1, 16<<10 - 1, 16 << 10, 16<<10 + 1, 50 << 20} {
+		body := make([]byte, n)
+		if _, err := rand.Read(body); err != nil {
+			t.Fatal(err)
+		}
+		if n >= len(secret) {
+			copy(body[n/2:], secret)
+		}
+		in := filepath.Join(env.Dir, fmt.Sprintf("body-%d", n))
+		if err := os.WriteFile(in, body, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		path := fmt.Sprintf("/upload/%d", n)
+		code, hdr, out := sb.Curl(t, "-m", "60", "-T", in, "http://198.51.100.10:8080"+path)
+		if code/100 != 2 {
+			t.Fatalf("%d bytes: status %d\n%s%s", n, code, hdr, out)
+		}
+		stored, ok := store.Object(path)
+		if !ok {
+			t.Fatalf("%d bytes: the store has no %s", n, path)
+		}
+		if !bytes.HasPrefix(stored, []byte("CWHP")) {
+			t.Fatalf("%d bytes: the stored body is not an HPKE-sealed body (starts %q)", n, stored[:min(8, len(stored))])
+		}
+		sealedFile, opened := filepath.Join(env.Dir, fmt.Sprintf("sealed-%d", n)), filepath.Join(env.Dir, fmt.Sprintf("opened-%d", n))
+		if err := os.WriteFile(sealedFile, stored, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command(cw, "seal", "open", "--hpke-key", priv, "-o", opened, sealedFile).CombinedOutput(); err != nil {
+			t.Fatalf("%d bytes: cleanwall seal open: %v\n%s", n, err, out)
+		}
+		got, err := os.ReadFile(opened)
+		if err != nil || !bytes.Equal(got, body) {
+			t.Fatalf("%d bytes: opened %d bytes (%v), not what the sandbox sent", n, len(got), err)
+		}
+	}
+	if bytes.Contains(store.Received(), []byte(secret)) {
+		t.Fatal("the store's recording holds the plaintext canary")
 	}
 }
