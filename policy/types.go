@@ -160,6 +160,10 @@ type TLSSpec struct {
 	// ClientCertFile and ClientKeyFile (both or neither) enable mTLS.
 	ClientCertFile string `yaml:"clientCertFile,omitempty" json:"clientCertFile,omitempty"`
 	ClientKeyFile  string `yaml:"clientKeyFile,omitempty" json:"clientKeyFile,omitempty"`
+	// MinVersion is the oldest TLS version accepted, "1.2" or "1.3" (a
+	// cleanwall addition to v1). Default: 1.3 in trusted.tls; 1.2 in
+	// secure.upstreamTLS, whose payload is sealed anyway.
+	MinVersion string `yaml:"minVersion,omitempty" json:"minVersion,omitempty"`
 }
 
 // HPKESpec names the customer's HPKE public key.

@@ -618,6 +618,13 @@ func (v *validator) tls(path string, t *TLSSpec, strict bool) {
 	case t.ClientKeyFile != "" && t.ClientCertFile == "":
 		v.need(path+".clientCertFile", "required with clientKeyFile (mTLS needs both)")
 	}
+	switch t.MinVersion {
+	case "1.2", "1.3":
+	case "":
+		v.notEmpty(path+".minVersion", t.MinVersion)
+	default:
+		v.add(path+".minVersion", "%s is not a TLS version this proxy speaks (1.2 or 1.3)", quote(t.MinVersion))
+	}
 }
 
 var keyIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)

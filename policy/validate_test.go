@@ -127,6 +127,7 @@ func TestParseRejects(t *testing.T) {
 		// Open.
 		{"open protocol", doc("", rule("mode: open, open: {protocol: HTTP/1.1}")), "spec.egress[0].open.protocol", `"HTTP/1.1" is not an open protocol (http, tcp, or the name of an extension`, 6, false},
 		{"open extension over UDP", doc("", "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 53, protocol: UDP}], mode: open, open: {protocol: requestlog}}"), "spec.egress[0].ports[0].protocol", "UDP is not possible with open.protocol requestlog (extensions serve TCP flows)", 6, false},
+		{"tls minVersion", doc("", rule("mode: trusted, trusted: {tls: {serverName: a.example.test, caFile: /ca.pem, minVersion: '1.1'}}")), "spec.egress[0].trusted.tls.minVersion", `"1.1" is not a TLS version this proxy speaks (1.2 or 1.3)`, 6, false},
 		{"open extension name", doc("", rule("mode: open, open: {protocol: request-}")), "spec.egress[0].open.protocol", `"request-" is not an open protocol`, 6, false},
 		{"open http with tcp", doc("", rule("mode: open, open: {http: {rules: [{methods: [GET], paths: [/]}]}}")), "spec.egress[0].open.http", "only allowed with open.protocol http (this rule's protocol is tcp)", 6, false},
 		{"open http missing", doc("", rule("mode: open, open: {protocol: http}")), "spec.egress[0].open.http", "required with open.protocol http", 6, false},

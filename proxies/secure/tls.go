@@ -20,12 +20,16 @@ type upstreamTLS struct {
 	roots      *x509.CertPool // nil: the system roots (unless pinsOnly)
 	pins       [][sha256.Size]byte
 	certs      []tls.Certificate // client certificate for mTLS, if any
+	minVersion uint16            // TLS 1.2 unless upstreamTLS.minVersion says 1.3
 }
 
 // loadUpstreamTLS reads t's files and pins; errors name the field under
 // path (e.g. "secure.upstreamTLS.caFile").
 func loadUpstreamTLS(t *policy.TLSSpec, path string) (*upstreamTLS, error) {
-	u := &upstreamTLS{serverName: t.ServerName}
+	u := &upstreamTLS{serverName: t.ServerName, minVersion: tls.VersionTLS12}
+	if t.MinVersion == "1.3" {
+		u.minVersion = tls.VersionTLS13
+	}
 	if t.CAFile != "" {
 		roots, err := tlsconf.LoadCA(t.CAFile)
 		if err != nil {
@@ -63,7 +67,7 @@ func (u *upstreamTLS) config(serverName string) *tls.Config {
 		ServerName:   serverName,
 		RootCAs:      u.roots,
 		Certificates: u.certs,
-		MinVersion:   tls.VersionTLS12,
+		MinVersion:   u.minVersion,
 	}
 	if len(u.pins) == 0 {
 		return c

@@ -2,6 +2,7 @@ package trusted
 
 import (
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -24,6 +25,7 @@ type ruleConfig struct {
 // that a rotated CA or client certificate is used by the next flow.
 type tlsRule struct {
 	serverName string // "": the flow's first host name
+	minVersion uint16 // tls.VersionTLS13, or tls.VersionTLS12 when minVersion says 1.2
 	pins       [][sha256.Size]byte
 	ca         *watchedCA   // nil: no caFile (pins alone)
 	client     *watchedPair // nil: no client certificate
@@ -84,7 +86,10 @@ func loadTLS(t *policy.TLSSpec, reload time.Duration) (*tlsRule, error) {
 	if err != nil {
 		return nil, err // "spkiSHA256[i]: ..."
 	}
-	tr := &tlsRule{serverName: t.ServerName, pins: pins}
+	tr := &tlsRule{serverName: t.ServerName, pins: pins, minVersion: tls.VersionTLS13}
+	if t.MinVersion == "1.2" {
+		tr.minVersion = tls.VersionTLS12
+	}
 	if t.CAFile != "" {
 		if tr.ca, err = newWatchedCA(t.CAFile, reload); err != nil {
 			return nil, err

@@ -499,3 +499,26 @@ func TestRequestLine(t *testing.T) {
 		}
 	}
 }
+
+// TestTCPMinVersion12: a remote that speaks only TLS 1.2 is refused by
+// default (above) and served when the rule says minVersion: "1.2".
+func TestTCPMinVersion12(t *testing.T) {
+	k := newPKI(t)
+	cfg := serverConfig(k.server, nil)
+	cfg.MaxVersion = tls.VersionTLS12
+	srv := startTLSServer(t, cfg, true)
+	p := &TCP{Logger: testLog(t)}
+	rule := compile(t, tlsBlock(`serverName: `+serverName+`, caFile: `+k.caFile+`, minVersion: "1.2"`))
+	sb, s := serveFlow(t, context.Background(), p, rule, configureOK(t, p, rule), srv.addr())
+	resp, body, err := get(t, sb)
+	if err != nil || resp.StatusCode != 200 || body != "ok:hello "+canary {
+		t.Fatalf("got %v %q %v", resp, body, err)
+	}
+	sb.Close()
+	if res := s.wait(t); res.End != proxies.EndClosed {
+		t.Errorf("result %+v, want closed", res)
+	}
+	if c := srv.waitConn(t, 1); c.version != tls.VersionTLS12 {
+		t.Errorf("negotiated %x, want TLS 1.2", c.version)
+	}
+}

@@ -243,7 +243,7 @@ func (o *origin) clientConfig(f *proxies.Flow, t *tlsRule) (*tls.Config, *flowSe
 		prefix: f.Sandbox + "\x00" + f.RuleName() + "\x00" + hex.EncodeToString(pair.id[:8]) + "\x00"}
 	c := &tls.Config{
 		ServerName:       v.name,
-		MinVersion:       tls.VersionTLS13,
+		MinVersion:       t.minVersion,
 		CurvePreferences: o.curves,
 		NextProtos:       o.nextProtos,
 		// Chain, name and pins are verified by VerifyConnection, which
