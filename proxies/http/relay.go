@@ -154,7 +154,8 @@ type bodyResult struct {
 }
 
 // streamBody copies n body bytes from the sandbox to the upstream and sets
-// c.bodySent once all are sent. On failure it aborts the upstream
+// c.bodySent once all are read from the sandbox (before the last of them
+// leave: see below). On failure it aborts the upstream
 // connection, so that relay returns.
 func (c *conn) streamBody(n int64) (res bodyResult) {
 	c.client.setReadIdle(c.lim.BodyIdleTimeout)
@@ -176,6 +177,15 @@ func (c *conn) streamBody(n int64) (res bodyResult) {
 		m, err := c.cr.Read(buf[:min(int64(len(buf)), n)])
 		if m > 0 {
 			n -= int64(m)
+			if n == 0 {
+				// The whole body is read from the sandbox: from here on the
+				// upstream may have it (a full buffer is written through,
+				// the flush below sends the rest) and answer at once, so
+				// the flag must be up before any of its last bytes leave,
+				// or relay would see the answer first and end a connection
+				// that is fine.
+				c.bodySent.Store(true)
+			}
 			if _, werr := c.uw.Write(buf[:m]); werr != nil {
 				c.up.abort()
 				return bodyResult{n: res.n, err: werr}
