@@ -62,6 +62,21 @@ func (p *Policy) normalize() {
 				h.DenyBodyPatterns = nilIfEmpty(h.DenyBodyPatterns)
 				h.DenyPatterns = nilIfEmpty(h.DenyPatterns)
 			}
+			if pg := o.Postgres; pg != nil {
+				if pg.UpstreamTLS != nil {
+					pg.UpstreamTLS.normalize()
+				}
+				pg.Queries = nilIfEmpty(pg.Queries)
+				if c := pg.Columns; c != nil {
+					c.Deny = nilIfEmpty(c.Deny)
+					if c.Deny == nil {
+						pg.Columns = nil // "columns: {}" denies nothing
+					}
+				}
+				if r := pg.Rows; r != nil && r.MaxRows == nil && r.MinCount == nil {
+					pg.Rows = nil // "rows: {}" limits nothing
+				}
+			}
 		}
 		if t := r.Trusted; t != nil && t.TLS != nil {
 			t.TLS.normalize()
@@ -142,6 +157,18 @@ func (p *Policy) Clone() *Policy {
 			}
 			if t := o.TCP; t != nil {
 				oc.TCP = &TCPSpec{MaxBytesOut: clonePtr(t.MaxBytesOut)}
+			}
+			if pg := o.Postgres; pg != nil {
+				pc := *pg
+				pc.UpstreamTLS = pg.UpstreamTLS.clone()
+				pc.Queries = slices.Clone(pg.Queries)
+				if c := pg.Columns; c != nil {
+					pc.Columns = &PostgresColumns{Deny: slices.Clone(c.Deny)}
+				}
+				if r := pg.Rows; r != nil {
+					pc.Rows = &PostgresRows{MaxRows: clonePtr(r.MaxRows), MinCount: clonePtr(r.MinCount)}
+				}
+				oc.Postgres = &pc
 			}
 			r.Open = &oc
 		}

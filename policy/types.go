@@ -95,9 +95,56 @@ type PortSpec struct {
 // OpenSpec configures mode open. A rule with mode open and no open block
 // gets an OpenSpec with protocol tcp.
 type OpenSpec struct {
-	Protocol string    `yaml:"protocol,omitempty" json:"protocol,omitempty"` // http | tcp (default, filled in)
-	HTTP     *HTTPSpec `yaml:"http,omitempty" json:"http,omitempty"`         // only with protocol http
-	TCP      *TCPSpec  `yaml:"tcp,omitempty" json:"tcp,omitempty"`           // with either protocol: a per-connection budget
+	Protocol string        `yaml:"protocol,omitempty" json:"protocol,omitempty"` // http | tcp (default, filled in) | postgres | an extension's name
+	HTTP     *HTTPSpec     `yaml:"http,omitempty" json:"http,omitempty"`         // only with protocol http
+	TCP      *TCPSpec      `yaml:"tcp,omitempty" json:"tcp,omitempty"`           // with any protocol: a per-connection budget
+	Postgres *PostgresSpec `yaml:"postgres,omitempty" json:"postgres,omitempty"` // only (and required) with protocol postgres
+}
+
+// PostgresSpec is the PostgreSQL privacy proxy of an open rule: the
+// sandbox speaks PostgreSQL to it, it logs in upstream with credentials the
+// sandbox never sees and runs only the listed statements.
+type PostgresSpec struct {
+	// Database is the upstream database the proxy connects to, whatever
+	// the sandbox asks for.
+	Database string `yaml:"database,omitempty" json:"database,omitempty"`
+	// UpstreamUserFile and UpstreamPasswordFile hold the upstream login.
+	UpstreamUserFile     string `yaml:"upstreamUserFile,omitempty" json:"upstreamUserFile,omitempty"`
+	UpstreamPasswordFile string `yaml:"upstreamPasswordFile,omitempty" json:"upstreamPasswordFile,omitempty"`
+	// UpstreamTLS nil means plaintext upstream; same fields as trusted.tls.
+	UpstreamTLS *TLSSpec `yaml:"upstreamTLS,omitempty" json:"upstreamTLS,omitempty"`
+	// Queries are the only statements that run; literals and $n
+	// parameters may differ (matched by parsed fingerprint).
+	Queries []PostgresQuery  `yaml:"queries,omitempty" json:"queries,omitempty"`
+	Columns *PostgresColumns `yaml:"columns,omitempty" json:"columns,omitempty"`
+	Rows    *PostgresRows    `yaml:"rows,omitempty" json:"rows,omitempty"`
+}
+
+// PostgresQuery is one allowed statement.
+type PostgresQuery struct {
+	Name string `yaml:"name,omitempty" json:"name,omitempty"`
+	SQL  string `yaml:"sql,omitempty" json:"sql,omitempty"`
+}
+
+// PostgresColumns are column rules: a result column named in Deny fails
+// its statement.
+type PostgresColumns struct {
+	Deny []string `yaml:"deny,omitempty" json:"deny,omitempty"`
+}
+
+// PostgresRows are row rules of every statement.
+type PostgresRows struct {
+	// MaxRows nil means no limit; a statement fails past it.
+	MaxRows *int64 `yaml:"maxRows,omitempty" json:"maxRows,omitempty"`
+	// MinCount nil withholds nothing.
+	MinCount *PostgresMinCount `yaml:"minCount,omitempty" json:"minCount,omitempty"`
+}
+
+// PostgresMinCount withholds result rows whose Column is below AtLeast
+// (k-anonymity for aggregates).
+type PostgresMinCount struct {
+	Column  string `yaml:"column,omitempty" json:"column,omitempty"`
+	AtLeast int64  `yaml:"atLeast,omitempty" json:"atLeast,omitempty"`
 }
 
 // DefaultMaxBodyBytes is the request body limit of open HTTP rules that do

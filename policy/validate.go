@@ -370,6 +370,8 @@ func (v *validator) ports(rp string, ports []PortSpec, mode Mode, openProto stri
 				v.add(pp+".protocol", "UDP is not possible with mode secure (sealed streams run over TCP)")
 			case mode == ModeOpen && openProto == "http":
 				v.add(pp+".protocol", "UDP is not possible with open.protocol http (HTTP runs over TCP)")
+			case mode == ModeOpen && openProto == "postgres":
+				v.add(pp+".protocol", "UDP is not possible with open.protocol postgres (PostgreSQL runs over TCP)")
 			case mode == ModeOpen && openProto != "tcp":
 				v.add(pp+".protocol", "UDP is not possible with open.protocol %s (extensions serve TCP flows)", openProto)
 			}
@@ -393,10 +395,10 @@ var extensionNameRE = regexp.MustCompile(`^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$`)
 func (v *validator) open(path string, o *OpenSpec) {
 	proto := o.Protocol
 	switch proto {
-	case "http", "tcp":
+	case "http", "tcp", "postgres":
 	case "":
 		if v.present(path + ".protocol") {
-			v.add(path+".protocol", "must not be empty (http or tcp; omit it for tcp)")
+			v.add(path+".protocol", "must not be empty (http, tcp or postgres; omit it for tcp)")
 			return
 		}
 		proto = "tcp"
@@ -419,8 +421,75 @@ func (v *validator) open(path string, o *OpenSpec) {
 			v.http(path+".http", o.HTTP)
 		}
 	}
+	if proto != "postgres" && o.Postgres != nil {
+		v.add(path+".postgres", "only allowed with open.protocol postgres (this rule's protocol is %s)", proto)
+	}
+	if proto == "postgres" {
+		if o.Postgres == nil {
+			v.need(path+".postgres", "required with open.protocol postgres (database, upstream login and queries)")
+		} else {
+			v.postgres(path+".postgres", o.Postgres)
+		}
+	}
 	if o.TCP != nil && o.TCP.MaxBytesOut != nil && *o.TCP.MaxBytesOut <= 0 {
 		v.add(path+".tcp.maxBytesOut", "%d: must be greater than 0 (omit it for no budget)", *o.TCP.MaxBytesOut)
+	}
+}
+
+func (v *validator) postgres(path string, p *PostgresSpec) {
+	if p.Database == "" {
+		v.need(path+".database", "required (the upstream database the proxy connects to)")
+	}
+	if p.UpstreamUserFile == "" {
+		v.need(path+".upstreamUserFile", "required (a file holding the upstream user)")
+	}
+	if p.UpstreamPasswordFile == "" {
+		v.need(path+".upstreamPasswordFile", "required (a file holding the upstream password)")
+	}
+	if p.UpstreamTLS != nil {
+		v.tls(path+".upstreamTLS", p.UpstreamTLS, false)
+	}
+	if len(p.Queries) == 0 {
+		v.need(path+".queries", "at least one query (only listed statements run)")
+	}
+	first := make(map[string]int, len(p.Queries))
+	for i, q := range p.Queries {
+		qp := path + ".queries[" + strconv.Itoa(i) + "]"
+		switch {
+		case q.Name == "":
+			v.need(qp+".name", "required")
+		case !isDNSLabel(q.Name):
+			v.add(qp+".name", "%s is not a DNS label (%s)", quote(q.Name), labelRules)
+		default:
+			if j, dup := first[q.Name]; dup {
+				v.add(qp+".name", "%s is the name of queries[%d] already", quote(q.Name), j)
+			} else {
+				first[q.Name] = i
+			}
+		}
+		if strings.TrimSpace(q.SQL) == "" {
+			v.need(qp+".sql", "required (one SQL statement)")
+		}
+	}
+	if c := p.Columns; c != nil {
+		for i, name := range c.Deny {
+			if strings.TrimSpace(name) == "" {
+				v.add(path+".columns.deny["+strconv.Itoa(i)+"]", "must not be empty (a result column name)")
+			}
+		}
+	}
+	if r := p.Rows; r != nil {
+		if r.MaxRows != nil && *r.MaxRows <= 0 {
+			v.add(path+".rows.maxRows", "%d: must be greater than 0 (omit it for no limit)", *r.MaxRows)
+		}
+		if m := r.MinCount; m != nil {
+			if strings.TrimSpace(m.Column) == "" {
+				v.need(path+".rows.minCount.column", "required (the count column of the listed queries)")
+			}
+			if m.AtLeast < 1 {
+				v.add(path+".rows.minCount.atLeast", "%d: must be at least 1", m.AtLeast)
+			}
+		}
 	}
 }
 

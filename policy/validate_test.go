@@ -32,6 +32,18 @@ const (
 	okTLS   = "tls: {serverName: p.example.test, caFile: /ca.pem}"
 )
 
+// The parts of a valid open.postgres block.
+const (
+	pgLogin  = "database: clinic, upstreamUserFile: /etc/pg/user, upstreamPasswordFile: /etc/pg/password"
+	okPGBody = pgLogin + ", queries: [{name: cohort, sql: 'SELECT region, count(*) AS n FROM patients GROUP BY region'}]"
+)
+
+// pgRule builds an open postgres rule on port 5432 with the given
+// open.postgres fields.
+func pgRule(fields string) string {
+	return "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 5432}], mode: open, open: {protocol: postgres, postgres: {" + fields + "}}}"
+}
+
 // rule builds a rule named a with one cidr destination on port 443 and
 // the given further fields.
 func rule(fields string) string {
@@ -131,6 +143,24 @@ func TestParseRejects(t *testing.T) {
 		{"open extension name", doc("", rule("mode: open, open: {protocol: request-}")), "spec.egress[0].open.protocol", `"request-" is not an open protocol`, 6, false},
 		{"open http with tcp", doc("", rule("mode: open, open: {http: {rules: [{methods: [GET], paths: [/]}]}}")), "spec.egress[0].open.http", "only allowed with open.protocol http (this rule's protocol is tcp)", 6, false},
 		{"open http missing", doc("", rule("mode: open, open: {protocol: http}")), "spec.egress[0].open.http", "required with open.protocol http", 6, false},
+		// Open postgres.
+		{"postgres missing", doc("", rule("mode: open, open: {protocol: postgres}")), "spec.egress[0].open.postgres", "required with open.protocol postgres", 6, false},
+		{"postgres with tcp", doc("", rule("mode: open, open: {postgres: {"+okPGBody+"}}")), "spec.egress[0].open.postgres", "only allowed with open.protocol postgres (this rule's protocol is tcp)", 6, false},
+		{"postgres over UDP", doc("", "{name: a, to: [{cidr: 10.0.0.0/8}], ports: [{port: 5432, protocol: UDP}], mode: open, open: {protocol: postgres, postgres: {"+okPGBody+"}}}"), "spec.egress[0].ports[0].protocol", "UDP is not possible with open.protocol postgres", 6, false},
+		{"postgres database", doc("", pgRule("upstreamUserFile: /u, upstreamPasswordFile: /p, queries: [{name: q, sql: SELECT 1}]")), "spec.egress[0].open.postgres.database", "required", 6, false},
+		{"postgres user file", doc("", pgRule("database: d, upstreamPasswordFile: /p, queries: [{name: q, sql: SELECT 1}]")), "spec.egress[0].open.postgres.upstreamUserFile", "required", 6, false},
+		{"postgres password file", doc("", pgRule("database: d, upstreamUserFile: /u, queries: [{name: q, sql: SELECT 1}]")), "spec.egress[0].open.postgres.upstreamPasswordFile", "required", 6, false},
+		{"postgres no queries", doc("", pgRule("database: d, upstreamUserFile: /u, upstreamPasswordFile: /p")), "spec.egress[0].open.postgres.queries", "at least one query", 6, false},
+		{"postgres query name", doc("", pgRule(pgLogin+", queries: [{sql: SELECT 1}]")), "spec.egress[0].open.postgres.queries[0].name", "required", 6, false},
+		{"postgres query name label", doc("", pgRule(pgLogin+", queries: [{name: Q_1, sql: SELECT 1}]")), "spec.egress[0].open.postgres.queries[0].name", `"Q_1" is not a DNS label`, 6, false},
+		{"postgres duplicate query", doc("", pgRule(pgLogin+", queries: [{name: q, sql: SELECT 1}, {name: q, sql: SELECT 2}]")), "spec.egress[0].open.postgres.queries[1].name", `"q" is the name of queries[0] already`, 6, false},
+		{"postgres empty sql", doc("", pgRule(pgLogin+", queries: [{name: q, sql: ' '}]")), "spec.egress[0].open.postgres.queries[0].sql", "required", 6, false},
+		{"postgres maxRows", doc("", pgRule(okPGBody+", rows: {maxRows: 0}")), "spec.egress[0].open.postgres.rows.maxRows", "0: must be greater than 0", 6, false},
+		{"postgres minCount column", doc("", pgRule(okPGBody+", rows: {minCount: {atLeast: 10}}")), "spec.egress[0].open.postgres.rows.minCount.column", "required", 6, false},
+		{"postgres minCount atLeast", doc("", pgRule(okPGBody+", rows: {minCount: {column: n, atLeast: 0}}")), "spec.egress[0].open.postgres.rows.minCount.atLeast", "0: must be at least 1", 6, false},
+		{"postgres deny empty", doc("", pgRule(okPGBody+", columns: {deny: [ssn, '']}")), "spec.egress[0].open.postgres.columns.deny[1]", "must not be empty", 6, false},
+		{"postgres upstreamTLS", doc("", pgRule(okPGBody+", upstreamTLS: {minVersion: '1.1'}")), "spec.egress[0].open.postgres.upstreamTLS.minVersion", `"1.1" is not a TLS version`, 6, false},
+		{"postgres unknown field", doc("", pgRule(okPGBody+", maxRows: 3")), "spec.egress[0].open.postgres.maxRows", "", 6, false},
 		{"open http no rules", doc("", rule("mode: open, open: {protocol: http, http: {rules: []}}")), "spec.egress[0].open.http.rules", "at least one rule", 6, false},
 		{"open http no methods", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{paths: [/]}]}}")), "spec.egress[0].open.http.rules[0].methods", "at least one method", 6, false},
 		{"open http lowercase method", doc("", rule("mode: open, open: {protocol: http, http: {rules: [{methods: [get], paths: [/]}]}}")), "spec.egress[0].open.http.rules[0].methods[0]", `"get" is not a method (methods are uppercase: GET)`, 6, false},
@@ -477,5 +507,52 @@ func TestOpenProtocolNamesAnExtension(t *testing.T) {
 	}
 	if got := p.Spec.Egress[0].Open.Protocol; got != "requestlog" {
 		t.Fatalf("open.protocol = %q", got)
+	}
+}
+
+// POLICY.md's postgres rule parses as written, survives Clone, and its
+// hash ignores empty column and row blocks but not what they hold.
+func TestPostgresRule(t *testing.T) {
+	full := pgRule(okPGBody + ", columns: {deny: [ssn, name]}, rows: {maxRows: 100, minCount: {column: n, atLeast: 10}}, upstreamTLS: {serverName: DB.example.test}")
+	p, err := Parse([]byte(doc("", full)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := p.Spec.Egress[0].Open
+	if o.Protocol != "postgres" || o.Postgres == nil || o.Postgres.Database != "clinic" || len(o.Postgres.Queries) != 1 ||
+		o.Postgres.Rows.MinCount.Column != "n" || o.Postgres.Rows.MinCount.AtLeast != 10 || *o.Postgres.Rows.MaxRows != 100 {
+		t.Fatalf("open = %+v", o)
+	}
+	q := p.Clone()
+	q.Spec.Egress[0].Open.Postgres.Columns.Deny[0] = "changed"
+	*q.Spec.Egress[0].Open.Postgres.Rows.MaxRows = 1
+	q.Spec.Egress[0].Open.Postgres.Rows.MinCount.AtLeast = 1
+	q.Spec.Egress[0].Open.Postgres.Queries[0].SQL = "SELECT 1"
+	q.Spec.Egress[0].Open.Postgres.UpstreamTLS.CAFile = "/x"
+	if o.Postgres.Columns.Deny[0] != "ssn" || *o.Postgres.Rows.MaxRows != 100 || o.Postgres.Rows.MinCount.AtLeast != 10 ||
+		o.Postgres.Queries[0].SQL == "SELECT 1" || o.Postgres.UpstreamTLS.CAFile != "" {
+		t.Fatal("Clone shares the postgres block")
+	}
+	if p.Hash() == q.Hash() {
+		t.Fatal("the hash ignores the postgres block")
+	}
+
+	hash := func(fields string) string {
+		t.Helper()
+		p, err := Parse([]byte(doc("", pgRule(fields))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.Hash()
+	}
+	plain := hash(okPGBody)
+	if h := hash(okPGBody + ", columns: {}, rows: {}"); h != plain {
+		t.Error("columns: {} and rows: {} changed the hash")
+	}
+	if h := hash(okPGBody + ", columns: {deny: [ssn]}"); h == plain {
+		t.Error("columns.deny did not change the hash")
+	}
+	if h := hash(okPGBody + ", rows: {maxRows: 5}"); h == plain {
+		t.Error("rows.maxRows did not change the hash")
 	}
 }
