@@ -480,21 +480,16 @@ type bodySender struct {
 	res  bodyResult
 }
 
-// bodySentWhole reports, without waiting, whether the current request's
-// body (if any) went out whole. A response head that says the connection
-// stays open is written only then: a remote may answer before the sender
-// returned, and the connection cannot carry another request unless the
-// sandbox's body was read to its end.
+// bodySentWhole reports whether the current request's body (if any) went
+// out whole, waiting up to httpwire.BodyGrace for its sender. A response
+// head that says the connection stays open is written only then: a remote
+// may answer before the sender returned, and the connection cannot carry
+// another request unless the sandbox's body was read to its end.
 func (h *httpFlow) bodySentWhole() bool {
 	if h.body == nil {
 		return true
 	}
-	select {
-	case <-h.body.done:
-		return h.body.res.err == nil
-	default:
-		return false
-	}
+	return httpwire.AwaitDone(h.body.done, httpwire.BodyGrace) && h.body.res.err == nil
 }
 
 // endBody ends the current request body's sender: at once when it is

@@ -497,12 +497,6 @@ func (s *sourceReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// bodyGrace is how long a response head waits for the request body's
-// sender: a remote that read the whole body answers while the sender is
-// still returning from its last write, and a connection is kept open only
-// once the body is known to have gone out whole.
-const bodyGrace = time.Second
-
 // awaitBody waits up to d for the current request body's sender and
 // reports whether the body went out whole. A remote that answered before
 // it read the body (a refusal, say) does not hold the response longer
@@ -511,14 +505,7 @@ func (h *httpFlow) awaitBody(d time.Duration) bool {
 	if h.body == nil {
 		return true
 	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-h.body.done:
-		return h.body.res.err == nil
-	case <-t.C:
-		return false
-	}
+	return httpwire.AwaitDone(h.body.done, d) && h.body.res.err == nil
 }
 
 // endBody ends the current request body's sender: at once when it is
@@ -551,7 +538,7 @@ func (h *httpFlow) endBody() bodyResult {
 // (Content-Length kept, chunked re-chunked, a body that ends at the
 // close passed on to the close).
 func (h *httpFlow) relay(req *http.Request, resp *http.Response) (bool, error) {
-	keep := !req.Close && h.awaitBody(bodyGrace)
+	keep := !req.Close && h.awaitBody(httpwire.BodyGrace)
 	fields := resp.Header.Clone()
 	httpwire.DropFields(fields, dropResponse)
 	if req.Method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified {

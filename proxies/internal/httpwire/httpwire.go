@@ -164,3 +164,28 @@ func (l *LimitedReader) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// BodyGrace is how long a response head waits for the request body's
+// sender: a remote that read the whole body answers while the sender is
+// still returning from its last write, and a connection is kept open only
+// once the body is known to have gone out whole.
+const BodyGrace = time.Second
+
+// AwaitDone waits up to d for done to close and reports whether it did. A
+// remote that answered before it read the body (a refusal, say) does not
+// hold the response longer than d.
+func AwaitDone(done <-chan struct{}, d time.Duration) bool {
+	select {
+	case <-done:
+		return true
+	default:
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		return false
+	}
+}
