@@ -347,3 +347,56 @@ func ReadAck(c net.Conn, timeout time.Duration) (string, error) {
 		}
 	}
 }
+
+// Sniff captures every frame on the sandbox's own interface, inside its
+// namespace: what the sandbox sent and everything it was sent (through
+// cleanwall, that is the proxies' side of its flows).
+func (s *Sandbox) Sniff() *Sniffer {
+	s.env.T.Helper()
+	var fd int
+	if err := s.Do(func() (err error) {
+		fd, err = openPacketSocket(s.IfName)
+		return err
+	}); err != nil {
+		s.env.T.Fatal(err)
+	}
+	sn := &Sniffer{fd: fd, done: make(chan struct{})}
+	go sn.run()
+	s.env.onCleanup(sn.Stop)
+	return sn
+}
+
+// TCPPayloads returns the TCP payload bytes captured so far, each
+// connection direction's segments concatenated in capture order (so a
+// string split across segments is still found), the streams one after
+// another.
+func (s *Sniffer) TCPPayloads() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	type dir struct {
+		src, dst netip.AddrPort
+	}
+	var order []dir
+	streams := map[dir][]byte{}
+	for _, p := range s.frames {
+		tcp, ok := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
+		if !ok || len(tcp.Payload) == 0 {
+			continue
+		}
+		var src, dst netip.Addr
+		if nl := p.NetworkLayer(); nl != nil {
+			src, _ = netip.AddrFromSlice(nl.NetworkFlow().Src().Raw())
+			dst, _ = netip.AddrFromSlice(nl.NetworkFlow().Dst().Raw())
+		}
+		d := dir{netip.AddrPortFrom(src, uint16(tcp.SrcPort)), netip.AddrPortFrom(dst, uint16(tcp.DstPort))}
+		if _, seen := streams[d]; !seen {
+			order = append(order, d)
+		}
+		streams[d] = append(streams[d], tcp.Payload...)
+	}
+	var out []byte
+	for _, d := range order {
+		out = append(out, streams[d]...)
+	}
+	return out
+}
