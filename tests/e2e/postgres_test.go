@@ -126,3 +126,248 @@ func TestPostgresClientsDirect(t *testing.T) {
 		t.Errorf("the statement log should hold what the clients ran and never the password:\n%s", log)
 	}
 }
+
+// policyWarehouse is the example of POLICY.md, with the login files the
+// harness wrote, maxRows 50 and two more listed statements: one that
+// names a denied column (the column rule, not the list, must refuse it)
+// and the benchmark's point query.
+const policyWarehouse = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: warehouse}
+spec:
+  egress:
+    - name: warehouse
+      to: [{cidr: 198.51.100.20/32}]
+      ports: [{port: 5432}]
+      mode: open
+      open:
+        protocol: postgres
+        postgres:
+          database: clinic
+          upstreamUserFile: %s
+          upstreamPasswordFile: %s
+          queries:
+            - name: cohort-by-region
+              sql: SELECT region, count(*) AS n FROM patients WHERE age > $1 GROUP BY region
+            - name: visits
+              sql: SELECT patient_id, visit_date, diagnosis FROM visits WHERE visit_date >= $1
+            - name: patient-contact
+              sql: SELECT id, email FROM patients WHERE id = $1
+            - name: patient
+              sql: SELECT id, region, age FROM patients WHERE id = $1
+          columns:
+            deny: [ssn, name, email]
+          rows:
+            maxRows: 50
+            minCount:
+              column: n
+              atLeast: 10
+`
+
+// requirePostgresProxy skips the test unless the daemon registered the
+// postgres privacy proxy (its ready line lists open/postgres). This is a
+// t.Skip, not testutil.Skip: a proxy not yet in cleanwalld is not a
+// missing privilege, and CI must run the rest meanwhile.
+func requirePostgresProxy(t *testing.T, d *harness.Daemon) {
+	t.Helper()
+	ready := harness.Grep(d.Log(), "cleanwalld ready")
+	if !strings.Contains(ready, "open/postgres") {
+		t.Skip("the postgres proxy is not registered in this cleanwalld: its ready line lists no open/postgres: " + ready)
+	}
+}
+
+// pgProxyEnv is a database, a daemon with the postgres proxy, a direct
+// sandbox (reference answers, with the database's credentials) and a
+// sandbox under policyWarehouse, whose traffic is captured.
+type pgProxyEnv struct {
+	env            *harness.Env
+	pg             *harness.Postgres
+	d              *harness.Daemon
+	direct, sb     *harness.Sandbox
+	sbTraffic      *harness.Sniffer
+	outputs        strings.Builder // everything every client printed in sb
+	proxied        harness.PGConn
+	statementsFrom int // where the clients' statements start in the log
+}
+
+func newPGProxyEnv(t *testing.T) *pgProxyEnv {
+	env := harness.New(t)
+	d := env.StartDaemon()
+	requirePostgresProxy(t, d)
+	pg := env.StartPostgres()
+	e := &pgProxyEnv{env: env, pg: pg, d: d}
+	e.direct = env.MustAddSandbox("direct", harness.SandboxOptions{Direct: true, NoIPv6: true})
+	e.sb = env.MustAddSandbox("analyst", harness.SandboxOptions{Policy: fmt.Sprintf(policyWarehouse, pg.UserFile, pg.PasswordFile), NoIPv6: true})
+	e.sbTraffic = e.sb.Sniff()
+	// Any user, no password: the proxy logs in upstream by itself.
+	e.proxied = harness.PGConn{Host: pg.Addr.Addr().String(), Port: int(pg.Addr.Port()), User: "analyst", Database: "clinic"}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("statement log:\n%s", pg.StatementLog())
+		}
+	})
+	return e
+}
+
+// run runs client in the policy's sandbox and keeps what it printed.
+func (e *pgProxyEnv) run(t *testing.T, client harness.PGClient, qs []harness.PGQuery) harness.PGClientRun {
+	t.Helper()
+	run := e.sb.RunPG(t, client, e.proxied, qs)
+	e.outputs.WriteString(run.Output)
+	return run
+}
+
+// withheld is a direct result without the rows whose last column (the
+// count) is below 10: what minCount lets through.
+func withheld(r harness.PGResult) []string {
+	var out []string
+	for _, row := range pgRows(r) {
+		n, _ := strconv.Atoi(row[strings.LastIndex(row, "|")+1:])
+		if n >= 10 {
+			out = append(out, row)
+		}
+	}
+	return out
+}
+
+// TestPostgresProxy: through cleanwalld's postgres proxy, from every
+// client in a sandbox that connects with any user and no password:
+//   - listed statements, with other literals, parameters, case and
+//     whitespace, return the rows the same client gets directly, less the
+//     groups below minCount;
+//   - an unlisted statement, stacked statements, COPY, a denied column
+//     (also under an alias) and a statement past maxRows each fail with
+//     SQLSTATE 42501, the connection goes on, and except past maxRows the
+//     server's statement log shows the statement never ran;
+//   - groups below minCount never reach the client whatever the count
+//     column is called;
+//   - no client output holds the canary, and nothing the sandbox sent or
+//     received holds the upstream password.
+func TestPostgresProxy(t *testing.T) {
+	e := newPGProxyEnv(t)
+	for _, client := range harness.PGClients {
+		t.Run(string(client), func(t *testing.T) {
+			t.Run("allowed", func(t *testing.T) { e.testAllowed(t, client) })
+			t.Run("refused", func(t *testing.T) { e.testRefused(t, client) })
+			t.Run("minCount", func(t *testing.T) { e.testMinCount(t, client) })
+		})
+	}
+	t.Run("no canary", func(t *testing.T) {
+		if strings.Contains(e.outputs.String(), e.pg.Canary) {
+			t.Fatalf("a client in the sandbox printed the canary:\n%s", harness.Grep(e.outputs.String(), e.pg.Canary))
+		}
+		if !strings.Contains(e.pg.StatementLog(), "statement") {
+			t.Fatal("the statement log holds no statement: the test proves nothing")
+		}
+	})
+	t.Run("no upstream password", func(t *testing.T) {
+		traffic := e.sbTraffic.TCPPayloads()
+		if len(traffic) < 1000 {
+			t.Fatalf("captured only %d bytes of the sandbox's TCP traffic: the capture proves nothing", len(traffic))
+		}
+		if strings.Contains(string(traffic), e.pg.Password) || strings.Contains(e.outputs.String(), e.pg.Password) {
+			t.Fatal("the upstream password reached the sandbox")
+		}
+		if strings.Contains(string(traffic), e.pg.User) {
+			// The upstream user is not a secret the issue names; say so.
+			t.Logf("note: the upstream user name %q appears in the sandbox's traffic", e.pg.User)
+		}
+	})
+}
+
+func (e *pgProxyEnv) testAllowed(t *testing.T, client harness.PGClient) {
+	qs := pgAllowed()
+	want := e.direct.RunPG(t, client, e.pg.Conn(), qs)
+	got := e.run(t, client, qs)
+	for _, q := range qs {
+		w, _ := want.Result(q.Name)
+		g, _ := got.Result(q.Name)
+		if g.SQLState != "" || g.Error != "" {
+			t.Errorf("%s failed through the proxy: %s %s", q.Name, g.SQLState, g.Error)
+			continue
+		}
+		wrows := pgRows(w)
+		if strings.HasPrefix(q.Name, "cohort") {
+			wrows = withheld(w)
+		}
+		if !slices.Equal(g.Columns, w.Columns) || !slices.Equal(pgRows(g), wrows) {
+			t.Errorf("%s through the proxy: %v %q; directly (less groups below 10): %v %q", q.Name, g.Columns, pgRows(g), w.Columns, wrows)
+		}
+	}
+}
+
+// marker names a refused statement in the statement log: an alias, which
+// the fingerprint ignores and the log keeps.
+func marker(client harness.PGClient, what string) string {
+	return "mk_" + strings.ReplaceAll(string(client), "-", "_") + "_" + what
+}
+
+func (e *pgProxyEnv) testRefused(t *testing.T, client harness.PGClient) {
+	cases := []struct {
+		what   string
+		q      harness.PGQuery
+		ranOK  bool   // the statement may have run upstream (past maxRows)
+		column string // a denied column the message should name
+	}{
+		{what: "unlisted", q: harness.PGQuery{SQL: "SELECT id AS %s, ssn FROM patients WHERE id = $1", Params: []any{5}}},
+		{what: "stacked", q: harness.PGQuery{SQL: "SELECT region, count(*) AS n FROM patients WHERE age > 30 GROUP BY region; SELECT ssn AS %s FROM patients"}},
+		{what: "copy", q: harness.PGQuery{SQL: "COPY (SELECT ssn AS %s FROM patients) TO STDOUT"}},
+		{what: "denied", q: harness.PGQuery{SQL: "SELECT id AS %s, email FROM patients WHERE id = $1", Params: []any{5}}, column: "email"},
+		{what: "denied_alias", q: harness.PGQuery{SQL: "SELECT id, email AS %s FROM patients WHERE id = $1", Params: []any{6}}, column: "email"},
+		{what: "maxrows", q: harness.PGQuery{SQL: "SELECT patient_id AS %s, visit_date, diagnosis FROM visits WHERE visit_date >= $1", Params: []any{pgDays(49)}}, ranOK: true},
+	}
+	var qs []harness.PGQuery
+	for _, c := range cases {
+		q := c.q
+		q.Name, q.SQL = c.what, fmt.Sprintf(q.SQL, marker(client, c.what))
+		qs = append(qs, q, harness.PGQuery{Name: "after-" + c.what, SQL: "SELECT id, region, age FROM patients WHERE id = $1", Params: []any{9}})
+	}
+	run := e.run(t, client, qs)
+	log := e.pg.StatementLog()
+	for _, c := range cases {
+		r, _ := run.Result(c.what)
+		if r.SQLState != "42501" {
+			t.Errorf("%s: SQLSTATE %q (%s) and %d rows, want 42501", c.what, r.SQLState, r.Error, len(r.Rows))
+		}
+		if c.column != "" && !strings.Contains(r.Error, c.column) {
+			t.Errorf("%s: the message %q does not name the column %s", c.what, r.Error, c.column)
+		}
+		if mk := marker(client, c.what); !c.ranOK && strings.Contains(log, mk) {
+			t.Errorf("%s: the server ran the refused statement:\n%s", c.what, harness.Grep(log, mk))
+		}
+		if after, _ := run.Result("after-" + c.what); after.SQLState != "" || len(after.Rows) != 1 {
+			t.Errorf("the connection was not usable after %s: %s %s %q", c.what, after.SQLState, after.Error, after.RowStrings())
+		}
+	}
+}
+
+func (e *pgProxyEnv) testMinCount(t *testing.T, client harness.PGClient) {
+	const where = " FROM patients WHERE age > $1 GROUP BY region"
+	qs := []harness.PGQuery{
+		{Name: "as-n", SQL: "SELECT region, count(*) AS n" + where, Params: []any{22}},
+		{Name: "as-total", SQL: "SELECT region, count(*) AS total" + where, Params: []any{22}},
+		{Name: "unnamed", SQL: "SELECT region, count(*)" + where, Params: []any{22}},
+		{Name: "quoted", SQL: `SELECT region, count(*) AS "N"` + where, Params: []any{22}},
+		{Name: "as-region", SQL: `SELECT region AS n, count(*) AS region` + where, Params: []any{22}},
+	}
+	want := e.direct.RunPG(t, client, e.pg.Conn(), qs[:1])
+	ref, _ := want.Result("as-n")
+	allowed := withheld(ref)
+	if len(allowed) == len(pgRows(ref)) {
+		t.Fatalf("directly, no group is below 10 (%q): nothing to withhold", pgRows(ref))
+	}
+	run := e.run(t, client, qs)
+	for _, q := range qs {
+		r, _ := run.Result(q.Name)
+		if r.SQLState == "42501" {
+			continue // refusing the statement outright also keeps the groups from the client
+		}
+		if r.SQLState != "" {
+			t.Errorf("%s: %s %s", q.Name, r.SQLState, r.Error)
+			continue
+		}
+		if got := pgRows(r); !slices.Equal(got, allowed) {
+			t.Errorf("%s (columns %v): the client got %q, want only the groups of at least 10: %q", q.Name, r.Columns, got, allowed)
+		}
+	}
+}
