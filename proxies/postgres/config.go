@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
 
@@ -28,6 +29,48 @@ type ruleConfig struct {
 	deny     map[string]bool
 	maxRows  int64 // 0: no limit
 	minCount *minCount
+
+	// checks caches check's decisions by statement text: clients send
+	// the same text again and again (pgbench and pgx's describe mode parse
+	// every execution), and parsing is most of the proxy's cost.
+	checks checkCache
+}
+
+// checkCache maps statement texts to decisions. It is bounded: full, it
+// starts over.
+type checkCache struct {
+	mu sync.Mutex
+	m  map[string]checked
+}
+
+type checked struct {
+	st  *prepared
+	ref *refusal
+}
+
+// Bounds of the check cache.
+const (
+	checkCacheEntries = 4096
+	checkCacheMaxText = 8 << 10
+)
+
+func (c *checkCache) get(sql string) (checked, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.m[sql]
+	return v, ok
+}
+
+func (c *checkCache) put(sql string, v checked) {
+	if len(sql) > checkCacheMaxText {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= checkCacheEntries {
+		c.m = make(map[string]checked)
+	}
+	c.m[sql] = v
 }
 
 type minCount struct {

@@ -59,7 +59,9 @@ func TestMain(m *testing.M) {
 // startPostgres starts the package's server on first use: initdb and
 // postgres as the postgres user on loopback, a SCRAM login for the
 // proxy, a table with canaries in its denied columns.
-func startPostgres(t *testing.T) *server {
+func startPostgres(t *testing.T) *server { return startPostgresB(t) }
+
+func startPostgresB(t testing.TB) *server {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run PostgreSQL as the postgres user")
@@ -154,7 +156,7 @@ func (s *server) start() error {
 }
 
 // serverLog is the server's log so far.
-func (s *server) serverLog(t *testing.T) string {
+func (s *server) serverLog(t testing.TB) string {
 	t.Helper()
 	b, err := os.ReadFile(s.log)
 	if err != nil {
@@ -164,7 +166,7 @@ func (s *server) serverLog(t *testing.T) string {
 }
 
 // direct connects to the server as the upstream user, bypassing the proxy.
-func (s *server) direct(t *testing.T) *pgx.Conn {
+func (s *server) direct(t testing.TB) *pgx.Conn {
 	t.Helper()
 	c, err := pgx.Connect(context.Background(), fmt.Sprintf("host=127.0.0.1 port=%d user=%s password=%s dbname=clinic sslmode=disable", s.port, upstreamUser, upstreamPass))
 	if err != nil {
@@ -231,7 +233,7 @@ type testProxy struct {
 
 // postgresRule compiles an open postgres rule with the given
 // open.postgres fields besides the login ones.
-func postgresRule(t *testing.T, fields string) *policy.Rule {
+func postgresRule(t testing.TB, fields string) *policy.Rule {
 	t.Helper()
 	dir := t.TempDir()
 	userFile, passFile := filepath.Join(dir, "user"), filepath.Join(dir, "password")
@@ -251,7 +253,7 @@ func postgresRule(t *testing.T, fields string) *policy.Rule {
 	return c.Rules[0]
 }
 
-func startProxy(t *testing.T, s *server, r *policy.Rule) *testProxy {
+func startProxy(t testing.TB, s *server, r *policy.Rule) *testProxy {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	m, err := NewMetrics(reg)
@@ -295,7 +297,7 @@ func startProxy(t *testing.T, s *server, r *policy.Rule) *testProxy {
 }
 
 // connect is the sandbox's client: any user, any password.
-func (tp *testProxy) connect(t *testing.T, mode pgx.QueryExecMode) *pgx.Conn {
+func (tp *testProxy) connect(t testing.TB, mode pgx.QueryExecMode) *pgx.Conn {
 	t.Helper()
 	host, port, _ := net.SplitHostPort(tp.addr)
 	cc, err := pgx.ParseConfig(fmt.Sprintf("host=%s port=%s user=sandbox password=whatever dbname=anything sslmode=prefer", host, port))
@@ -324,7 +326,7 @@ func (tp *testProxy) sent() []byte {
 	return all
 }
 
-type tLogWriter struct{ t *testing.T }
+type tLogWriter struct{ t testing.TB }
 
 func (w tLogWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimSuffix(string(b), "\n"))

@@ -252,7 +252,17 @@ func (s *session) newResult(st *prepared) *result {
 }
 
 // check decides whether sql may run: a built-in or a listed statement.
+// Decisions are cached by text (a prepared and a refusal are read-only).
 func (s *session) check(sql string) (*prepared, *refusal) {
+	if c, ok := s.cfg.checks.get(sql); ok {
+		return c.st, c.ref
+	}
+	st, ref := s.decide(sql)
+	s.cfg.checks.put(sql, checked{st, ref})
+	return st, ref
+}
+
+func (s *session) decide(sql string) (*prepared, *refusal) {
 	st, err := parseOne(sql)
 	switch {
 	case errors.Is(err, errMultiple):
