@@ -140,7 +140,7 @@ func (p *Proxy) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) pr
 		return proxies.ResultOf(ctx, err)
 	}
 	s := &session{p: p, cfg: cfg, flow: f, be: be, fe: up.Frontend, sc: sc, startup: startup,
-		statements: map[string]*prepared{}, portals: map[string]*prepared{}}
+		statements: map[string]*prepared{}, portals: map[string]*portal{}}
 	return proxies.ResultOf(ctx, s.serve())
 }
 

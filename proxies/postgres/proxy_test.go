@@ -425,3 +425,57 @@ func TestRefusedParseDropsUnnamedStatement(t *testing.T) {
 		t.Fatalf("bind of the unnamed statement after a refused parse: %+v, want 26000", errs)
 	}
 }
+
+// maxRows counts a portal's rows over all its Executes: fetching in
+// chunks does not escape it.
+func TestMaxRowsAcrossExecutes(t *testing.T) {
+	s := startPostgres(t)
+	tp := startProxy(t, s, postgresRule(t, testQueries))
+	fe, _ := rawConn(t, tp)
+	fe.Send(&pgproto3.Query{String: "BEGIN"})
+	fe.Flush()
+	until(t, fe, 'Z')
+	fe.Send(&pgproto3.Parse{Name: "s", Query: "SELECT id, region FROM patients WHERE age > $1 ORDER BY id"})
+	fe.Send(&pgproto3.Bind{DestinationPortal: "p", PreparedStatement: "s", Parameters: [][]byte{[]byte("0")}})
+	fe.Send(&pgproto3.Execute{Portal: "p", MaxRows: 15})
+	fe.Send(&pgproto3.Flush{})
+	fe.Flush()
+	rows := 0
+	for {
+		msg, err := fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := msg.(*pgproto3.DataRow); ok {
+			rows++
+		}
+		if _, ok := msg.(*pgproto3.PortalSuspended); ok {
+			break
+		}
+		if e, ok := msg.(*pgproto3.ErrorResponse); ok {
+			t.Fatalf("first chunk: %s", e.Message)
+		}
+	}
+	fe.Send(&pgproto3.Execute{Portal: "p", MaxRows: 15})
+	fe.Send(&pgproto3.Sync{})
+	fe.Flush()
+	for {
+		msg, err := fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch m := msg.(type) {
+		case *pgproto3.DataRow:
+			rows++
+		case *pgproto3.ErrorResponse:
+			if m.Code != "42501" || !strings.Contains(m.Message, "rows.maxRows") {
+				t.Fatalf("second chunk: %s %s", m.Code, m.Message)
+			}
+		case *pgproto3.ReadyForQuery:
+			if rows != 20 {
+				t.Fatalf("the sandbox got %d rows, maxRows is 20", rows)
+			}
+			return
+		}
+	}
+}

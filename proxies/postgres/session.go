@@ -47,6 +47,21 @@ type prepared struct {
 	builtin string
 }
 
+// portal is a bound statement; rows counts what it returned over all its
+// Executes, so that fetching in chunks does not escape rows.maxRows.
+type portal struct {
+	st   *prepared
+	rows int64
+}
+
+// statementOf is the portal's statement (nil for an unknown portal).
+func (p *portal) statementOf() *prepared {
+	if p == nil {
+		return nil
+	}
+	return p.st
+}
+
 // itemKind is what a message the proxy sent upstream gets back.
 type itemKind int
 
@@ -76,7 +91,8 @@ type result struct {
 	st       *prepared
 	desc     *pgproto3.RowDescription // nil until described, or NoData
 	countPos int                      // of rows.minCount's column, -1: none
-	rows     int64
+	rows     int64  // returned by this Execute or Query
+	sent     *int64 // returned by the portal so far (nil: rows)
 	withheld int64
 	failed   *refusal
 }
@@ -93,7 +109,7 @@ type session struct {
 	startup *pgproto3.StartupMessage
 
 	statements map[string]*prepared
-	portals    map[string]*prepared
+	portals    map[string]*portal
 
 	items    []item
 	skipping bool // a refusal in this pipeline: drop messages until Sync
@@ -176,7 +192,7 @@ func (s *session) handle(msg pgproto3.FrontendMessage) (end bool, err error) {
 		if s.skipping {
 			return false, nil
 		}
-		s.portals[m.DestinationPortal] = s.statements[m.PreparedStatement]
+		s.portals[m.DestinationPortal] = &portal{st: s.statements[m.PreparedStatement]}
 		s.fe.Send(m)
 		s.items = append(s.items, item{kind: itemBind})
 	case *pgproto3.Describe:
@@ -187,7 +203,7 @@ func (s *session) handle(msg pgproto3.FrontendMessage) (end bool, err error) {
 		if m.ObjectType == 'S' {
 			s.items = append(s.items, item{kind: itemDescribeS, res: s.newResult(s.statements[m.Name])})
 		} else {
-			s.items = append(s.items, item{kind: itemDescribeP, res: s.newResult(s.portals[m.Name])})
+			s.items = append(s.items, item{kind: itemDescribeP, res: s.newResult(s.portals[m.Name].statementOf())})
 		}
 	case *pgproto3.Execute:
 		if s.skipping {
@@ -195,7 +211,11 @@ func (s *session) handle(msg pgproto3.FrontendMessage) (end bool, err error) {
 		}
 		// The proxy describes the portal itself: filtering needs its
 		// columns and formats, whatever the sandbox asked before.
-		res := s.newResult(s.portals[m.Portal])
+		p := s.portals[m.Portal]
+		res := s.newResult(p.statementOf())
+		if p != nil {
+			res.sent = &p.rows
+		}
 		s.fe.Send(&pgproto3.Describe{ObjectType: 'P', Name: m.Portal})
 		s.items = append(s.items, item{kind: itemDescribeP, hidden: true, res: res})
 		s.fe.Send(m)
@@ -524,7 +544,12 @@ func (s *session) result(res *result, msg pgproto3.BackendMessage, extended bool
 			return false, nil
 		}
 		res.rows++
-		if s.cfg.maxRows > 0 && res.rows > s.cfg.maxRows && res.st != nil && res.st.q != nil {
+		total := res.rows
+		if res.sent != nil {
+			*res.sent++
+			total = *res.sent
+		}
+		if s.cfg.maxRows > 0 && total > s.cfg.maxRows && res.st != nil && res.st.q != nil {
 			q := res.st.q
 			s.fail(res, &refusal{reason: ReasonMaxRows, query: q.name, detail: q.fingerprint,
 				msg: fmt.Sprintf("query %q returned more than %d rows (rows.maxRows)", q.name, s.cfg.maxRows)})
