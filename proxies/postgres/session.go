@@ -91,8 +91,8 @@ type result struct {
 	st       *prepared
 	desc     *pgproto3.RowDescription // nil until described, or NoData
 	countPos int                      // of rows.minCount's column, -1: none
-	rows     int64  // returned by this Execute or Query
-	sent     *int64 // returned by the portal so far (nil: rows)
+	rows     int64                    // returned by this Execute or Query
+	sent     *int64                   // returned by the portal so far (nil: rows)
 	withheld int64
 	failed   *refusal
 }
