@@ -3,6 +3,13 @@ package postgres
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
 	"fmt"
 	"log/slog"
 	"net"
@@ -111,8 +118,12 @@ func (s *server) start() error {
 		return err
 	}
 	os.Chown(s.log, uid, gid)
+	if err := s.writeTLS(uid, gid); err != nil {
+		return err
+	}
 	s.cmd = as("postgres", "-D", data, "-k", s.dir, "-p", strconv.Itoa(s.port), "-c", "listen_addresses=127.0.0.1",
-		"-c", "log_statement=all", "-c", "logging_collector=off", "-c", "fsync=off")
+		"-c", "log_statement=all", "-c", "logging_collector=off", "-c", "fsync=off",
+		"-c", "ssl=on", "-c", "ssl_cert_file="+filepath.Join(s.dir, "server.pem"), "-c", "ssl_key_file="+filepath.Join(s.dir, "server.key"))
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {
 		return err
@@ -151,6 +162,63 @@ func (s *server) start() error {
 	b.WriteString("GRANT SELECT ON patients TO " + upstreamUser + ";")
 	if _, err := db.Exec(ctx, b.String()); err != nil {
 		return fmt.Errorf("seeding: %w", err)
+	}
+	return nil
+}
+
+// writeTLS writes a CA (ca.pem), a server certificate for db.test
+// signed by it (server.pem, server.key) and an unrelated CA (other-ca.pem).
+func (s *server) writeTLS(uid, gid int) error {
+	newCA := func(name string) (*x509.Certificate, *ecdsa.PrivateKey, []byte, error) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		cert, err := x509.ParseCertificate(der)
+		return cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), err
+	}
+	ca, caKey, caPEM, err := newCA("cleanwall test CA")
+	if err != nil {
+		return err
+	}
+	_, _, otherPEM, err := newCA("another CA")
+	if err != nil {
+		return err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "db.test"}, DNSNames: []string{"db.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return err
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return err
+	}
+	for name, data := range map[string][]byte{
+		"ca.pem": caPEM, "other-ca.pem": otherPEM,
+		"server.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		"server.key": pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+	} {
+		f := filepath.Join(s.dir, name)
+		if err := os.WriteFile(f, data, 0o600); err != nil {
+			return err
+		}
+		if err := os.Chown(f, uid, gid); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -479,3 +479,27 @@ func TestMaxRowsAcrossExecutes(t *testing.T) {
 		}
 	}
 }
+
+// upstreamTLS: the proxy verifies the server (CA and name) and logs in
+// over TLS; a server its CA did not sign is refused, and the sandbox gets
+// a FATAL error instead of a session.
+func TestUpstreamTLS(t *testing.T) {
+	s := startPostgres(t)
+	good := startProxy(t, s, postgresRule(t, testQueries+", upstreamTLS: {caFile: "+s.dir+"/ca.pem, serverName: db.test, minVersion: '1.3'}"))
+	c := good.connect(t, pgx.QueryExecModeCacheStatement)
+	if got := ids(t, c, "SELECT id, region FROM patients WHERE age > $1 ORDER BY id", 47); len(got) != 1 {
+		t.Fatalf("over TLS: %v", got)
+	}
+	for name, tlsField := range map[string]string{
+		"another CA": "upstreamTLS: {caFile: " + s.dir + "/other-ca.pem, serverName: db.test}",
+		"wrong name": "upstreamTLS: {caFile: " + s.dir + "/ca.pem, serverName: other.test}",
+	} {
+		bad := startProxy(t, s, postgresRule(t, testQueries+", "+tlsField))
+		host, port, _ := net.SplitHostPort(bad.addr)
+		_, err := pgx.Connect(context.Background(), fmt.Sprintf("host=%s port=%s user=x sslmode=disable", host, port))
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) || pe.Code != "08006" {
+			t.Errorf("%s: %v, want 08006", name, err)
+		}
+	}
+}
