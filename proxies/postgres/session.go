@@ -401,13 +401,16 @@ func (s *session) relayItem(it *item) error {
 			return err
 		}
 		if e, ok := msg.(*pgproto3.ErrorResponse); ok {
+			if it.kind == itemSync {
+				// Committing the implicit transaction failed: the error,
+				// then ReadyForQuery.
+				s.be.Send(e)
+				continue
+			}
 			s.upstreamErr = true
-			switch {
-			case it.kind == itemPoison:
+			if it.kind == itemPoison {
 				s.emit(it.ref.response())
-			case it.kind == itemSync:
-				return fmt.Errorf("%w: an error for Sync", errProtocol)
-			default:
+			} else {
 				s.emit(e)
 			}
 			if it.res != nil && it.kind == itemExecute {
