@@ -2,11 +2,14 @@ package postgres
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/cleanwall/cleanwall/internal/testutil"
 )
 
 // psql (the simple protocol, what it sends on its own) through the proxy:
@@ -15,7 +18,7 @@ import (
 func TestPsqlClient(t *testing.T) {
 	s := startPostgres(t)
 	if _, err := os.Stat("/usr/bin/psql"); err != nil {
-		t.Skip("psql is not installed (apt-get install postgresql-client)")
+		testutil.Skip(t, "psql is not installed: make deps")
 	}
 	tp := startProxy(t, s, postgresRule(t, testQueries))
 	host, port, _ := net.SplitHostPort(tp.addr)
@@ -57,7 +60,7 @@ func TestPsycopgClients(t *testing.T) {
 	for _, mod := range []string{"psycopg", "psycopg2"} {
 		t.Run(mod, func(t *testing.T) {
 			if err := exec.Command("/usr/bin/python3", "-c", "import "+mod).Run(); err != nil {
-				t.Skipf("%s is not installed (apt-get install python3-%s): %v", mod, mod, err)
+				testutil.Skip(t, fmt.Sprintf("%s is not installed (python3-%s: make deps): %v", mod, mod, err))
 			}
 			script := `import sys, ` + mod + ` as pg
 conn = pg.connect(host="` + host + `", port=` + port + `, user="anyone", dbname="clinic", sslmode="prefer")

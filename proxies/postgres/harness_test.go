@@ -10,7 +10,6 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
-	"log/slog"
 	"math/big"
 	"net"
 	"net/netip"
@@ -28,6 +27,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/cleanwall/cleanwall/internal/testutil"
 	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/proxies"
 )
@@ -70,11 +70,9 @@ func startPostgres(t *testing.T) *server { return startPostgresB(t) }
 
 func startPostgresB(t testing.TB) *server {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run PostgreSQL as the postgres user")
-	}
+	testutil.RequireRoot(t) // PostgreSQL runs as the postgres user
 	if _, err := os.Stat(filepath.Join(pgBin, "initdb")); err != nil {
-		t.Skipf("PostgreSQL 15 is not installed (%v): apt-get install -y postgresql", err)
+		testutil.Skip(t, fmt.Sprintf("PostgreSQL 15 is not installed (%v): make deps", err))
 	}
 	pgOnce.Do(func() { pgServer.err = pgServer.start() })
 	if pgServer.err != nil {
@@ -328,7 +326,7 @@ func startProxy(t testing.TB, s *server, r *policy.Rule) *testProxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := New(nil, m, slog.New(slog.NewTextHandler(tLogWriter{t}, nil)))
+	p := New(nil, m, testutil.Logger(t))
 	cfg, err := p.Configure(r)
 	if err != nil {
 		t.Fatal(err)
@@ -392,11 +390,4 @@ func (tp *testProxy) sent() []byte {
 		c.mu.Unlock()
 	}
 	return all
-}
-
-type tLogWriter struct{ t testing.TB }
-
-func (w tLogWriter) Write(b []byte) (int, error) {
-	w.t.Log(strings.TrimSuffix(string(b), "\n"))
-	return len(b), nil
 }
