@@ -241,6 +241,8 @@ func withheld(r harness.PGResult) []string {
 //     server's statement log shows the statement never ran;
 //   - groups below minCount never reach the client whatever the count
 //     column is called;
+//   - every refusal is counted under its reason, and withheld rows are
+//     counted;
 //   - no client output holds the canary, and nothing the sandbox sent or
 //     received holds the upstream password.
 func TestPostgresProxy(t *testing.T) {
@@ -252,6 +254,21 @@ func TestPostgresProxy(t *testing.T) {
 			t.Run("minCount", func(t *testing.T) { e.testMinCount(t, client) })
 		})
 	}
+	t.Run("counted", func(t *testing.T) {
+		m, err := e.d.Metrics()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := float64(len(harness.PGClients))
+		for reason, want := range map[string]float64{"not-listed": n, "multiple-statements": n, "copy": n, "denied-column": 2 * n, "max-rows": n} {
+			if got := harness.MetricSum(m, "cleanwall_postgres_statements_total", `rule="warehouse"`, `decision="refused"`, `reason="`+reason+`"`); got < want {
+				t.Errorf("%v statements refused as %s counted, want at least %v:\n%s", got, reason, want, harness.Grep(m, "cleanwall_postgres_statements_total"))
+			}
+		}
+		if got := harness.MetricSum(m, "cleanwall_postgres_rows_withheld_total", `rule="warehouse"`); got == 0 {
+			t.Errorf("no row withheld by minCount was counted:\n%s", harness.Grep(m, "cleanwall_postgres_"))
+		}
+	})
 	t.Run("no canary", func(t *testing.T) {
 		if strings.Contains(e.outputs.String(), e.pg.Canary) {
 			t.Fatalf("a client in the sandbox printed the canary:\n%s", harness.Grep(e.outputs.String(), e.pg.Canary))
