@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -47,6 +48,9 @@ type Proxy struct {
 	// ConnectTimeout bounds the upstream connection and login; zero means
 	// DefaultConnectTimeout.
 	ConnectTimeout time.Duration
+	// IdleTimeout ends a session whose sandbox sent nothing for that long
+	// while no statement ran (EndIdle); zero means never.
+	IdleTimeout time.Duration
 
 	mu      sync.Mutex
 	cancels map[cancelKey]*cancelTarget
@@ -141,7 +145,7 @@ func (p *Proxy) ServeStream(ctx context.Context, c net.Conn, f *proxies.Flow) pr
 	}
 	s := &session{p: p, cfg: cfg, flow: f, be: be, fe: up.Frontend, sc: sc, startup: startup,
 		statements: map[string]*prepared{}, portals: map[string]*portal{}}
-	return proxies.ResultOf(ctx, s.serve())
+	return proxies.ResultOf(ctx, s.serve(), proxies.EndFor{Err: os.ErrDeadlineExceeded, End: proxies.EndIdle})
 }
 
 // sandboxStatus is the ParameterStatus the sandbox sees: the upstream's,

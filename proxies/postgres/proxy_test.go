@@ -503,3 +503,16 @@ func TestUpstreamTLS(t *testing.T) {
 		}
 	}
 }
+
+// A session the sandbox leaves idle ends after IdleTimeout, as idle.
+func TestIdleTimeout(t *testing.T) {
+	s := startPostgres(t)
+	tp := startProxy(t, s, postgresRule(t, testQueries))
+	tp.proxy.IdleTimeout = 200 * time.Millisecond
+	c := tp.connect(t, pgx.QueryExecModeCacheStatement)
+	ids(t, c, "SELECT id, region FROM patients WHERE age > $1 ORDER BY id", 47)
+	time.Sleep(500 * time.Millisecond)
+	if _, err := c.Exec(context.Background(), "SELECT id, region FROM patients WHERE age > $1 ORDER BY id", 47); err == nil {
+		t.Fatal("the idle session still runs statements")
+	}
+}

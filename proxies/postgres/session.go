@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
@@ -124,6 +125,9 @@ var errTerminate = errors.New("terminated")
 func (s *session) serve() error {
 	defer s.report()
 	for {
+		if idle := s.p.IdleTimeout; idle > 0 {
+			s.sc.SetReadDeadline(time.Now().Add(idle))
+		}
 		msg, err := s.be.Receive()
 		if err != nil {
 			var tooBig *pgproto3.ExceededMaxBodyLenErr
