@@ -30,6 +30,10 @@
 // the server read a string literal differently from the proxy), and SET of
 // either is refused.
 //
+// Every constant is free, as in any fingerprint: a WHERE value, a LIMIT,
+// and also an ORDER BY or GROUP BY position (GROUP BY 1 matches GROUP BY
+// 2). List statements that group by name where that matters.
+//
 // Besides the listed statements these run without being listed, because
 // clients send them on their own (psycopg's implicit BEGIN, SET of client
 // parameters at connect, SHOW by drivers that probe the server):
