@@ -119,6 +119,12 @@ type session struct {
 	clientSkip  bool // the proxy failed a statement: drop responses until Sync
 }
 
+// Bounds of a pipeline the proxy holds until Sync or Flush.
+const (
+	maxPipelineItems = 1 << 16
+	maxPipelineBytes = 64 << 20
+)
+
 // errTerminate ends a session the sandbox ended.
 var errTerminate = errors.New("terminated")
 
@@ -149,6 +155,13 @@ func (s *session) serve() error {
 			return err
 		}
 		if !end {
+			if len(s.items) > maxPipelineItems || s.sc.read.Load() > maxPipelineBytes {
+				// The proxy holds a pipeline until Sync or Flush: bound it.
+				s.be.Send(&pgproto3.ErrorResponse{Severity: "FATAL", SeverityUnlocalized: "FATAL", Code: "54000",
+					Message: fmt.Sprintf("cleanwall: a pipeline of more than %d messages or %d bytes without Sync or Flush", maxPipelineItems, maxPipelineBytes)})
+				s.be.Flush()
+				return errors.New("pipeline too long")
+			}
 			continue
 		}
 		if err := s.fe.Flush(); err != nil {
