@@ -202,7 +202,7 @@ var (
 // parseOne parses sql, which must hold exactly one statement (or none:
 // the empty query, builtin "empty"), and fingerprints it.
 func parseOne(sql string) (*statement, error) {
-	tree, err := pg_query.Parse(sql)
+	tree, err := parseSQL(sql)
 	if err != nil {
 		return nil, fmt.Errorf("parsing: %w", err)
 	}
@@ -221,7 +221,7 @@ func parseOne(sql string) (*statement, error) {
 	if st.builtin != "" {
 		return st, nil
 	}
-	if st.fingerprint, err = pg_query.Fingerprint(sql); err != nil {
+	if st.fingerprint, err = fingerprintSQL(sql); err != nil {
 		return nil, fmt.Errorf("fingerprinting: %w", err)
 	}
 	return st, nil

@@ -23,6 +23,8 @@
 // twenty times as much per parse, and the proxy's throughput target is
 // set against pgbouncer. The price is cgo in cleanwalld's build (a C
 // compiler, and about 30 s for a cold build of the parser, cached after).
+// Built without cgo, the package compiles and refuses every postgres rule
+// at Configure (parse_nocgo.go).
 //
 // The text the proxy parses is the text the server parses: the upstream
 // session is pinned to client_encoding UTF8 and
