@@ -23,6 +23,7 @@ import (
 	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
 	"github.com/cleanwall/cleanwall/proxies/extension"
 	httpproxy "github.com/cleanwall/cleanwall/proxies/http"
+	pgproxy "github.com/cleanwall/cleanwall/proxies/postgres"
 	"github.com/cleanwall/cleanwall/proxies/secure"
 	tcpproxy "github.com/cleanwall/cleanwall/proxies/tcp"
 	"github.com/cleanwall/cleanwall/proxies/tproxy"
@@ -240,6 +241,10 @@ func (d *Daemon) buildProxies() error {
 		return err
 	}
 	http := &httpproxy.Proxy{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "http"), Metrics: httpMetrics}
+	pgMetrics, err := pgproxy.NewMetrics(d.metrics.Registry)
+	if err != nil {
+		return err
+	}
 	dnsMetrics, err := dnsproxy.NewMetrics(d.metrics.Registry)
 	if err != nil {
 		return err
@@ -267,6 +272,7 @@ func (d *Daemon) buildProxies() error {
 		g.AddStream(proxies.Key{Mode: "secure", Protocol: "http"}, secure.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "secure-http"))),
 		g.AddStream(proxies.Key{Mode: "trusted", Protocol: "tcp"}, &trusted.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "trusted-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
 		g.AddStream(proxies.Key{Mode: "trusted", Protocol: "http"}, trusted.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "trusted-http"))),
+		g.AddStream(pgproxy.Key, pgproxy.New(upstreamDialer.DialContext, pgMetrics, d.log.With("proxy", "postgres"))),
 		g.AddStream(proxies.DNSKey, d.dns),
 		g.AddPacket(proxies.DNSKey, d.dns),
 	}

@@ -164,15 +164,13 @@ spec:
               atLeast: 10
 `
 
-// requirePostgresProxy skips the test unless the daemon registered the
-// postgres privacy proxy (its ready line lists open/postgres). This is a
-// t.Skip, not testutil.Skip: a proxy not yet in cleanwalld is not a
-// missing privilege, and CI must run the rest meanwhile.
+// requirePostgresProxy fails the test unless the daemon registered the
+// postgres privacy proxy (its ready line lists open/postgres).
 func requirePostgresProxy(t *testing.T, d *harness.Daemon) {
 	t.Helper()
 	ready := harness.Grep(d.Log(), "cleanwalld ready")
 	if !strings.Contains(ready, "open/postgres") {
-		t.Skip("the postgres proxy is not registered in this cleanwalld: its ready line lists no open/postgres: " + ready)
+		t.Fatal("the postgres proxy is not registered in this cleanwalld: its ready line lists no open/postgres: " + ready)
 	}
 }
 
