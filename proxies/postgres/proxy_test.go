@@ -283,14 +283,24 @@ func TestCancelRequest(t *testing.T) {
 	s := startPostgres(t)
 	tp := startProxy(t, s, postgresRule(t, testQueries))
 	c := tp.connect(t, pgx.QueryExecModeCacheStatement)
+	done := make(chan struct{})
 	go func() {
-		time.Sleep(300 * time.Millisecond)
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		c.PgConn().CancelRequest(ctx)
+		// Again until the statement returns: a cancel that arrives before
+		// the statement runs cancels nothing.
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(300 * time.Millisecond):
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			c.PgConn().CancelRequest(ctx)
+			cancel()
+		}
 	}()
 	start := time.Now()
 	_, err := c.Exec(context.Background(), "SELECT pg_sleep($1)", 10)
+	close(done)
 	var pe *pgconn.PgError
 	if !errors.As(err, &pe) || pe.Code != "57014" {
 		t.Fatalf("pg_sleep(10): %v, want 57014 (canceled)", err)
