@@ -245,6 +245,8 @@ func (d *Daemon) buildProxies() error {
 	if err != nil {
 		return err
 	}
+	pg := pgproxy.New(upstreamDialer.DialContext, pgMetrics, d.log.With("proxy", "postgres"))
+	pg.IdleTimeout = d.cfg.IdleTimeout
 	dnsMetrics, err := dnsproxy.NewMetrics(d.metrics.Registry)
 	if err != nil {
 		return err
@@ -272,7 +274,7 @@ func (d *Daemon) buildProxies() error {
 		g.AddStream(proxies.Key{Mode: "secure", Protocol: "http"}, secure.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "secure-http"))),
 		g.AddStream(proxies.Key{Mode: "trusted", Protocol: "tcp"}, &trusted.TCP{Dial: upstreamDialer.DialContext, Logger: d.log.With("proxy", "trusted-tcp"), IdleTimeout: d.cfg.IdleTimeout}),
 		g.AddStream(proxies.Key{Mode: "trusted", Protocol: "http"}, trusted.NewHTTP(upstreamDialer.DialContext, d.log.With("proxy", "trusted-http"))),
-		g.AddStream(pgproxy.Key, pgproxy.New(upstreamDialer.DialContext, pgMetrics, d.log.With("proxy", "postgres"))),
+		g.AddStream(pgproxy.Key, pg),
 		g.AddStream(proxies.DNSKey, d.dns),
 		g.AddPacket(proxies.DNSKey, d.dns),
 	}
