@@ -136,7 +136,10 @@ func TestLiveApplyUnderTraffic(t *testing.T) {
 	for i := 0; i < 10; i++ {
 		doc := policyPorts(fmt.Sprintf("gen-%d", i), 8080, 8081)
 		if i%2 == 1 {
-			doc = policyCIDRs(fmt.Sprintf("gen-%d", i), 2000) + strings.TrimPrefix(policyPorts("x", 8081), "apiVersion: cleanwall.dev/v1\nkind: EgressPolicy\nmetadata: {name: x}\nspec:\n  egress:\n")
+			// The same rule name for 8080 in every generation: a flow is
+			// kept across a flip when the new policy allows it under the
+			// same rule (a renamed rule closes it, by design).
+			doc = strings.Replace(policyCIDRs(fmt.Sprintf("gen-%d", i), 2000), "name: many", "name: port-8080", 1) + strings.TrimPrefix(policyPorts("x", 8081), "apiVersion: cleanwall.dev/v1\nkind: EgressPolicy\nmetadata: {name: x}\nspec:\n  egress:\n")
 		}
 		if _, err := apply(t, d, sb, doc); err != nil {
 			t.Fatalf("apply %d: %v", i, err)
