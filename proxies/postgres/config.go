@@ -1,12 +1,8 @@
 package postgres
 
 import (
-	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -24,7 +20,7 @@ type ruleConfig struct {
 	database string
 	user     string
 	password string
-	tls      *upstreamTLS // nil: plaintext upstream
+	tls      *tlsconf.Upstream // nil: plaintext upstream
 	queries  map[string]*listedQuery
 	deny     map[string]bool
 	maxRows  int64 // 0: no limit
@@ -116,7 +112,7 @@ func configure(r *policy.Rule) (*ruleConfig, error) {
 		return nil, err
 	}
 	if s.UpstreamTLS != nil {
-		if cfg.tls, err = loadUpstreamTLS(s.UpstreamTLS, "open.postgres.upstreamTLS"); err != nil {
+		if cfg.tls, err = tlsconf.LoadUpstream(s.UpstreamTLS, "open.postgres.upstreamTLS"); err != nil {
 			return nil, err
 		}
 	}
@@ -349,83 +345,4 @@ func deniedTarget(deny map[string]bool, targets []target) string {
 		}
 	}
 	return ""
-}
-
-// upstreamTLS is a rule's open.postgres.upstreamTLS, its files read at
-// Configure.
-type upstreamTLS struct {
-	serverName string
-	roots      *x509.CertPool // nil: the system roots (unless pins alone)
-	pins       [][sha256.Size]byte
-	certs      []tls.Certificate
-	minVersion uint16
-}
-
-// loadUpstreamTLS reads t's files; errors name the field under path.
-func loadUpstreamTLS(t *policy.TLSSpec, path string) (*upstreamTLS, error) {
-	u := &upstreamTLS{serverName: t.ServerName, minVersion: tls.VersionTLS12}
-	if t.MinVersion == "1.3" {
-		u.minVersion = tls.VersionTLS13
-	}
-	if t.CAFile != "" {
-		roots, err := tlsconf.LoadCA(t.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("%s.%w", path, err)
-		}
-		u.roots = roots
-	}
-	pins, err := t.Pins()
-	if err != nil {
-		return nil, fmt.Errorf("%s.%w", path, err)
-	}
-	u.pins = pins
-	if t.ClientCertFile != "" || t.ClientKeyFile != "" {
-		if t.ClientCertFile == "" || t.ClientKeyFile == "" {
-			return nil, fmt.Errorf("%s.clientCertFile: clientCertFile and clientKeyFile go together", path)
-		}
-		cert, err := tlsconf.LoadKeyPair(t.ClientCertFile, t.ClientKeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("%s.%w", path, err)
-		}
-		u.certs = []tls.Certificate{cert}
-	}
-	return u, nil
-}
-
-// config is the TLS client configuration for a flow to dst known by hosts
-// (verify-full: the chain and the name, and the pins if any; pins alone
-// when there is no caFile but pins).
-func (u *upstreamTLS) config(hosts []string, dst netip.AddrPort) *tls.Config {
-	name := u.serverName
-	if name == "" && len(hosts) > 0 {
-		name = hosts[0]
-	}
-	if name == "" {
-		name = dst.Addr().Unmap().String()
-	}
-	c := &tls.Config{ServerName: name, RootCAs: u.roots, Certificates: u.certs, MinVersion: u.minVersion}
-	if len(u.pins) == 0 {
-		return c
-	}
-	if u.roots == nil {
-		c.InsecureSkipVerify = true // the pin is the trust; VerifyConnection checks it
-		c.VerifyConnection = func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 || !tlsconf.Pinned(u.pins, cs.PeerCertificates[0]) {
-				return tlsconf.ErrPin
-			}
-			return nil
-		}
-		return c
-	}
-	c.VerifyConnection = func(cs tls.ConnectionState) error {
-		for _, chain := range cs.VerifiedChains {
-			for _, cert := range chain {
-				if tlsconf.Pinned(u.pins, cert) {
-					return nil
-				}
-			}
-		}
-		return tlsconf.ErrPin
-	}
-	return c
 }

@@ -215,7 +215,7 @@ func (p *Proxy) connect(ctx context.Context, cfg *ruleConfig, f *proxies.Flow, s
 	pc.TLSConfig = nil
 	pc.KerberosSrvName, pc.KerberosSpn = "", ""
 	if cfg.tls != nil {
-		pc.TLSConfig = cfg.tls.config(f.Hosts, f.Dst)
+		pc.TLSConfig = cfg.tls.Config(cfg.tls.ServerNameFor(firstHost(f.Hosts), f.Dst))
 	}
 	pc.DialFunc = pgconn.DialFunc(p.dial)
 	pc.LookupFunc = func(ctx context.Context, host string) ([]string, error) { return []string{host}, nil }
@@ -245,7 +245,7 @@ func (p *Proxy) register(f *proxies.Flow, cfg *ruleConfig, up *pgconn.HijackedCo
 	t := &cancelTarget{sandbox: f.Sandbox, addr: net.JoinHostPort(f.Dst.Addr().Unmap().String(), strconv.Itoa(int(f.Dst.Port()))),
 		pid: up.PID, secret: append([]byte(nil), up.SecretKey...)}
 	if cfg.tls != nil {
-		t.tls = cfg.tls.config(f.Hosts, f.Dst)
+		t.tls = cfg.tls.Config(cfg.tls.ServerNameFor(firstHost(f.Hosts), f.Dst))
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -331,4 +331,13 @@ func (c *countConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
 	c.written.Add(int64(n))
 	return n, err
+}
+
+// firstHost is the first name a flow's destination was resolved from, ""
+// for none.
+func firstHost(hosts []string) string {
+	if len(hosts) == 0 {
+		return ""
+	}
+	return hosts[0]
 }

@@ -31,7 +31,7 @@ type remote struct {
 }
 
 // dialRemote connects to dst and, when the rule says so, runs TLS with the
-// remote verified as host (see upstreamTLS.serverNameFor).
+// remote verified as host (see tlsconf.Upstream.ServerNameFor).
 func dialRemote(ctx context.Context, dial DialFunc, timeout time.Duration, cfg *ruleConfig, dst netip.AddrPort, host string) (remote, error) {
 	if timeout <= 0 {
 		timeout = DefaultDialTimeout
@@ -49,7 +49,7 @@ func dialRemote(ctx context.Context, dial DialFunc, timeout time.Duration, cfg *
 	if cfg.tls == nil {
 		return remote{conn: raw, raw: raw}, nil
 	}
-	tc, err := cfg.tls.handshake(dctx, raw, cfg.tls.serverNameFor(host, dst))
+	tc, err := cfg.tls.handshake(dctx, raw, cfg.tls.ServerNameFor(host, dst))
 	if err != nil {
 		reset(raw)
 		return remote{}, err
