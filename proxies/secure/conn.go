@@ -2,15 +2,13 @@ package secure
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
-	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/cleanwall/cleanwall/internal/rawsys"
 )
 
 // Log field names.
@@ -71,25 +69,10 @@ func (r remote) close() {
 	}
 }
 
-// reset closes c abortively: SO_LINGER 0 makes the close send RST rather
-// than FIN, so that a stream that ended badly (a refused segment, no key,
-// a revocation) can never pass for one that ended. A conn that is not a
-// socket is only closed.
-func reset(c net.Conn) {
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
-	if l, ok := c.(interface{ SetLinger(int) error }); ok {
-		_ = l.SetLinger(0)
-	} else if sc, ok := c.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			_ = rc.Control(func(fd uintptr) {
-				_ = unix.SetsockoptLinger(int(fd), unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
-			})
-		}
-	}
-	_ = c.Close()
-}
+// reset closes c abortively (rawsys.Reset): a stream that ended badly (a
+// refused segment, no key, a revocation) can never pass for one that
+// ended.
+func reset(c net.Conn) { rawsys.Reset(c) }
 
 // closeWrite half-closes c when it can (TCP FIN, TLS close_notify).
 func closeWrite(c net.Conn) error {

@@ -2,16 +2,13 @@ package trusted
 
 import (
 	"bytes"
-	"crypto/tls"
 	"io"
 	"log/slog"
 	"net"
 	"strings"
-	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/cleanwall/cleanwall/internal/rawsys"
 	"github.com/cleanwall/cleanwall/proxies"
 )
 
@@ -147,28 +144,12 @@ func closeGracefully(c net.Conn) {
 	_ = c.Close()
 }
 
-// reset closes c abortively: SO_LINGER 0 makes the close send RST rather
-// than FIN, so that a refused flow never reads as an ended one.
-func reset(c net.Conn) {
-	abortive(c)
-	_ = c.Close()
-}
+// reset closes c abortively (rawsys.Reset): a refused flow never reads as
+// an ended one.
+func reset(c net.Conn) { rawsys.Reset(c) }
 
 // abortive makes c's close a reset.
-func abortive(c net.Conn) {
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
-	if l, ok := c.(interface{ SetLinger(int) error }); ok {
-		_ = l.SetLinger(0)
-	} else if sc, ok := c.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			_ = rc.Control(func(fd uintptr) {
-				_ = unix.SetsockoptLinger(int(fd), unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
-			})
-		}
-	}
-}
+func abortive(c net.Conn) { rawsys.Abort(c) }
 
 // denial is the Denial of a refused flow: no payload, the server name the
 // rule verifies against, and whether the refused handshake resumed a
