@@ -104,6 +104,7 @@ type env struct {
 	ev     *events
 	stream *recorder
 	ln     *net.TCPListener // the "destinations": whatever a client dials here is a redirected flow
+	udp    uint16           // the rule's UDP port (0: the listener's port)
 }
 
 func newEnv(t *testing.T) *env {
@@ -137,6 +138,13 @@ func newEnv(t *testing.T) *env {
 
 func (v *env) port() uint16 { return uint16(v.ln.Addr().(*net.TCPAddr).Port) }
 
+func (v *env) udpPort() uint16 {
+	if v.udp != 0 {
+		return v.udp
+	}
+	return v.port()
+}
+
 // policy allows 127.0.0.1 on the listener's port (TCP and UDP) under rule
 // "local", with extra YAML under spec.
 func (v *env) policy(extra, rules string) string {
@@ -149,7 +157,7 @@ spec:
       to: [{cidr: 127.0.0.1/32}]
       ports: [{port: %d}, {port: %d, protocol: UDP}]
       mode: open
-%s`, extra, v.port(), v.port(), rules)
+%s`, extra, v.port(), v.udpPort(), rules)
 }
 
 func (v *env) change(doc string) enforce.Change {
@@ -387,11 +395,12 @@ func TestHostsOfLearntDestination(t *testing.T) {
 // the datapath while it lives and forgotten when it goes idle.
 func TestUDPFlow(t *testing.T) {
 	v := newEnv(t)
-	echo, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: int(v.port())})
+	echo, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
-		t.Skipf("the TCP listener's port is taken for UDP: %v", err)
+		t.Fatal(err)
 	}
 	defer echo.Close()
+	v.udp = uint16(echo.LocalAddr().(*net.UDPAddr).Port)
 	go func() {
 		buf := make([]byte, 1500)
 		for {
@@ -404,7 +413,7 @@ func TestUDPFlow(t *testing.T) {
 	}()
 	v.admit(v.policy("", ""))
 	src := netip.MustParseAddrPort("127.0.0.1:40000")
-	dst := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), v.port())
+	dst := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), v.udpPort())
 	replies := make(chan string, 4)
 	reply := func(from, to netip.AddrPort, p []byte) error {
 		if from != dst || to != src {
