@@ -29,6 +29,15 @@ func (p *Policy) normalize() {
 		p.Spec.Limits = nil // "limits: {}" means the daemon's limits
 	}
 	p.Spec.Egress = nilIfEmpty(p.Spec.Egress)
+	p.Spec.Volumes = nilIfEmpty(p.Spec.Volumes)
+	if g := p.Spec.Governance; g != nil {
+		if g.Consent == ConsentNone {
+			g.Consent = "" // none is the default
+		}
+		if *g == (GovernanceSpec{}) {
+			p.Spec.Governance = nil
+		}
+	}
 	for i := range p.Spec.Egress {
 		r := &p.Spec.Egress[i]
 		for j := range r.To {

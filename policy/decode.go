@@ -215,6 +215,17 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 			return
 		}
 		v.SetInt(i)
+	case reflect.Bool:
+		if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!bool" {
+			d.fail(path, n.Line, "expected true or false, got %s", describe(n))
+			return
+		}
+		var b bool
+		if err := n.Decode(&b); err != nil {
+			d.fail(path, n.Line, "%s is not true or false", n.Value)
+			return
+		}
+		v.SetBool(b)
 	default:
 		panic("policy: no YAML decoding for " + v.Type().String())
 	}

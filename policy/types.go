@@ -40,6 +40,56 @@ type Spec struct {
 	// nil means the daemon's limits. A value above the daemon's is
 	// allowed and has no effect: a policy can only lower a limit.
 	Limits *LimitsSpec `yaml:"limits,omitempty" json:"limits,omitempty"`
+	// Volumes are encrypted data stores shown to the sandbox as files or
+	// as a block device; the store on the node holds only ciphertext.
+	Volumes []Volume `yaml:"volumes,omitempty" json:"volumes,omitempty"`
+	// Governance nil means no consent is asked.
+	Governance *GovernanceSpec `yaml:"governance,omitempty" json:"governance,omitempty"`
+}
+
+// Volume kinds.
+const (
+	VolumeFiles = "files"
+	VolumeBlock = "block"
+)
+
+// Volume is one encrypted volume (docs/volumes.md).
+type Volume struct {
+	// Name is a DNS label, unique in the policy.
+	Name string `yaml:"name,omitempty" json:"name,omitempty"`
+	// Kind is files (a directory of per-file encrypted items) or block (a
+	// fixed-size image encrypted per 4 KiB sector).
+	Kind string `yaml:"kind,omitempty" json:"kind,omitempty"`
+	// Store is the absolute path on the node of the backing directory
+	// (files) or image file (block).
+	Store string `yaml:"store,omitempty" json:"store,omitempty"`
+	// SizeBytes is the block image's size, a positive multiple of 4096;
+	// block only.
+	SizeBytes int64 `yaml:"sizeBytes,omitempty" json:"sizeBytes,omitempty"`
+	// KeyID names the key the key broker releases after attestation.
+	KeyID string `yaml:"keyID,omitempty" json:"keyID,omitempty"`
+	// ReadOnly mounts the volume read-only.
+	ReadOnly bool `yaml:"readOnly,omitempty" json:"readOnly,omitempty"`
+	// Path is where the sandbox sees it: a directory (files) or a block
+	// device node (block); absolute.
+	Path string `yaml:"path,omitempty" json:"path,omitempty"`
+}
+
+// Consent values.
+const (
+	ConsentNone     = "none"
+	ConsentRequired = "required"
+)
+
+// GovernanceSpec configures the governance hooks (GOVERNANCE.md).
+type GovernanceSpec struct {
+	// Consent is required or none (the default, normalised to "").
+	Consent string `yaml:"consent,omitempty" json:"consent,omitempty"`
+}
+
+// ConsentRequired reports whether the policy needs consent.
+func (p *Policy) ConsentRequired() bool {
+	return p.Spec.Governance != nil && p.Spec.Governance.Consent == ConsentRequired
 }
 
 // LimitsSpec bounds what one sandbox may take of the node's proxies.

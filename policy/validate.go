@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	pathpkg "path"
 	"regexp"
 	"strconv"
 	"strings"
@@ -134,6 +135,14 @@ func (v *validator) policy() {
 			if f.v != nil && *f.v < 1 {
 				v.add("spec.limits."+f.name, "%d: must be at least 1 (omit it for the daemon's limit)", *f.v)
 			}
+		}
+	}
+	v.volumes()
+	if g := p.Spec.Governance; g != nil {
+		switch g.Consent {
+		case "", ConsentNone, ConsentRequired:
+		default:
+			v.add("spec.governance.consent", "%s: must be required or none", quote(g.Consent))
 		}
 	}
 	first := make(map[string]int, len(p.Spec.Egress))
@@ -715,4 +724,77 @@ func (v *validator) secure(path string, s *SecureSpec) {
 	if s.UpstreamTLS != nil {
 		v.tls(path+".upstreamTLS", s.UpstreamTLS, false)
 	}
+}
+
+// volumeSectorSize is the unit a block volume's size is counted in.
+const volumeSectorSize = 4096
+
+func (v *validator) volumes() {
+	names := map[string]int{}
+	paths := map[string]int{}
+	for i := range v.p.Spec.Volumes {
+		vp := "spec.volumes[" + strconv.Itoa(i) + "]"
+		vol := &v.p.Spec.Volumes[i]
+		switch {
+		case vol.Name == "":
+			v.need(vp+".name", "required")
+		case !isDNSLabel(vol.Name):
+			v.add(vp+".name", "%s is not a DNS label (%s)", quote(vol.Name), labelRules)
+		default:
+			if j, dup := names[vol.Name]; dup {
+				v.add(vp+".name", "duplicate volume name %s (first at spec.volumes[%d])", quote(vol.Name), j)
+			} else {
+				names[vol.Name] = i
+			}
+		}
+		switch vol.Kind {
+		case "":
+			v.need(vp+".kind", "required (files or block)")
+		case VolumeFiles:
+			if vol.SizeBytes != 0 {
+				v.add(vp+".sizeBytes", "only for kind block (a files volume grows with its files)")
+			}
+		case VolumeBlock:
+			switch {
+			case vol.SizeBytes == 0:
+				v.need(vp+".sizeBytes", "required with kind block (a positive multiple of %d)", volumeSectorSize)
+			case vol.SizeBytes < 0 || vol.SizeBytes%volumeSectorSize != 0:
+				v.add(vp+".sizeBytes", "%d: must be a positive multiple of %d", vol.SizeBytes, volumeSectorSize)
+			}
+		default:
+			v.add(vp+".kind", "%s: must be files or block", quote(vol.Kind))
+		}
+		v.absPath(vp+".store", vol.Store, "the backing directory or image on the node")
+		switch {
+		case vol.KeyID == "":
+			v.need(vp+".keyID", "required (the key the key broker releases after attestation)")
+		case !keyIDRE.MatchString(vol.KeyID):
+			v.add(vp+".keyID", "%s is not a key id (1-128 of A-Z a-z 0-9 . _ -)", quote(vol.KeyID))
+		}
+		if v.absPath(vp+".path", vol.Path, "where the sandbox sees the volume") {
+			if j, dup := paths[vol.Path]; dup {
+				v.add(vp+".path", "%s is also the path of spec.volumes[%d]", quote(vol.Path), j)
+			} else {
+				paths[vol.Path] = i
+			}
+		}
+	}
+}
+
+// absPath checks a required absolute, clean path; it reports whether the
+// path is good.
+func (v *validator) absPath(path, value, what string) bool {
+	switch {
+	case value == "":
+		v.need(path, "required (%s, an absolute path)", what)
+	case !strings.HasPrefix(value, "/") || value == "/":
+		v.add(path, "%s: must be an absolute path other than /", quote(value))
+	case pathpkg.Clean(value) != value:
+		v.add(path, "%s: must be clean (%s)", quote(value), quote(pathpkg.Clean(value)))
+	case strings.ContainsAny(value, "\x00\n"):
+		v.add(path, "%s: must not hold NUL or newline", quote(value))
+	default:
+		return true
+	}
+	return false
 }
