@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"os"
 	"strings"
 	"testing"
 )
@@ -77,5 +78,32 @@ func TestVolumesRefused(t *testing.T) {
 		if !strings.Contains(err.Error(), c.path) || !strings.Contains(err.Error(), c.msg) {
 			t.Errorf("%s: error %q does not name %q with %q", c.path, err, c.path, c.msg)
 		}
+	}
+}
+
+// docs/policy.md's volumes example works exactly as written.
+func TestPolicyMDVolumesExample(t *testing.T) {
+	doc, err := os.ReadFile("../docs/policy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(doc)
+	i := strings.Index(s, "### Volumes")
+	if i < 0 {
+		t.Fatal("docs/policy.md has no Volumes section")
+	}
+	s = s[i:]
+	start := strings.Index(s, "```yaml\n")
+	end := strings.Index(s[start+8:], "```")
+	if start < 0 || end < 0 {
+		t.Fatal("no yaml example in the Volumes section")
+	}
+	example := s[start+8 : start+8+end]
+	p, err := Parse([]byte(strings.Replace(volumesBase, "spec:\n", "", 1) + example))
+	if err != nil {
+		t.Fatalf("docs/policy.md's volumes example: %v", err)
+	}
+	if len(p.Spec.Volumes) != 2 || p.Spec.Volumes[1].Kind != VolumeBlock {
+		t.Fatalf("volumes example read as %+v", p.Spec.Volumes)
 	}
 }
