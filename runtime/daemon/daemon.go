@@ -209,7 +209,7 @@ func (d *Daemon) wire(dp kernelDatapath, links enforce.Links, wall enforce.Wall)
 	d.learner = &fqdn.Learner{DP: dp, Log: d.log}
 	d.enforcer = &enforce.Enforcer{DP: dp, Links: links, Wall: wall, Store: sandbox.Store{Dir: d.cfg.StateDir},
 		Sandboxes: d.sandboxes, Learner: d.learner, AttachMode: d.cfg.AttachMode,
-		DNSRate: d.dnsRate(), EventRate: d.cfg.DenyEventsPerSecond, Log: d.log}
+		DNSRate: d.dnsRate(), EventRate: d.cfg.DenyEventsPerSecond, Log: d.log, Phase: d.metrics.ObservePhase}
 	d.dispatch = &dispatch.Dispatcher{Sandboxes: d.sandboxes, DP: dp, Proxies: d.proxies, Metrics: d.metrics, Node: d.node,
 		Events: flowEvents{d}, Log: d.log, Logs: d.logs, Ctx: d.ctx}
 	if d.keys != nil {

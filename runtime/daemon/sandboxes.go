@@ -133,6 +133,7 @@ func (d *Daemon) resolve(doc []byte, source string) (enforce.Change, error) {
 // in place; on any error nothing of the sandbox remains. A sandbox whose
 // secure rules have no released key never starts.
 func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, error) {
+	start := time.Now()
 	if err := validateAdd(&req); err != nil {
 		return api.Sandbox{}, err
 	}
@@ -144,9 +145,12 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 	if err != nil {
 		return api.Sandbox{}, err
 	}
+	resolved := time.Now()
+	d.metrics.ObservePhase("add", "resolve", resolved.Sub(start))
 	if err := d.keys.Ensure(ctx, ch.Compiled); err != nil {
 		return api.Sandbox{}, err
 	}
+	d.metrics.ObservePhase("add", "keys", time.Since(resolved))
 	d.sandboxes.Lock()
 	defer d.sandboxes.Unlock()
 	s, err := d.enforcer.Admit(enforce.Admission{Req: req, Policy: doc, Source: source, Compiled: ch.Compiled, Configs: ch.Configs, Limits: ch.Limits})
@@ -154,6 +158,7 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 		return api.Sandbox{}, err
 	}
 	d.registered(s)
+	d.metrics.ObservePhase("add", "total", time.Since(start))
 	return d.view(s, false), nil
 }
 
@@ -217,6 +222,8 @@ func (d *Daemon) Apply(id, ifName string, doc []byte, source string) (int, *poli
 // Delete detaches a container's sandbox(es). Unknown sandboxes are not an
 // error: DEL is idempotent.
 func (d *Daemon) Delete(id, ifName string) error {
+	start := time.Now()
+	defer func() { d.metrics.ObservePhase("del", "total", time.Since(start)) }()
 	d.sandboxes.Lock()
 	defer d.sandboxes.Unlock()
 	var errs []error

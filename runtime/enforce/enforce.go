@@ -45,6 +45,34 @@ type Enforcer struct {
 	// deny events a sandbox reports per second (negative: no budget).
 	DNSRate, EventRate float64
 	Log                *slog.Logger
+	// Phase, when set, is told how long each part of an admission
+	// ("add") or a teardown ("del") took: for the admission histograms
+	// and `make bench`'s breakdown of CNI ADD.
+	Phase func(op, phase string, d time.Duration)
+}
+
+// phases times the parts of one operation: mark(phase) ends the part
+// begun at the previous mark.
+type phases struct {
+	e    *Enforcer
+	op   string
+	last time.Time
+}
+
+func (e *Enforcer) phases(op string) *phases {
+	if e.Phase == nil {
+		return nil
+	}
+	return &phases{e: e, op: op, last: time.Now()}
+}
+
+func (p *phases) mark(phase string) {
+	if p == nil {
+		return
+	}
+	now := time.Now()
+	p.e.Phase(p.op, phase, now.Sub(p.last))
+	p.last = now
 }
 
 func (e *Enforcer) log() *slog.Logger {
@@ -87,6 +115,7 @@ func (u *undo) run() {
 func (e *Enforcer) Admit(a Admission) (*sandbox.Sandbox, error) {
 	req := &a.Req
 	key := sandbox.AttachmentKey(req.ContainerID, req.IfName)
+	ph := e.phases("add")
 	if e.Sandboxes.Get(key) != nil {
 		return nil, BadRequest("containerID", "%s is already attached", key)
 	}
@@ -140,6 +169,7 @@ func (e *Enforcer) Admit(a Admission) (*sandbox.Sandbox, error) {
 
 	var rollback undo
 	defer rollback.run()
+	ph.mark("links")
 
 	// The second wall goes in first: from here on, whatever happens to the
 	// programs, nothing unmarked leaves the sandbox's interface.
@@ -153,6 +183,7 @@ func (e *Enforcer) Admit(a Admission) (*sandbox.Sandbox, error) {
 		}
 		rollback.push(func() { _ = e.Links.SetIsolated(host.Index, false) })
 	}
+	ph.mark("wall")
 
 	entries := sandbox.DatapathEntries(a.Compiled)
 	if _, err := e.DP.DeleteRules(id, -1); err != nil { // leftovers of a crashed ADD
@@ -171,6 +202,7 @@ func (e *Enforcer) Admit(a Admission) (*sandbox.Sandbox, error) {
 	if err := e.writeBudgets(id, a.Limits); err != nil {
 		return nil, err
 	}
+	ph.mark("maps")
 	if bridge != nil {
 		if err := e.ensureBridge(req.Bridge, bridge.Index); err != nil {
 			return nil, err
@@ -189,9 +221,11 @@ func (e *Enforcer) Admit(a Admission) (*sandbox.Sandbox, error) {
 	if err := e.DP.Check(att); err != nil {
 		return nil, fmt.Errorf("verifying attachment: %w", err)
 	}
+	ph.mark("attach")
 	if err := e.Store.Save(rec); err != nil {
 		return nil, err
 	}
+	ph.mark("save")
 	rollback = nil // committed
 
 	s := sandbox.New(rec, a.Compiled, a.Configs, entries, entry.Epoch, a.Limits)
@@ -258,10 +292,12 @@ var ErrDeleted = sandbox.ErrDeleted
 // are closed (ErrDeleted). Call with the registry locked.
 func (e *Enforcer) Teardown(s *sandbox.Sandbox) error {
 	rec := s.Record()
+	ph := e.phases("del")
 	var errs []error
 	if err := e.DP.Detach(rec.Attachment); err != nil {
 		errs = append(errs, err)
 	}
+	ph.mark("attach")
 	e.deleteEntryIfOwned(rec.HostIfindex, rec.DatapathID)
 	if _, err := e.DP.DeleteRules(rec.DatapathID, -1); err != nil {
 		errs = append(errs, err)
@@ -270,9 +306,11 @@ func (e *Enforcer) Teardown(s *sandbox.Sandbox) error {
 	if err := e.DP.DeleteFlowRate(rec.DatapathID); err != nil {
 		errs = append(errs, err)
 	}
+	ph.mark("maps")
 	if err := e.Wall.RemoveSandbox(rec.DatapathID); err != nil {
 		errs = append(errs, err)
 	}
+	ph.mark("wall")
 	s.Lock()
 	s.Closed = true
 	s.Unlock()
@@ -280,6 +318,7 @@ func (e *Enforcer) Teardown(s *sandbox.Sandbox) error {
 	if err := e.Store.Remove(rec.ContainerID, rec.IfName); err != nil {
 		errs = append(errs, err)
 	}
+	ph.mark("save")
 	e.Sandboxes.Remove(s)
 	if rec.Bridge != "" {
 		e.releaseBridge(rec.Bridge)

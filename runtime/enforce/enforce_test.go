@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -615,5 +616,28 @@ spec:
 	}
 	if err := v.e.Check(s); err == nil || !strings.Contains(err.Error(), "missing") {
 		t.Fatalf("check after deleting a static entry: %v", err)
+	}
+}
+
+// Every part of an admission and of a teardown is timed, once each, in
+// order: what make bench's admission breakdown reads.
+func TestPhasesTimed(t *testing.T) {
+	v := newEnv(t)
+	var got []string
+	v.e.Phase = func(op, phase string, d time.Duration) {
+		if d < 0 {
+			t.Errorf("%s %s took %v", op, phase, d)
+		}
+		got = append(got, op+"/"+phase)
+	}
+	s := v.admit("ph", 11, policyA)
+	v.reg.Lock()
+	if err := v.e.Teardown(s); err != nil {
+		t.Fatal(err)
+	}
+	v.reg.Unlock()
+	want := []string{"add/links", "add/wall", "add/maps", "add/attach", "add/save", "del/attach", "del/maps", "del/wall", "del/save"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("phases %v, want %v", got, want)
 	}
 }

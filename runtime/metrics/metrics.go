@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -28,6 +29,10 @@ type Metrics struct {
 	bytes       *prometheus.CounterVec
 	DenyEvents  *prometheus.CounterVec
 	Repairs     *prometheus.CounterVec
+	// Admission times the parts of admissions (op "add") and teardowns
+	// (op "del"): runtime/enforce's phases plus the daemon's own
+	// ("resolve", "keys", "total").
+	Admission *prometheus.HistogramVec
 
 	// flowSets caches the children of each (sandbox, rule, mode) label
 	// set (flowKey -> *FlowSet). An entry lives as long as the series it
@@ -35,6 +40,11 @@ type Metrics struct {
 	// deleting a sandbox's series must drop its entries here too.
 	flowSets sync.Map
 	refusals sync.Map // refusalKey -> prometheus.Counter
+}
+
+// ObservePhase records one timed part of an admission or teardown.
+func (m *Metrics) ObservePhase(op, phase string, d time.Duration) {
+	m.Admission.WithLabelValues(op, phase).Observe(d.Seconds())
 }
 
 // New registers the metrics (and Go's and the process's) in a new
@@ -62,8 +72,13 @@ func New(src DatapathSource) *Metrics {
 			Name: "cleanwall_repairs_total",
 			Help: "What the watchdog found missing and put back (attachment, bridge-attachment, wall, node-wall, port-isolation, map-pin).",
 		}, []string{"what"}),
+		Admission: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "cleanwall_admission_phase_seconds",
+			Help:    "Time spent in each part of a sandbox admission (op=add) or teardown (op=del), as the daemon sees it.",
+			Buckets: []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2},
+		}, []string{"op", "phase"}),
 	}
-	m.Registry.MustRegister(m.Sandboxes, m.flows, m.activeFlows, m.bytes, m.DenyEvents, m.Repairs,
+	m.Registry.MustRegister(m.Sandboxes, m.flows, m.activeFlows, m.bytes, m.DenyEvents, m.Repairs, m.Admission,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if src != nil {
 		m.Registry.MustRegister(&datapathCollector{src: src})
