@@ -74,7 +74,20 @@ type DenyEvent struct {
 	Src, Dst  netip.AddrPort
 	SrcMAC    net.HardwareAddr
 	Ethertype uint16
+	// RuleID is the rule a dropped new flow matched (ReasonExpired,
+	// ReasonFlowLimit); 0 for every other drop.
+	RuleID uint32
+	// Len is the packet's length from its Ethernet header.
+	Len uint32
+	// Sample is the packet's first bytes (at most DenySampleLen), from its
+	// Ethernet header: the datapath runs at tc on Ethernet devices (veth,
+	// bridge), so a sample always starts at L2.
+	Sample []byte
 }
+
+// DenySampleLen is how many bytes of a dropped packet its deny event
+// carries (DENY_SAMPLE_LEN in datapath.h).
+const DenySampleLen = len(datapathDenyEvent{}.Sample)
 
 // EventReader reads deny events. Close it to stop a blocked Read.
 type EventReader struct{ rd *ringbuf.Reader }
@@ -110,6 +123,11 @@ func (r *EventReader) Read() (DenyEvent, error) {
 		Proto:     raw.Proto,
 		SrcMAC:    net.HardwareAddr(append([]byte(nil), raw.SrcMac[:]...)),
 		Ethertype: raw.Ethertype,
+		RuleID:    raw.RuleId,
+		Len:       raw.PktLen,
+	}
+	if n := int(raw.SampleLen); n > 0 && n <= len(raw.Sample) {
+		ev.Sample = append([]byte(nil), raw.Sample[:n]...)
 	}
 	switch raw.Family {
 	case 4:

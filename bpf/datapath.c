@@ -338,8 +338,12 @@ static __noinline int take_budget(__u32 sandbox_id, __u32 kind)
 
 /* Drop and count; report a deny event within the sandbox's event budget
  * (BUDGET_EVENTS): a sandbox dropping packets as fast as it can send them
- * must not make the daemon read as many events. The counters stay exact. */
-static __noinline int drop(struct pkt *p, __u8 reason)
+ * must not make the daemon read as many events. The counters stay exact.
+ * The event carries the packet's first DENY_SAMPLE_LEN bytes (from the
+ * Ethernet header): only reported drops pay for the copy, never a packet
+ * that is redirected or passed. rule_id: the rule a dropped new flow
+ * matched (expired entry, flow limit), else 0; the counters keep rule 0. */
+static __noinline int drop_rule(struct __sk_buff *skb, struct pkt *p, __u8 reason, __u32 rule_id)
 {
 	count(p, 0, VERDICT_DROP, reason);
 	if (!take_budget(p->sandbox_id, BUDGET_EVENTS))
@@ -360,9 +364,24 @@ static __noinline int drop(struct pkt *p, __u8 reason)
 		__builtin_memcpy(ev->dst_addr, p->daddr, 16);
 		__builtin_memcpy(ev->src_mac, p->src_mac, 6);
 		ev->ethertype = p->ethertype;
+		ev->rule_id = rule_id;
+		ev->pad2[0] = ev->pad2[1] = ev->pad2[2] = 0;
+		__u32 len = skb->len;
+		ev->pkt_len = len;
+		ev->sample_len = 0;
+		if (len > DENY_SAMPLE_LEN)
+			len = DENY_SAMPLE_LEN;
+		/* Bounds the verifier can follow: 1..DENY_SAMPLE_LEN. */
+		if (len >= 1 && len <= DENY_SAMPLE_LEN && !bpf_skb_load_bytes(skb, 0, ev->sample, len))
+			ev->sample_len = len;
 		bpf_ringbuf_submit(ev, 0);
 	}
 	return TC_ACT_SHOT;
+}
+
+static __always_inline int drop(struct __sk_buff *skb, struct pkt *p, __u8 reason)
+{
+	return drop_rule(skb, p, reason, 0);
 }
 
 static __noinline int pass(struct pkt *p, __u8 reason)
@@ -457,7 +476,7 @@ static __always_inline int redirect(struct __sk_buff *skb, struct pkt *p, struct
 		long err = bpf_sk_assign(skb, sk, 0);
 		bpf_sk_release(sk);
 		if (err)
-			return drop(p, REASON_ASSIGN_FAILED);
+			return drop(skb, p, REASON_ASSIGN_FAILED);
 	} else {
 		bpf_sk_release(sk);
 	}
@@ -642,9 +661,9 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 	__u32 ck = 0;
 	struct config *cfg = bpf_map_lookup_elem(&cw_config, &ck);
 	if (!cfg)
-		return drop(p, REASON_NO_PROXY);
+		return drop(skb, p, REASON_NO_PROXY);
 	if (load_ports(p, l4, end))
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 
 	__u8 time_wait = 0;
 	if (p->proto == PROTO_TCP) {
@@ -657,11 +676,11 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 			bpf_sk_release(sk);
 			time_wait = 1;
 		} else if (!p->new_flow) {
-			return drop(p, REASON_NO_SOCKET);
+			return drop(skb, p, REASON_NO_SOCKET);
 		}
 	}
 	if (p->sport == 0 || p->dport == 0)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 
 	__u32 rule_id = 0;
 	__u8 listener = default_listener(p);
@@ -670,33 +689,33 @@ static __always_inline int classify_l4(struct __sk_buff *skb, struct pkt *p, str
 		struct cached_verdict v;
 		rule_verdict(p, sb, &v);
 		if (!v.rule_id)
-			return drop(p, REASON_NO_RULE);
+			return drop(skb, p, REASON_NO_RULE);
 		if (v.expires_ns && bpf_ktime_get_ns() > v.expires_ns)
-			return drop(p, REASON_EXPIRED);
+			return drop_rule(skb, p, REASON_EXPIRED, v.rule_id);
 		rule_id = v.rule_id;
 		listener = v.listener;
 		reason = REASON_RULE;
 		/* Here every TCP packet is a SYN: established ones went to
 		 * their socket above. */
 		if (!(p->proto == PROTO_UDP ? take_udp_flow(p) : take_budget(p->sandbox_id, BUDGET_FLOWS)))
-			return drop(p, REASON_FLOW_LIMIT);
+			return drop_rule(skb, p, REASON_FLOW_LIMIT, v.rule_id);
 	} else if (p->proto == PROTO_UDP) {
 		/* Every DNS datagram is a query: far over the DNS proxy's own
 		 * rate limit, it is not worth a read. */
 		if (!take_budget(p->sandbox_id, BUDGET_DNS))
-			return drop(p, REASON_DNS_LIMIT);
+			return drop(skb, p, REASON_DNS_LIMIT);
 	} else if (!take_budget(p->sandbox_id, BUDGET_FLOWS)) {
-		return drop(p, REASON_FLOW_LIMIT);
+		return drop(skb, p, REASON_FLOW_LIMIT);
 	}
 
 	struct bpf_sock *sk = listener_sock(skb, p, cfg, listener);
 	if (!sk)
-		return drop(p, REASON_NO_PROXY);
+		return drop(skb, p, REASON_NO_PROXY);
 	/* On a bridge port the bridge program assigns, time-wait included. */
 	if (time_wait && !(sb->flags & SANDBOX_BRIDGE_PORT)) {
 		sk = syn_sock(skb, p, cfg, listener, sk);
 		if (!sk)
-			return drop(p, REASON_TIME_WAIT);
+			return drop(skb, p, REASON_TIME_WAIT);
 	}
 	return redirect(skb, p, sb, cfg, sk, rule_id, listener, reason);
 }
@@ -714,40 +733,40 @@ static __always_inline int handle_arp(struct __sk_buff *skb, struct pkt *p, stru
 {
 	struct arp_hdr *a = (void *)(eth + 1);
 	if ((void *)(a + 1) > end)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	if (!(sb->flags & SANDBOX_HAS_IPV4))
-		return drop(p, REASON_ARP_NOT_GATEWAY);
+		return drop(skb, p, REASON_ARP_NOT_GATEWAY);
 	if (skb->len != ARP_FRAME_LEN)
-		return drop(p, REASON_TRAILER);
+		return drop(skb, p, REASON_TRAILER);
 	if (a->htype != bpf_htons(1) || a->ptype != bpf_htons(ETH_P_IPV4) || a->hlen != 6 || a->plen != 4)
-		return drop(p, REASON_ARP_FIELD);
+		return drop(skb, p, REASON_ARP_FIELD);
 	if (!mac_eq(a->sha, sb->mac))
-		return drop(p, REASON_SPOOFED_MAC);
+		return drop(skb, p, REASON_SPOOFED_MAC);
 	/* A sender address 0.0.0.0 is an address conflict probe (RFC 5227),
 	 * which only user space sends: addresses come from IPAM. */
 	if (*(__u32 *)a->spa == 0)
-		return drop(p, REASON_ARP_FIELD);
+		return drop(skb, p, REASON_ARP_FIELD);
 	if (!addr4_eq(a->spa, sb->ipv4))
-		return drop(p, REASON_SPOOFED_IP);
+		return drop(skb, p, REASON_SPOOFED_IP);
 	if (!addr4_eq(a->tpa, sb->gateway_ipv4))
-		return drop(p, REASON_ARP_NOT_GATEWAY);
+		return drop(skb, p, REASON_ARP_NOT_GATEWAY);
 	__u8 zero[8] = {};
 	if (a->op == bpf_htons(1)) {
 		__u8 bcast[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 		if (!mac_eq(a->tha, zero))
-			return drop(p, REASON_ARP_FIELD);
+			return drop(skb, p, REASON_ARP_FIELD);
 		if (!mac_eq(eth->dst, bcast) && !mac_eq(eth->dst, sb->gateway_mac))
-			return drop(p, REASON_L2_NOT_GATEWAY);
+			return drop(skb, p, REASON_L2_NOT_GATEWAY);
 		return pass(p, REASON_ARP);
 	}
 	if (a->op == bpf_htons(2)) {
 		if (!mac_eq(a->tha, sb->gateway_mac))
-			return drop(p, REASON_ARP_NOT_GATEWAY);
+			return drop(skb, p, REASON_ARP_NOT_GATEWAY);
 		if (!mac_eq(eth->dst, sb->gateway_mac))
-			return drop(p, REASON_L2_NOT_GATEWAY);
+			return drop(skb, p, REASON_L2_NOT_GATEWAY);
 		return pass(p, REASON_ARP);
 	}
-	return drop(p, REASON_ARP_FIELD);
+	return drop(skb, p, REASON_ARP_FIELD);
 }
 
 static __always_inline int handle_ipv4(struct __sk_buff *skb, struct pkt *p, struct sandbox *sb, struct eth_hdr *eth,
@@ -756,26 +775,26 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, struct pkt *p, str
 	struct ipv4_hdr *ip = (void *)(eth + 1);
 	p->family = 4;
 	if ((void *)(ip + 1) > end)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	load_ipv4(p, ip);
 	if ((ip->version_ihl >> 4) != 4 || (ip->version_ihl & 0xf) < 5)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	if (bpf_ntohs(ip->tot_len) < sizeof(*ip) || bpf_ntohs(ip->tot_len) > skb->len - sizeof(*eth))
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	if (!(sb->flags & SANDBOX_HAS_IPV4) || !addr4_eq(p->saddr, sb->ipv4))
-		return drop(p, REASON_SPOOFED_IP);
+		return drop(skb, p, REASON_SPOOFED_IP);
 	if (!mac_eq(eth->dst, sb->gateway_mac))
-		return drop(p, REASON_L2_NOT_GATEWAY);
+		return drop(skb, p, REASON_L2_NOT_GATEWAY);
 	/* Fragments carry no (or only partial) ports: never redirect them. */
 	if (ip->frag_off & bpf_htons(IPV4_MF | IPV4_OFFSET))
-		return drop(p, REASON_FRAGMENT);
+		return drop(skb, p, REASON_FRAGMENT);
 	if ((ip->version_ihl & 0xf) != 5)
-		return drop(p, REASON_IP_OPTIONS);
+		return drop(skb, p, REASON_IP_OPTIONS);
 	if (ip->proto == PROTO_TCP || ip->proto == PROTO_UDP)
 		return classify_l4(skb, p, sb, ip + 1, end);
 	if (ip->proto == PROTO_ICMP)
-		return drop(p, REASON_ICMP);
-	return drop(p, REASON_PROTOCOL);
+		return drop(skb, p, REASON_ICMP);
+	return drop(skb, p, REASON_PROTOCOL);
 }
 
 static __always_inline int is_ipv6_ext(__u8 nh)
@@ -884,48 +903,48 @@ static __always_inline int handle_ndp(struct __sk_buff *skb, struct pkt *p, stru
 {
 	struct icmp6_hdr *ic = (void *)(ip + 1);
 	if ((void *)(ic + 1) > end)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	__u8 type = ic->type;
 	if (type != ICMPV6_RS && type != ICMPV6_NS && type != ICMPV6_NA)
-		return drop(p, REASON_ICMP);
+		return drop(skb, p, REASON_ICMP);
 
 	int src_any = addr6_is_zero(p->saddr);
 	if (!src_any && !is_own6(sb, p->saddr))
-		return drop(p, REASON_SPOOFED_IP);
+		return drop(skb, p, REASON_SPOOFED_IP);
 	/* RFC 4861: hop limit 255 and code 0; Linux: class and flow label 0. */
 	if (ip->vtc_flow != bpf_htonl(0x60000000) || ip->hop_limit != 255 || ic->code != 0)
-		return drop(p, REASON_NDP_FIELD);
+		return drop(skb, p, REASON_NDP_FIELD);
 	__u32 len = bpf_ntohs(ip->payload_len);
 	if (skb->len != IPV6_FRAME_HDR_LEN + len)
-		return drop(p, REASON_TRAILER);
+		return drop(skb, p, REASON_TRAILER);
 
 	if (type == ICMPV6_RS) {
 		__u8 all_routers[16] = {0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02};
 		__u8 all_routers_mac[8] = {0x33, 0x33, 0, 0, 0, 0x02};
 		if (!addr6_eq(p->daddr, all_routers))
-			return drop(p, REASON_NDP_NOT_GATEWAY);
+			return drop(skb, p, REASON_NDP_NOT_GATEWAY);
 		if (!mac_eq(eth->dst, all_routers_mac))
-			return drop(p, REASON_L2_NOT_GATEWAY);
+			return drop(skb, p, REASON_L2_NOT_GATEWAY);
 		if (ic->reserved)
-			return drop(p, REASON_NDP_FIELD);
+			return drop(skb, p, REASON_NDP_FIELD);
 		if (len == sizeof(*ic) + sizeof(struct nd_opt_lla)) {
 			struct nd_opt_lla *o = (void *)(ic + 1);
 			if ((void *)(o + 1) > end)
-				return drop(p, REASON_MALFORMED);
+				return drop(skb, p, REASON_MALFORMED);
 			/* RFC 4861 6.1.1: no SLLA from the unspecified address. */
 			if (src_any || !own_lla(o, ND_OPT_SLLA, sb))
-				return drop(p, REASON_NDP_OPTION);
+				return drop(skb, p, REASON_NDP_OPTION);
 		} else if (len != sizeof(*ic)) {
-			return drop(p, REASON_NDP_OPTION);
+			return drop(skb, p, REASON_NDP_OPTION);
 		}
 		if (!nd_checksum_ok(p, ic, len, end))
-			return drop(p, REASON_NDP_CHECKSUM);
+			return drop(skb, p, REASON_NDP_CHECKSUM);
 		return pass(p, REASON_NDP);
 	}
 
 	struct nd_msg *m = (void *)ic;
 	if ((void *)(m + 1) > end)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	__u8 target[16];
 	__builtin_memcpy(target, m->target, 16);
 	struct nd_opt_lla *o = (void *)(m + 1);
@@ -936,46 +955,46 @@ static __always_inline int handle_ndp(struct __sk_buff *skb, struct pkt *p, stru
 		 * is safe: DAD only fails on an answer, silence means unique,
 		 * and IPAM hands out unique addresses. */
 		if (src_any)
-			return drop(p, REASON_NDP_DAD);
+			return drop(skb, p, REASON_NDP_DAD);
 		if (!is_gateway6(sb, target))
-			return drop(p, REASON_NDP_NOT_GATEWAY);
+			return drop(skb, p, REASON_NDP_NOT_GATEWAY);
 		if (addr6_eq(p->daddr, target)) {
 			/* unicast: reachability probe of the gateway */
 			if (!mac_eq(eth->dst, sb->gateway_mac))
-				return drop(p, REASON_L2_NOT_GATEWAY);
+				return drop(skb, p, REASON_L2_NOT_GATEWAY);
 		} else if (is_solicited_node(p->daddr, target)) {
 			__u8 group_mac[8] = {0x33, 0x33, 0xff, target[13], target[14], target[15]};
 			if (!mac_eq(eth->dst, group_mac))
-				return drop(p, REASON_L2_NOT_GATEWAY);
+				return drop(skb, p, REASON_L2_NOT_GATEWAY);
 		} else {
-			return drop(p, REASON_NDP_NOT_GATEWAY);
+			return drop(skb, p, REASON_NDP_NOT_GATEWAY);
 		}
 		if (m->icmp.reserved)
-			return drop(p, REASON_NDP_FIELD);
+			return drop(skb, p, REASON_NDP_FIELD);
 		opt_type = ND_OPT_SLLA;
 	} else {
 		/* Neighbour advertisement: of its own address, to the gateway
 		 * only (an unsolicited one to all nodes reaches every port). */
 		if (src_any || !is_own6(sb, target))
-			return drop(p, REASON_NDP_NOT_GATEWAY);
+			return drop(skb, p, REASON_NDP_NOT_GATEWAY);
 		if (!is_gateway6(sb, p->daddr))
-			return drop(p, REASON_NDP_NOT_GATEWAY);
+			return drop(skb, p, REASON_NDP_NOT_GATEWAY);
 		if (!mac_eq(eth->dst, sb->gateway_mac))
-			return drop(p, REASON_L2_NOT_GATEWAY);
+			return drop(skb, p, REASON_L2_NOT_GATEWAY);
 		if (m->icmp.reserved & ~bpf_htonl(ND_NA_FLAGS))
-			return drop(p, REASON_NDP_FIELD);
+			return drop(skb, p, REASON_NDP_FIELD);
 		opt_type = ND_OPT_TLLA;
 	}
 	if (len == sizeof(*m) + sizeof(*o)) {
 		if ((void *)(o + 1) > end)
-			return drop(p, REASON_MALFORMED);
+			return drop(skb, p, REASON_MALFORMED);
 		if (!own_lla(o, opt_type, sb))
-			return drop(p, REASON_NDP_OPTION);
+			return drop(skb, p, REASON_NDP_OPTION);
 	} else if (len != sizeof(*m)) {
-		return drop(p, REASON_NDP_OPTION);
+		return drop(skb, p, REASON_NDP_OPTION);
 	}
 	if (!nd_checksum_ok(p, m, len, end))
-		return drop(p, REASON_NDP_CHECKSUM);
+		return drop(skb, p, REASON_NDP_CHECKSUM);
 	return pass(p, REASON_NDP);
 }
 
@@ -985,12 +1004,12 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb, struct pkt *p, str
 	struct ipv6_hdr *ip = (void *)(eth + 1);
 	p->family = 6;
 	if ((void *)(ip + 1) > end)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	load_ipv6(p, ip);
 	if ((bpf_ntohl(ip->vtc_flow) >> 28) != 6)
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 	if (bpf_ntohs(ip->payload_len) > skb->len - sizeof(*eth) - sizeof(*ip))
-		return drop(p, REASON_MALFORMED);
+		return drop(skb, p, REASON_MALFORMED);
 
 	if (ip->nexthdr == PROTO_ICMPV6)
 		return handle_ndp(skb, p, sb, eth, ip, end);
@@ -1001,15 +1020,15 @@ static __always_inline int handle_ipv6(struct __sk_buff *skb, struct pkt *p, str
 	 * for what they are. TCP and UDP must come from the global address. */
 	int from_global = (sb->flags & SANDBOX_HAS_IPV6) && addr6_eq(p->saddr, sb->ipv6);
 	if (!from_global && !addr6_eq(p->saddr, sb->ipv6_link_local) && !addr6_is_zero(p->saddr))
-		return drop(p, REASON_SPOOFED_IP);
+		return drop(skb, p, REASON_SPOOFED_IP);
 	if (is_ipv6_ext(ip->nexthdr))
-		return drop(p, REASON_IPV6_EXT);
+		return drop(skb, p, REASON_IPV6_EXT);
 	if (ip->nexthdr != PROTO_TCP && ip->nexthdr != PROTO_UDP)
-		return drop(p, REASON_PROTOCOL);
+		return drop(skb, p, REASON_PROTOCOL);
 	if (!from_global)
-		return drop(p, REASON_SPOOFED_IP);
+		return drop(skb, p, REASON_SPOOFED_IP);
 	if (!mac_eq(eth->dst, sb->gateway_mac))
-		return drop(p, REASON_L2_NOT_GATEWAY);
+		return drop(skb, p, REASON_L2_NOT_GATEWAY);
 	return classify_l4(skb, p, sb, ip + 1, end);
 }
 
@@ -1023,12 +1042,12 @@ int sandbox_egress(struct __sk_buff *skb)
 	struct sandbox_key key = {.ifindex = skb->ifindex};
 	struct sandbox *sb = bpf_map_lookup_elem(&cw_sandboxes, &key);
 	if (!sb)
-		return drop(&p, REASON_UNKNOWN_SANDBOX);
+		return drop(skb, &p, REASON_UNKNOWN_SANDBOX);
 	p.sandbox_id = sb->sandbox_id;
 
 	/* A VLAN tag held in skb metadata is a frame we do not classify. */
 	if (skb->vlan_present)
-		return drop(&p, REASON_ETHERTYPE);
+		return drop(skb, &p, REASON_ETHERTYPE);
 
 	pull_headers(skb);
 	void *data = (void *)(long)skb->data;
@@ -1036,11 +1055,11 @@ int sandbox_egress(struct __sk_buff *skb)
 
 	struct eth_hdr *eth = data;
 	if ((void *)(eth + 1) > end)
-		return drop(&p, REASON_MALFORMED);
+		return drop(skb, &p, REASON_MALFORMED);
 	__builtin_memcpy(p.src_mac, eth->src, 6);
 	p.ethertype = bpf_ntohs(eth->proto);
 	if (!mac_eq(eth->src, sb->mac))
-		return drop(&p, REASON_SPOOFED_MAC);
+		return drop(skb, &p, REASON_SPOOFED_MAC);
 
 	switch (p.ethertype) {
 	case ETH_P_ARP_:
@@ -1050,7 +1069,7 @@ int sandbox_egress(struct __sk_buff *skb)
 	case ETH_P_IPV6_:
 		return handle_ipv6(skb, &p, sb, eth, end);
 	}
-	return drop(&p, REASON_ETHERTYPE);
+	return drop(skb, &p, REASON_ETHERTYPE);
 }
 
 /* Find the socket of a packet the bridge port already classified and
@@ -1079,26 +1098,26 @@ int bridge_ingress(struct __sk_buff *skb)
 	void *end = (void *)(long)skb->data_end;
 	struct eth_hdr *eth = data;
 	if ((void *)(eth + 1) > end)
-		return drop(&p, REASON_UNCLASSIFIED);
+		return drop(skb, &p, REASON_UNCLASSIFIED);
 	p.ethertype = bpf_ntohs(eth->proto);
 	void *l4;
 	if (p.ethertype == ETH_P_IPV4) {
 		struct ipv4_hdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
-			return drop(&p, REASON_UNCLASSIFIED);
+			return drop(skb, &p, REASON_UNCLASSIFIED);
 		load_ipv4(&p, ip);
 		l4 = ip + 1;
 	} else if (p.ethertype == ETH_P_IPV6_) {
 		struct ipv6_hdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
-			return drop(&p, REASON_UNCLASSIFIED);
+			return drop(skb, &p, REASON_UNCLASSIFIED);
 		load_ipv6(&p, ip);
 		l4 = ip + 1;
 	} else {
-		return drop(&p, REASON_UNCLASSIFIED);
+		return drop(skb, &p, REASON_UNCLASSIFIED);
 	}
 	if ((p.proto != PROTO_TCP && p.proto != PROTO_UDP) || load_ports(&p, l4, end))
-		return drop(&p, REASON_UNCLASSIFIED);
+		return drop(skb, &p, REASON_UNCLASSIFIED);
 
 	struct bpf_sock *sk = NULL;
 	__u8 time_wait = 0;
@@ -1113,16 +1132,16 @@ int bridge_ingress(struct __sk_buff *skb)
 	if (!sk && (p.new_flow || p.proto == PROTO_UDP))
 		sk = listener_sock(skb, &p, cfg, listener);
 	if (!sk)
-		return drop(&p, REASON_UNCLASSIFIED);
+		return drop(skb, &p, REASON_UNCLASSIFIED);
 	if (time_wait) {
 		sk = syn_sock(skb, &p, cfg, listener, sk);
 		if (!sk)
-			return drop(&p, REASON_TIME_WAIT);
+			return drop(skb, &p, REASON_TIME_WAIT);
 	}
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
-		return drop(&p, REASON_ASSIGN_FAILED);
+		return drop(skb, &p, REASON_ASSIGN_FAILED);
 	return TC_ACT_OK;
 }
 

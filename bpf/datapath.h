@@ -222,6 +222,10 @@ struct udp_flow {
 	__u64 since_ns; /* CLOCK_MONOTONIC when the daemon admitted it */
 };
 
+/* Bytes of each reported dropped packet copied into its deny event:
+ * Ethernet, IPv6 and TCP headers with options fit. */
+#define DENY_SAMPLE_LEN 128
+
 struct deny_event {
 	__u64 timestamp_ns;
 	__u32 sandbox_id;
@@ -236,6 +240,15 @@ struct deny_event {
 	__u8 dst_addr[16];
 	__u8 src_mac[6];
 	__u16 ethertype;
+	/* The rule a new flow matched before it was dropped (expired, over
+	 * the flow limit); 0 for every other drop. */
+	__u32 rule_id;
+	__u32 pkt_len;    /* the packet's length from its Ethernet header (skb->len) */
+	__u16 sample_len; /* bytes of sample filled: min(pkt_len, DENY_SAMPLE_LEN) */
+	__u16 pad2[3];
+	/* The packet's first bytes, from its Ethernet header: what a capture
+	 * (cleanwall observe --pcap) shows of a dropped packet. */
+	__u8 sample[DENY_SAMPLE_LEN];
 };
 
 #endif

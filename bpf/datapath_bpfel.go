@@ -60,6 +60,11 @@ type datapathDenyEvent struct {
 	DstAddr     [16]uint8
 	SrcMac      [6]uint8
 	Ethertype   uint16
+	RuleId      uint32
+	PktLen      uint32
+	SampleLen   uint16
+	Pad2        [3]uint16
+	Sample      [128]uint8
 }
 
 type datapathFlowRate struct {

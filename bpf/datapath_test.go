@@ -601,13 +601,30 @@ func TestDenyEventsAreReported(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer rd.Close()
-	env.run(t, build(t, syn4(remote, 8081)))
+	frame := build(t, syn4(remote, 8081))
+	env.run(t, frame)
 	ev, err := rd.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
 	if ev.Reason != ReasonNoRule || ev.SandboxID != testSandboxID || ev.Dst != netip.AddrPortFrom(remote, 8081) || ev.Src.Addr() != sbxIP {
 		t.Fatalf("unexpected event %+v", ev)
+	}
+	// The event samples the dropped frame from its Ethernet header: a
+	// short frame whole, a long one's first DenySampleLen bytes.
+	if ev.Len != uint32(len(frame)) || !bytes.Equal(ev.Sample, frame) || ev.RuleID != 0 {
+		t.Fatalf("sample of a %d-byte frame: len %d, rule %d, sample %x, want %x", len(frame), ev.Len, ev.RuleID, ev.Sample, frame)
+	}
+	o := syn4(remote, 8082)
+	o.payload = bytes.Repeat([]byte{0xa5}, 400)
+	long := build(t, o)
+	env.run(t, long)
+	ev, err = rd.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev.Dst.Port() != 8082 || ev.Len != uint32(len(long)) || len(ev.Sample) != DenySampleLen || !bytes.Equal(ev.Sample, long[:DenySampleLen]) {
+		t.Fatalf("sample of a %d-byte frame: len %d, %d bytes sampled: %x", len(long), ev.Len, len(ev.Sample), ev.Sample)
 	}
 }
 
