@@ -1,5 +1,5 @@
-// Package keys holds the data keys that secure-mode rules name, released
-// by a key broker (docs/keybroker.md) to this node's attested evidence.
+// Package keys holds the data keys that secure-mode rules and volumes
+// (spec.volumes) name, released by a key broker (docs/keybroker.md) to this node's attested evidence.
 // A key is released for one egress policy (its hash bound into the
 // evidence, §5) and held for that policy only: a sandbox under another
 // policy gets its own release, which a broker that binds the key to its
@@ -121,40 +121,69 @@ func (k *Ring) Start(ctx context.Context) error {
 	return nil
 }
 
-// needed lists the key ids a policy's secure rules name, each with the
-// first rule naming it.
-func needed(c *policy.Compiled) map[string]*policy.Rule {
-	out := map[string]*policy.Rule{}
-	for _, r := range c.Rules {
-		if r.Mode == policy.ModeSecure && r.Spec.Secure != nil {
-			if _, ok := out[r.Spec.Secure.KeyID]; !ok {
-				out[r.Spec.Secure.KeyID] = r
-			}
+// need is one key a policy names, with the first place naming it (for
+// messages).
+type need struct {
+	id   string
+	path string // spec.egress[i] or spec.volumes[i].keyID
+	name string // the rule's or the volume's name
+	what string // what needs it: "secure mode" or "volume"
+}
+
+// needed lists the key ids a policy's secure rules and volumes name, each
+// once (the first place naming it), sorted by id.
+func needed(c *policy.Compiled) []need {
+	seen := map[string]bool{}
+	var out []need
+	add := func(n need) {
+		if !seen[n.id] {
+			seen[n.id] = true
+			out = append(out, n)
 		}
 	}
+	for _, r := range c.Rules {
+		if r.Mode == policy.ModeSecure && r.Spec.Secure != nil {
+			add(need{id: r.Spec.Secure.KeyID, path: r.Path, name: r.Name, what: "secure mode"})
+		}
+	}
+	if c.Policy != nil {
+		for i, v := range c.Policy.Spec.Volumes {
+			add(need{id: v.KeyID, path: fmt.Sprintf("spec.volumes[%d].keyID", i), name: v.Name, what: "volume " + v.Name})
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].id < out[j].id })
 	return out
 }
 
-// Ensure makes sure every key c's secure rules name is held for c; a
-// sandbox is not admitted (and a policy not applied) otherwise. A nil ring
-// (no key broker) refuses any policy that needs a key.
+// Ensure makes sure every key c's secure rules and volumes name is held
+// for c; a sandbox is not admitted (and a policy not applied) otherwise. A
+// nil ring (no key broker) refuses any policy that needs a key.
 func (k *Ring) Ensure(ctx context.Context, c *policy.Compiled) error {
-	need := needed(c)
-	ids := make([]string, 0, len(need))
-	for id := range need {
-		ids = append(ids, id)
-	}
-	sort.Strings(ids)
-	for _, id := range ids {
-		r := need[id]
+	for _, n := range needed(c) {
 		if k == nil {
-			return &api.Error{Field: "policy", Message: fmt.Sprintf("%s (%s): secure mode needs key %q from a key broker, and cleanwalld runs without one (--keybroker)", r.Path, r.Name, id)}
+			return &api.Error{Field: "policy", Message: fmt.Sprintf("%s (%s): %s needs key %q from a key broker, and cleanwalld runs without one (--keybroker)", n.path, n.name, n.what, n.id)}
 		}
-		if _, err := k.get(ctx, heldKey{id, c.Hash}); err != nil {
-			return &api.Error{Field: "policy", Message: fmt.Sprintf("%s (%s): key %q not released: %v", r.Path, r.Name, id, err)}
+		if _, err := k.get(ctx, heldKey{n.id, c.Hash}); err != nil {
+			return &api.Error{Field: "policy", Message: fmt.Sprintf("%s (%s): key %q not released: %v", n.path, n.name, n.id, err)}
 		}
 	}
 	return nil
+}
+
+// VolumeKey returns a copy of the current version of key id as released
+// for c (Ensure first): the key a volume of c is opened with. The copy is
+// the volume's own: the ring wipes its versions when they expire, and a
+// mounted volume keeps its key until it is unmounted.
+func (k *Ring) VolumeKey(c *policy.Compiled, id string) (proxies.DataKey, error) {
+	if k == nil {
+		return proxies.DataKey{}, fmt.Errorf("%w: %s (no key broker)", proxies.ErrNoKey, id)
+	}
+	dk, err := k.For(c).Current(id)
+	if err != nil {
+		return proxies.DataKey{}, err
+	}
+	dk.Key = append([]byte(nil), dk.Key...)
+	return dk, nil
 }
 
 // For is the KeySource of the flows of sandboxes under c: the keys
