@@ -32,6 +32,16 @@ var SupportedVersions = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0
 // PolicyArg is the CNI_ARGS key that selects a named policy per sandbox.
 const PolicyArg = "CLEANWALL_POLICY"
 
+// PodAnnotationsCapability is the CNI capability through which CRI runtimes
+// (containerd 1.6 and later, CRI-O) hand the plugin a pod's annotations, in
+// runtimeConfig. libcni passes them only to a plugin whose conf declares
+// "capabilities": {"io.kubernetes.cri.pod-annotations": true}.
+const PodAnnotationsCapability = "io.kubernetes.cri.pod-annotations"
+
+// PolicyAnnotation is the pod annotation that names a policy for the pod's
+// sandbox (resolved by the daemon like CLEANWALL_POLICY).
+const PolicyAnnotation = "cleanwall.dev/policy"
+
 // Conf is the plugin's network configuration.
 type Conf struct {
 	types.PluginConf
@@ -41,6 +51,11 @@ type Conf struct {
 	Socket string `json:"socket,omitempty"`
 	// Timeout bounds the daemon call, e.g. "60s" (default 60s).
 	Timeout string `json:"timeout,omitempty"`
+	// RuntimeConfig holds what the runtime passes for the capabilities
+	// the conf declares; only the pod annotations are read.
+	RuntimeConfig struct {
+		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
+	} `json:"runtimeConfig"`
 }
 
 // knownFields are the conf keys cleanwall-cni accepts: its own and those
@@ -189,21 +204,47 @@ func addRequest(args *skel.CmdArgs, conf *Conf, prev *current.Result) (api.AddRe
 		}
 		req.IPs = append(req.IPs, cfg)
 	}
-	if name := policyArg(args.Args); name != "" {
-		req.PolicyName = name
-		req.PolicySource = "CNI_ARGS " + PolicyArg + "=" + name
-	} else {
-		if conf.Policy == "" {
-			return req, errors.New("cleanwall-cni: no policy: set \"policy\" (a file) in the conf or CNI_ARGS CLEANWALL_POLICY=<name>")
-		}
-		data, err := os.ReadFile(conf.Policy)
+	sel, err := selectPolicy(conf, args.Args)
+	if err != nil {
+		return req, err
+	}
+	req.PolicyName, req.PolicySource = sel.name, sel.source
+	if sel.file != "" {
+		data, err := os.ReadFile(sel.file)
 		if err != nil {
 			return req, fmt.Errorf("cleanwall-cni: field policy: %w", err)
 		}
 		req.Policy = data
-		req.PolicySource = conf.Policy
 	}
 	return req, nil
+}
+
+// policySelection is where a sandbox's policy comes from: a named policy
+// the daemon resolves, or a policy file.
+type policySelection struct {
+	name, file, source string
+}
+
+// selectPolicy picks the sandbox's policy, first match wins: CNI_ARGS
+// CLEANWALL_POLICY (set by the runtime), the pod annotation
+// cleanwall.dev/policy (passed by CRI runtimes when the conf declares the
+// pod-annotations capability), the conf's policy file. An empty annotation
+// is an error, never a fallback.
+func selectPolicy(conf *Conf, cniArgs string) (policySelection, error) {
+	name, annotated := conf.RuntimeConfig.PodAnnotations[PolicyAnnotation]
+	name = strings.TrimSpace(name)
+	if annotated && name == "" {
+		return policySelection{}, fmt.Errorf("cleanwall-cni: runtimeConfig %s: annotation %s is empty: name a policy or remove the annotation", PodAnnotationsCapability, PolicyAnnotation)
+	}
+	switch arg := policyArg(cniArgs); {
+	case arg != "":
+		return policySelection{name: arg, source: "CNI_ARGS " + PolicyArg + "=" + arg}, nil
+	case annotated:
+		return policySelection{name: name, source: "pod annotation " + PolicyAnnotation + "=" + name}, nil
+	case conf.Policy != "":
+		return policySelection{file: conf.Policy, source: conf.Policy}, nil
+	}
+	return policySelection{}, errors.New("cleanwall-cni: no policy: set \"policy\" (a file) in the conf, CNI_ARGS " + PolicyArg + "=<name>, or the pod annotation " + PolicyAnnotation + " (conf capability " + PodAnnotationsCapability + ")")
 }
 
 // Del is CNI DEL: idempotent, and fine with a missing netns or prevResult.

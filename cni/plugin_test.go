@@ -61,3 +61,59 @@ func TestPolicyArg(t *testing.T) {
 		}
 	}
 }
+
+// The policy comes from CNI_ARGS, else the pod annotation (CRI runtimes pass
+// it in runtimeConfig when the conf declares the capability), else the conf's
+// file; an empty annotation and no source at all are errors.
+func TestSelectPolicy(t *testing.T) {
+	const base = `{"cniVersion":"1.0.0","name":"n","type":"cleanwall-cni"`
+	withAnnotations := func(extra, annotations string) string {
+		return base + extra + `,"capabilities":{"io.kubernetes.cri.pod-annotations":true},"runtimeConfig":{"io.kubernetes.cri.pod-annotations":` + annotations + `}}`
+	}
+	cases := []struct {
+		name, conf, args string
+		want             policySelection
+		err              string
+	}{
+		{"conf file", base + `,"policy":"/p.yaml"}`, "", policySelection{file: "/p.yaml", source: "/p.yaml"}, ""},
+		{"CNI_ARGS over file", base + `,"policy":"/p.yaml"}`, "IgnoreUnknown=1;CLEANWALL_POLICY=a",
+			policySelection{name: "a", source: "CNI_ARGS CLEANWALL_POLICY=a"}, ""},
+		{"annotation over file", withAnnotations(`,"policy":"/p.yaml"`, `{"cleanwall.dev/policy":"analytics","other":"x"}`),
+			"K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p", policySelection{name: "analytics", source: "pod annotation cleanwall.dev/policy=analytics"}, ""},
+		{"annotation alone", withAnnotations(``, `{"cleanwall.dev/policy":" spaced "}`), "",
+			policySelection{name: "spaced", source: "pod annotation cleanwall.dev/policy=spaced"}, ""},
+		{"CNI_ARGS over annotation", withAnnotations(``, `{"cleanwall.dev/policy":"analytics"}`), "CLEANWALL_POLICY=b",
+			policySelection{name: "b", source: "CNI_ARGS CLEANWALL_POLICY=b"}, ""},
+		{"other annotations only", withAnnotations(`,"policy":"/p.yaml"`, `{"team":"x"}`), "",
+			policySelection{file: "/p.yaml", source: "/p.yaml"}, ""},
+		{"empty annotation", withAnnotations(`,"policy":"/p.yaml"`, `{"cleanwall.dev/policy":""}`), "", policySelection{},
+			"annotation cleanwall.dev/policy is empty"},
+		{"nothing", base + `}`, "K8S_POD_NAME=p", policySelection{}, "no policy"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			conf, err := parseConf([]byte(c.conf))
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := selectPolicy(conf, c.args)
+			if c.err != "" {
+				if err == nil || !strings.Contains(err.Error(), c.err) {
+					t.Fatalf("got %+v, %v; want an error containing %q", got, err, c.err)
+				}
+				return
+			}
+			if err != nil || got != c.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, c.want)
+			}
+		})
+	}
+}
+
+// Pod annotations that are not strings are a conf error, not ignored.
+func TestPodAnnotationsMalformed(t *testing.T) {
+	_, err := parseConf([]byte(`{"cniVersion":"1.0.0","name":"n","type":"cleanwall-cni","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"cleanwall.dev/policy":7}}}`))
+	if err == nil || !strings.Contains(err.Error(), "network configuration") {
+		t.Fatalf("got %v", err)
+	}
+}
