@@ -218,10 +218,11 @@ func (e *Enforcer) Admit(a Admission) (*sandbox.Sandbox, error) {
 	}
 	rec.Attachment = att
 	rollback.push(func() { _ = e.DP.Detach(att) })
+	ph.mark("attach")
 	if err := e.DP.Check(att); err != nil {
 		return nil, fmt.Errorf("verifying attachment: %w", err)
 	}
-	ph.mark("attach")
+	ph.mark("check")
 	if err := e.Store.Save(rec); err != nil {
 		return nil, err
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/cleanwall/cleanwall/runtime/enforce"
 
@@ -57,6 +58,13 @@ import (
 type NFTWall struct {
 	name         string
 	redirectMark uint32
+
+	// chains remembers the chain names AddSandbox wrote per sandbox id,
+	// so that RemoveSandbox deletes them without listing every chain of
+	// the table (a dump that grows with the node's sandboxes). After a
+	// restart it is empty and RemoveSandbox lists.
+	mu     sync.Mutex
+	chains map[uint32]map[string]bool
 }
 
 var _ enforce.Wall = (*NFTWall)(nil)
@@ -250,11 +258,49 @@ func (w *NFTWall) AddSandbox(s enforce.WallSandbox) error {
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("installing the nftables wall of %s: %w", s.Ifname, err)
 	}
+	w.mu.Lock()
+	if w.chains == nil {
+		w.chains = map[uint32]map[string]bool{}
+	}
+	if w.chains[s.ID] == nil {
+		w.chains[s.ID] = map[string]bool{}
+	}
+	w.chains[s.ID][ch.Name] = true
+	w.mu.Unlock()
 	return nil
 }
 
 // RemoveSandbox deletes a sandbox's chain and counter; missing is fine.
+// When this wall wrote the chains it knows their names and deletes them
+// and the counter in one transaction (one commit: the kernel unhooks
+// the chains once); otherwise, or when something was already gone, it
+// lists the table's chains and deletes what is there.
 func (w *NFTWall) RemoveSandbox(id uint32) error {
+	w.mu.Lock()
+	known := w.chains[id]
+	delete(w.chains, id)
+	w.mu.Unlock()
+	if len(known) > 0 {
+		c, err := nftConn()
+		if err != nil {
+			return err
+		}
+		for name := range known {
+			c.DelChain(&nftables.Chain{Name: name, Table: w.netdev()})
+		}
+		c.DeleteObject(&nftables.CounterObj{Table: w.netdev(), Name: dropsCounter(id)})
+		if err := c.Flush(); err == nil {
+			return nil
+		} else if !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("removing the nftables wall of sandbox %d: %w", id, err)
+		}
+		// Something was gone already (the transaction did nothing).
+	}
+	return w.removeListed(id)
+}
+
+// removeListed is RemoveSandbox by listing the table's chains.
+func (w *NFTWall) removeListed(id uint32) error {
 	chains, err := w.SandboxChains()
 	if err != nil {
 		return err
