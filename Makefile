@@ -15,7 +15,7 @@ FUZZTIME     ?= 30s
 
 # Debian packages the tests need, as "command-or-file:package".
 TEST_DEPS := ip:iproute2 /usr/lib/cni/ptp:containernetworking-plugins bpftool:bpftool \
-             curl:curl prometheus:prometheus setpriv:util-linux jq:jq \
+             curl:curl prometheus:prometheus promtool:prometheus setpriv:util-linux jq:jq \
              podman:podman runc:runc /bin/busybox:busybox-static \
              /usr/lib/postgresql/15/bin/postgres:postgresql psql:postgresql-client \
              /usr/lib/python3/dist-packages/psycopg:python3-psycopg /usr/lib/python3/dist-packages/psycopg2:python3-psycopg2

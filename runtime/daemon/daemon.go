@@ -154,7 +154,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("opening the DNS proxy sockets: %w", err)
 	}
 	if d.cfg.KeyBroker != nil {
-		d.keys = keys.New(*d.cfg.KeyBroker, d.log, d.audit.record)
+		d.keys = keys.New(*d.cfg.KeyBroker, d.log, d.keyAudit)
 		d.keys.OnLapse = d.keyLapsed
 		if err := d.keys.Start(d.ctx); err != nil {
 			return err
@@ -381,6 +381,18 @@ func (d *Daemon) watch() {
 			d.enforcer.Repair(d.repaired)
 		}
 	}
+}
+
+// keyAudit counts a key release's result (cleanwall_key_releases_total)
+// and audits it.
+func (d *Daemon) keyAudit(kind string, fields map[string]any) {
+	switch kind {
+	case keys.AuditRelease:
+		d.metrics.KeyReleases.WithLabelValues("released").Inc()
+	case keys.AuditRefuse:
+		d.metrics.KeyReleases.WithLabelValues("refused").Inc()
+	}
+	d.audit.record(kind, fields)
 }
 
 // repaired logs, counts and audits one repair.

@@ -33,6 +33,8 @@ type Metrics struct {
 	// (op "del"): runtime/enforce's phases plus the daemon's own
 	// ("resolve", "keys", "total").
 	Admission *prometheus.HistogramVec
+	// KeyReleases counts data key releases by result (released, refused).
+	KeyReleases *prometheus.CounterVec
 
 	// flowSets caches the children of each (sandbox, rule, mode) label
 	// set (flowKey -> *FlowSet). An entry lives as long as the series it
@@ -77,8 +79,12 @@ func New(src DatapathSource) *Metrics {
 			Help:    "Time spent in each part of a sandbox admission (op=add) or teardown (op=del), as the daemon sees it.",
 			Buckets: []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2},
 		}, []string{"op", "phase"}),
+		KeyReleases: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cleanwall_key_releases_total",
+			Help: "Data key releases asked of the key broker, by result (released; refused: refused or unreachable).",
+		}, []string{"result"}),
 	}
-	m.Registry.MustRegister(m.Sandboxes, m.flows, m.activeFlows, m.bytes, m.DenyEvents, m.Repairs, m.Admission,
+	m.Registry.MustRegister(m.Sandboxes, m.flows, m.activeFlows, m.bytes, m.DenyEvents, m.Repairs, m.Admission, m.KeyReleases,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if src != nil {
 		m.Registry.MustRegister(&datapathCollector{src: src})
