@@ -295,10 +295,13 @@ func (e *Enforcer) Teardown(s *sandbox.Sandbox) error {
 	rec := s.Record()
 	ph := e.phases("del")
 	var errs []error
-	if err := e.DP.Detach(rec.Attachment); err != nil {
-		errs = append(errs, err)
-	}
-	ph.mark("attach")
+	// The detach waits for an RCU grace period in the kernel (tcx swaps
+	// its program array), and so does unhooking the wall's chain: run
+	// them side by side. Neither order protects anything the other does
+	// not: once both are gone the interface is on its own either way,
+	// and the runtime deletes it next.
+	detached := make(chan error, 1)
+	go func() { detached <- e.DP.Detach(rec.Attachment) }()
 	e.deleteEntryIfOwned(rec.HostIfindex, rec.DatapathID)
 	if _, err := e.DP.DeleteRules(rec.DatapathID, -1); err != nil {
 		errs = append(errs, err)
@@ -312,6 +315,10 @@ func (e *Enforcer) Teardown(s *sandbox.Sandbox) error {
 		errs = append(errs, err)
 	}
 	ph.mark("wall")
+	if err := <-detached; err != nil {
+		errs = append(errs, err)
+	}
+	ph.mark("attach")
 	s.Lock()
 	s.Closed = true
 	s.Unlock()

@@ -636,7 +636,7 @@ func TestPhasesTimed(t *testing.T) {
 		t.Fatal(err)
 	}
 	v.reg.Unlock()
-	want := []string{"add/links", "add/wall", "add/maps", "add/attach", "add/check", "add/save", "del/attach", "del/maps", "del/wall", "del/save"}
+	want := []string{"add/links", "add/wall", "add/maps", "add/attach", "add/check", "add/save", "del/maps", "del/wall", "del/attach", "del/save"}
 	if !slices.Equal(got, want) {
 		t.Fatalf("phases %v, want %v", got, want)
 	}
