@@ -177,8 +177,12 @@ type DenyEvent struct {
 	// Name is the question name as the sandbox sent it, non-printable bytes
 	// escaped as \DDD and cut to maxEventName bytes ("..." marks a cut);
 	// empty when the question could not be read.
-	Name  string
-	QType uint16
+	Name string
+	// Listed is the policy's own name or pattern ("*.example.test.") the
+	// question matched, "" when it matched none. Unlike Name, it is safe
+	// to log, audit and stream (docs/telemetry.md).
+	Listed string
+	QType  uint16
 	// Rcode is the response code sent, or -1 when nothing was sent.
 	Rcode int
 	TCP   bool
@@ -253,6 +257,20 @@ func (m *matcher) allows(n string) bool {
 		}
 	}
 	return false
+}
+
+// listed is the entry of the list that allows n: n itself when listed
+// exactly, "*" and the suffix for a pattern, "" when none does.
+func (m *matcher) listed(n string) string {
+	if _, ok := m.exact[n]; ok {
+		return n
+	}
+	for _, s := range m.suffixes {
+		if len(n) > len(s) && strings.HasSuffix(n, s) {
+			return "*" + s
+		}
+	}
+	return ""
 }
 
 // canonicalHostname lower-cases s and adds the trailing dot. It reports false

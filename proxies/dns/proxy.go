@@ -283,11 +283,18 @@ func (p *Proxy) deny(r *request, d Decision, reason Reason, rcode int) []byte {
 	p.count(r, d)
 	p.Metrics.deny(r.sandbox, reason)
 	ev := DenyEvent{Reason: reason, Name: eventName(r.q.name), QType: r.q.qtype, Rcode: rcode, TCP: r.tcp}
+	if r.st != nil && r.q.canon != "" {
+		if pol := r.st.pol.Load(); pol != nil {
+			ev.Listed = pol.allow.listed(r.q.canon)
+		}
+	}
 	if p.OnDeny != nil {
 		p.OnDeny(r.sandbox, ev)
 	}
+	// The log names the policy's entry, never the question: a name the
+	// policy does not list is the sandbox's data (docs/telemetry.md).
 	p.log.Debug("dns query denied", logSandbox, r.sandbox, logReason, string(reason),
-		logName, ev.Name, logQType, ev.QType, logRcode, rcode, logTCP, r.tcp)
+		logName, ev.Listed, logQType, ev.QType, logRcode, rcode, logTCP, r.tcp)
 	return resp
 }
 
@@ -312,7 +319,7 @@ func (p *Proxy) resolve(ctx context.Context, r *request, pol *policy, now time.T
 		ans, err = p.forward(ctx, pol.upstream, r.q)
 		if err != nil {
 			p.log.Warn("dns upstream failed", logSandbox, r.sandbox, logUpstream, pol.upstream.String(),
-				logName, r.q.canon, logQType, r.q.qtype, logError, err)
+				logName, pol.allow.listed(r.q.canon), logQType, r.q.qtype, logError, err)
 			p.count(r, DecisionUpstreamError)
 			return echoResponse(r.msg, r.q, dns.RcodeServerFailure, r.q.edns, p.lim.MaxUDPSize)
 		}
@@ -322,7 +329,7 @@ func (p *Proxy) resolve(ctx context.Context, r *request, pol *policy, now time.T
 	v := p.view(pol, r.q, ans, now)
 	resp, err := p.pack(r, v)
 	if err != nil {
-		p.log.Warn("dns answer not packed", logSandbox, r.sandbox, logName, r.q.canon, logError, err)
+		p.log.Warn("dns answer not packed", logSandbox, r.sandbox, logName, pol.allow.listed(r.q.canon), logError, err)
 		p.count(r, DecisionUpstreamError)
 		return echoResponse(r.msg, r.q, dns.RcodeServerFailure, r.q.edns, p.lim.MaxUDPSize)
 	}

@@ -444,7 +444,9 @@ func (c *conn) refuse(q *request, rf *refusal, start time.Time, consumed bool) b
 	}
 	// Report before answering: the audit trail never lags the sandbox.
 	c.fm.request(decision, string(rf.reason), time.Since(start))
-	c.log.Info("request refused", logReason, rf.reason, logStatus, d.Status, logMethod, d.Method, logPath, d.Path, logDetail, detail)
+	// The log says which rule refused what kind of request, never where to:
+	// no path (docs/telemetry.md).
+	c.log.Info("request refused", logReason, rf.reason, logStatus, d.Status, logMethod, SafeMethod(d.Method), logDetail, detail)
 	if !info.failure && c.flow.OnDeny != nil {
 		c.flow.OnDeny(d)
 	} else if !info.failure && c.p.OnDeny != nil {

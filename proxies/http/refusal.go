@@ -2,8 +2,10 @@ package httpproxy
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
+	"time"
 )
 
 // Reason is the stable code of a refusal. It is sent to the sandbox in the
@@ -158,8 +160,37 @@ type refusal struct {
 
 func (e *refusal) Error() string { return fmt.Sprintf("refused (%s): %s", e.reason, e.detail) }
 
+// refuse makes a refusal. The detail keeps the format's own words and its
+// numbers (limits, counts, pattern indexes); every other argument (a field
+// name or value, a token, a byte, an error that may quote them) is what
+// the sandbox sent, and the detail says "(withheld)" in its place: logs,
+// flow errors and metrics never carry request bytes (docs/telemetry.md).
 func refuse(r Reason, format string, args ...any) *refusal {
+	for i, a := range args {
+		switch a.(type) {
+		case int, int64, uint64, time.Duration:
+		default:
+			args[i] = withheld{}
+		}
+	}
 	return &refusal{reason: r, detail: fmt.Sprintf(format, args...)}
+}
+
+// withheld stands for a sandbox-controlled argument of a refusal's detail,
+// whatever the verb.
+type withheld struct{}
+
+func (withheld) Format(f fmt.State, _ rune) { _, _ = io.WriteString(f, "(withheld)") }
+
+// SafeMethod is m when it is a method a policy can name (or another
+// standard one), else "other": a method is a token the sandbox chooses, and
+// an unknown one could carry its data into a log or an audit record.
+func SafeMethod(m string) string {
+	switch m {
+	case "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "":
+		return m
+	}
+	return "other"
 }
 
 // appendRefusal appends the response sent for a refusal: the status, the

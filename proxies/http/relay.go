@@ -87,7 +87,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 	case err == nil:
 		c.fm.request(decisionAllow, reasonNone, time.Since(start))
 		if c.log.Enabled(c.ctx, slog.LevelDebug) {
-			c.log.Debug("request forwarded", logMethod, truncate(q.method, maxDenialMethod), logPath, truncate(q.rawPath, maxDenialPath), logStatus, status)
+			c.log.Debug("request forwarded", logMethod, SafeMethod(q.method), logStatus, status)
 		}
 		return keep, nil
 	case body.err != nil && !c.wrote:
@@ -106,7 +106,7 @@ func (c *conn) forward(q *request, hold bool, start time.Time) (bool, error) {
 		// it, without answering. Closing the sandbox's connection the same
 		// way lets its HTTP client retry, as it would without the proxy.
 		c.fm.request(decisionError, string(ReasonUpstreamUnreachable), time.Since(start))
-		c.log.Debug("upstream closed an idle connection; closing the sandbox's", logMethod, truncate(q.method, maxDenialMethod), logPath, truncate(q.rawPath, maxDenialPath))
+		c.log.Debug("upstream closed an idle connection; closing the sandbox's", logMethod, SafeMethod(q.method))
 		return false, nil
 	case isClientError(err):
 		c.fm.request(decisionError, string(ReasonClientGone), time.Since(start))

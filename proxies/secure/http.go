@@ -216,13 +216,13 @@ func (h *httpFlow) serve() error {
 		if err != nil {
 			switch {
 			case hit:
-				h.refuse(nil, refuseFor(http.StatusRequestHeaderFieldsTooLarge, ReasonHeaderTooLarge, true, err))
+				h.refuse(nil, refuseFor(http.StatusRequestHeaderFieldsTooLarge, ReasonHeaderTooLarge, true, errHeadTooLarge))
 				return nil
 			case errors.Is(err, os.ErrDeadlineExceeded):
 				h.refuse(nil, refuseFor(http.StatusRequestTimeout, reasonTimeout, false, err))
 			case h.isAborted():
 			default:
-				h.refuse(nil, refuseFor(http.StatusBadRequest, ReasonBadRequest, true, err))
+				h.refuse(nil, refuseFor(http.StatusBadRequest, ReasonBadRequest, true, errMalformedHead))
 				return nil
 			}
 			return fmt.Errorf("reading a request head: %w", err)
@@ -273,7 +273,7 @@ func (h *httpFlow) handle(req *http.Request) (bool, error) {
 func (h *httpFlow) check(req *http.Request) *refusal {
 	switch {
 	case req.ProtoMajor != 1:
-		return refuseFor(http.StatusHTTPVersionNotSupported, ReasonHTTPVersion, true, fmt.Errorf("protocol %s", req.Proto))
+		return refuseFor(http.StatusHTTPVersionNotSupported, ReasonHTTPVersion, true, errors.New("not HTTP/1.x"))
 	case req.Method == http.MethodConnect:
 		return refuseFor(http.StatusForbidden, ReasonConnect, true, nil)
 	case req.Header.Get("Upgrade") != "":
@@ -281,7 +281,7 @@ func (h *httpFlow) check(req *http.Request) *refusal {
 	case !strings.HasPrefix(req.RequestURI, "/") && req.RequestURI != "*" && (req.URL.Scheme != "http" || req.URL.User != nil):
 		return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, errors.New("the target is neither origin-form nor an http absolute-form"))
 	case !httpproxy.HostAllowed(h.hosts, req.Host):
-		return refuseFor(http.StatusMisdirectedRequest, ReasonHostMismatch, true, fmt.Errorf("the Host %q", truncate(req.Host, 64)))
+		return refuseFor(http.StatusMisdirectedRequest, ReasonHostMismatch, true, errors.New("the Host is not one of the flow's names"))
 	}
 	if e := req.Header.Get("Expect"); e != "" && !strings.EqualFold(e, "100-continue") {
 		return refuseFor(http.StatusExpectationFailed, ReasonExpect, true, nil)
@@ -293,11 +293,11 @@ func (h *httpFlow) check(req *http.Request) *refusal {
 	}
 	for k, vs := range req.Header {
 		if !httpwire.ValidFieldName(k) {
-			return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, fmt.Errorf("field name %q", truncate(k, 64)))
+			return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, errors.New("a field name is not a token"))
 		}
 		for _, v := range vs {
 			if !httpwire.ValidFieldValue(v) {
-				return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, fmt.Errorf("field %s", truncate(k, 64)))
+				return refuseFor(http.StatusBadRequest, ReasonBadRequest, true, errors.New("a field value has a forbidden byte"))
 			}
 		}
 	}
@@ -885,3 +885,10 @@ func truncate(s string, n int) string {
 	}
 	return s[:n]
 }
+
+// The errors of a request head that does not parse: net/http's own quote
+// the sandbox's bytes, and refusals are logged (docs/telemetry.md).
+var (
+	errMalformedHead = errors.New("malformed request head")
+	errHeadTooLarge  = errors.New("request head above the limit")
+)

@@ -90,7 +90,7 @@ func (l *Learner) Learn(s *sandbox.Sandbox, name string, addrs []netip.Addr, ttl
 			} else {
 				delete(s.Learned, k)
 			}
-			l.log().Warn("learning an fqdn address failed: its flows drop", "sandbox", s.Name, "name", name, "addr", a, "error", err)
+			l.log().Warn("learning an fqdn address failed: its flows drop", "sandbox", s.Name, "addr", a, "error", err) // no name: it may be the sandbox's (a pattern's label)
 			continue
 		}
 		changed = true
