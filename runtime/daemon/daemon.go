@@ -56,6 +56,7 @@ type Daemon struct {
 	dns       *dnsproxy.Proxy
 	exts      []*extension.Proxy
 	keys      *keys.Ring // nil without a key broker
+	vols      volumeRegistry
 	metrics   *metrics.Metrics
 	audit     *auditor
 	observers observers
@@ -438,6 +439,7 @@ func (d *Daemon) Close() error {
 	for _, x := range d.exts {
 		_ = x.Close()
 	}
+	_ = d.unmountAllVolumes("daemon stopped")
 	if d.events != nil {
 		d.events.Close()
 	}
