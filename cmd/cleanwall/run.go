@@ -54,6 +54,8 @@ type runOptions struct {
 	command     []string
 	// The embedded runtime's key broker and extensions (cleanwalld's flags).
 	keyBroker, brokerCA, attestation string
+	consentURL, consentCA            string
+	consentTimeout                   time.Duration
 	extensions                       []string
 }
 
@@ -80,6 +82,9 @@ func parseRunFlags(args []string) (*runOptions, error) {
 	fs.StringVar(&o.keyBroker, "keybroker", "", "key broker URL for the embedded runtime (as cleanwalld's): releases the data keys of secure-mode rules to this node's attestation")
 	fs.StringVar(&o.brokerCA, "broker-ca", "", "PEM file of the CA(s) the key broker's TLS certificate chains to (default: system roots)")
 	fs.StringVar(&o.attestation, "attestation", "snp", "evidence for the key broker: snp (SEV-SNP guest device) or simulated (labelled fake: tests and demos only)")
+	fs.StringVar(&o.consentURL, "consent-url", "", "consent service for the embedded runtime (as cleanwalld's, docs/consent.md): asked before COMMAND starts when the policy requires consent")
+	fs.StringVar(&o.consentCA, "consent-ca", "", "PEM file of the CA(s) the consent service's TLS certificate chains to (default: system roots)")
+	fs.DurationVar(&o.consentTimeout, "consent-timeout", 2*time.Second, "bound of each consent request; no answer in time is a deny")
 	fs.Func("extension", "an out-of-process privacy proxy for the embedded runtime, NAME=unix:/path (repeatable; docs/extensions.md)", func(v string) error {
 		o.extensions = append(o.extensions, v)
 		return nil
@@ -347,6 +352,9 @@ func (o *runOptions) runtime(ctx context.Context, td *teardown, rec *runRecord, 
 	st, err := client.Status(sctx)
 	cancel()
 	if err == nil && st.Ready {
+		if o.consentURL != "" {
+			fmt.Fprintf(os.Stderr, "cleanwall: --consent-url ignored: cleanwalld at %s asks its own consent service\n", client.Socket)
+		}
 		rec.CNI.Socket = client.Socket
 		if err := rec.save(dir); err != nil {
 			return nil, nil, fail("%v", err)
@@ -375,6 +383,7 @@ func (o *runOptions) runtime(ctx context.Context, td *teardown, rec *runRecord, 
 		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 		Version:      version,
 	}
+	cfg.ConsentURL, cfg.ConsentCA, cfg.ConsentTimeout = o.consentURL, o.consentCA, o.consentTimeout
 	if o.keyBroker != "" {
 		if cfg.KeyBroker, err = keys.BrokerFromFlags(o.keyBroker, o.brokerCA, o.attestation); err != nil {
 			return nil, nil, fail("%v", err)

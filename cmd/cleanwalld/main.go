@@ -52,6 +52,9 @@ func run(args []string) error {
 	keyBroker := fs.String("keybroker", "", "key broker URL (https://host:port): releases the data keys of secure-mode rules to this node's attestation")
 	brokerCA := fs.String("broker-ca", "", "PEM file of the CA(s) the key broker's TLS certificate chains to (default: system roots)")
 	attestation := fs.String("attestation", "snp", "evidence for the key broker: snp (SEV-SNP guest device) or simulated (labelled fake: tests and demos only)")
+	fs.StringVar(&cfg.ConsentURL, "consent-url", "", "consent service (https://host:port, docs/consent.md): policies with spec.governance.consent: required run only while it allows; without it such policies are refused")
+	fs.StringVar(&cfg.ConsentCA, "consent-ca", "", "PEM file of the CA(s) the consent service's TLS certificate chains to (default: system roots)")
+	fs.DurationVar(&cfg.ConsentTimeout, "consent-timeout", 2*time.Second, "bound of each consent request; no answer in time is a deny")
 	var tcpPort, udpPort, dnsPort uint
 	fs.UintVar(&tcpPort, "tcp-port", 0, "TCP proxy listener port (0: kernel-chosen)")
 	fs.UintVar(&udpPort, "udp-port", 0, "UDP proxy socket port (0: kernel-chosen)")

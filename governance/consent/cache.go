@@ -249,6 +249,22 @@ func (c *Cache) Forget(sandbox string, drop func(Key) bool) {
 	}
 }
 
+// ForgetWhere drops every answer for which drop returns true, stopping
+// its re-asks.
+func (c *Cache) ForgetWhere(drop func(Key) bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, e := range c.entries {
+		if !drop(k) {
+			continue
+		}
+		if e.timer != nil {
+			e.timer.Stop()
+		}
+		delete(c.entries, k)
+	}
+}
+
 // Keys lists the cached questions (tests, status).
 func (c *Cache) Keys() []Key {
 	c.mu.Lock()

@@ -72,32 +72,6 @@ type Sandbox struct {
 	Created       time.Time  `json:"created"`
 	Rules         int        `json:"rules"` // datapath entries of the active generation
 	Counters      []Counter  `json:"counters,omitempty"`
-	// Volumes are the policy's spec.volumes as the daemon serves them.
-	Volumes []Volume `json:"volumes,omitempty"`
-}
-
-// Volume is one of a sandbox's volumes (spec.volumes), as served.
-type Volume struct {
-	Name string `json:"name"`
-	Kind string `json:"kind"` // files or block
-	// Path is where the sandbox sees it (the policy's path).
-	Path     string `json:"path"`
-	ReadOnly bool   `json:"readOnly,omitempty"`
-	// HostPath is where the node sees the decrypted volume while it is
-	// mounted: the directory a container runtime binds (files), or the
-	// loop device (block). Empty when the volume is not mounted.
-	HostPath string `json:"hostPath,omitempty"`
-	// Device is the block device's number (block, mounted).
-	Device *DeviceNumber `json:"device,omitempty"`
-	// Error is why the volume is not mounted (after a restart, its key
-	// was not released again or its store did not open).
-	Error string `json:"error,omitempty"`
-}
-
-// DeviceNumber is a block device's major and minor number.
-type DeviceNumber struct {
-	Major uint32 `json:"major"`
-	Minor uint32 `json:"minor"`
 }
 
 // Counter is one datapath counter of a sandbox.

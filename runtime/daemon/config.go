@@ -129,9 +129,12 @@ type Config struct {
 	// KeyBroker, when set, releases the data keys of secure-mode rules.
 	KeyBroker *KeyBrokerConfig
 
-	// VolumeDir is where the sandboxes' volumes are mounted (default
-	// DefaultVolumeDir): <VolumeDir>/<containerID>@<ifName>/<name>.
-	VolumeDir string
+	// ConsentURL is the consent service (https; docs/consent.md), ConsentCA
+	// a PEM file of the CAs its certificate chains to (default: the system
+	// roots), ConsentTimeout the bound of each request (default 2s).
+	// Without ConsentURL a policy requiring consent is refused.
+	ConsentURL, ConsentCA string
+	ConsentTimeout        time.Duration
 
 	// Extensions are out-of-process privacy proxies, NAME=unix:/path each
 	// (docs/extensions.md): open rules with open.protocol NAME go to the
@@ -186,9 +189,6 @@ func (c *Config) setDefaults() error {
 	if c.WatchdogInterval <= 0 {
 		c.WatchdogInterval = DefaultWatchdogInterval
 	}
-	if c.VolumeDir == "" {
-		c.VolumeDir = DefaultVolumeDir
-	}
 	if c.AuditLog == "" {
 		c.AuditLog = filepath.Join(c.StateDir, "audit.jsonl")
 	}
@@ -220,8 +220,8 @@ func (c *Config) setDefaults() error {
 		}
 		seen[name] = true
 	}
-	if !filepath.IsAbs(c.PinRoot) || !filepath.IsAbs(c.StateDir) || !filepath.IsAbs(c.VolumeDir) {
-		return errors.New("pin root, state dir and volume dir must be absolute paths")
+	if !filepath.IsAbs(c.PinRoot) || !filepath.IsAbs(c.StateDir) {
+		return errors.New("pin root and state dir must be absolute paths")
 	}
 	return os.MkdirAll(c.StateDir, 0o700)
 }

@@ -56,7 +56,7 @@ type Daemon struct {
 	dns       *dnsproxy.Proxy
 	exts      []*extension.Proxy
 	keys      *keys.Ring // nil without a key broker
-	vols      volumeRegistry
+	consent   *consentGate
 	metrics   *metrics.Metrics
 	audit     *auditor
 	observers observers
@@ -90,6 +90,10 @@ func New(cfg Config) (*Daemon, error) {
 		node:      &limits.Node{},
 	}
 	d.metrics = metrics.New(datapathSource{d})
+	var err error
+	if d.consent, err = newConsentGate(d); err != nil {
+		return nil, err
+	}
 	return d, nil
 }
 
@@ -161,6 +165,9 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 			return err
 		}
 	}
+	if err := d.consent.start(d.ctx); err != nil {
+		return err
+	}
 	if err := d.wire(d.dp, kernel.NetlinkLinks{}, d.wall); err != nil {
 		return err
 	}
@@ -212,7 +219,7 @@ func (d *Daemon) wire(dp kernelDatapath, links enforce.Links, wall enforce.Wall)
 		Sandboxes: d.sandboxes, Learner: d.learner, AttachMode: d.cfg.AttachMode,
 		DNSRate: d.dnsRate(), EventRate: d.cfg.DenyEventsPerSecond, Log: d.log, Phase: d.metrics.ObservePhase}
 	d.dispatch = &dispatch.Dispatcher{Sandboxes: d.sandboxes, DP: dp, Proxies: d.proxies, Metrics: d.metrics, Node: d.node,
-		Events: flowEvents{d}, Log: d.log, Logs: d.logs, Ctx: d.ctx}
+		Events: flowEvents{d}, Log: d.log, Logs: d.logs, Ctx: d.ctx, Consent: d.consent}
 	if d.keys != nil {
 		d.dispatch.Keys = d.keys.For
 	}
@@ -439,7 +446,6 @@ func (d *Daemon) Close() error {
 	for _, x := range d.exts {
 		_ = x.Close()
 	}
-	_ = d.unmountAllVolumes("daemon stopped")
 	if d.events != nil {
 		d.events.Close()
 	}

@@ -151,18 +151,16 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 		return api.Sandbox{}, err
 	}
 	d.metrics.ObservePhase("add", "keys", time.Since(resolved))
+	defer d.consent.settle() // a failed ADD's answers are forgotten
+	if err := d.consent.admit(ctx, req.ContainerID, doc, ch.Compiled); err != nil {
+		return api.Sandbox{}, err
+	}
 	d.sandboxes.Lock()
 	defer d.sandboxes.Unlock()
-	vols, err := d.mountVolumes(ctx, &req, ch.Compiled)
-	if err != nil {
-		return api.Sandbox{}, err
-	}
 	s, err := d.enforcer.Admit(enforce.Admission{Req: req, Policy: doc, Source: source, Compiled: ch.Compiled, Configs: ch.Configs, Limits: ch.Limits})
 	if err != nil {
-		_ = d.closeVolumes(vols, "admission failed")
 		return api.Sandbox{}, err
 	}
-	d.admitted(vols)
 	d.registered(s)
 	d.metrics.ObservePhase("add", "total", time.Since(start))
 	return d.view(s, false), nil
@@ -206,14 +204,15 @@ func (d *Daemon) Apply(id, ifName string, doc []byte, source string) (int, *poli
 	if err := d.keys.Ensure(d.ctx, ch.Compiled); err != nil {
 		return 0, nil, err
 	}
+	defer d.consent.settle() // the old policy's answers are forgotten
+	if err := d.consent.admit(d.ctx, id, doc, ch.Compiled); err != nil {
+		return 0, nil, err
+	}
 	d.sandboxes.Lock()
 	defer d.sandboxes.Unlock()
 	list := d.sandboxes.Find(id, ifName)
 	if len(list) == 0 {
 		return 0, nil, &notFound{fmt.Sprintf("no sandbox %s", sandbox.AttachmentKey(id, ifName))}
-	}
-	if err := volumesUnchanged(list, ch.Compiled); err != nil {
-		return 0, nil, err
 	}
 	closed := 0
 	for _, s := range list {
@@ -231,6 +230,7 @@ func (d *Daemon) Apply(id, ifName string, doc []byte, source string) (int, *poli
 // Delete detaches a container's sandbox(es). Unknown sandboxes are not an
 // error: DEL is idempotent.
 func (d *Daemon) Delete(id, ifName string) error {
+	defer d.consent.settle()
 	start := time.Now()
 	defer func() { d.metrics.ObservePhase("del", "total", time.Since(start)) }()
 	d.sandboxes.Lock()
@@ -238,7 +238,6 @@ func (d *Daemon) Delete(id, ifName string) error {
 	var errs []error
 	for _, s := range d.sandboxes.Find(id, ifName) {
 		errs = append(errs, d.enforcer.Teardown(s))
-		errs = append(errs, d.unmountVolumes(s.Name, "deleted"))
 		d.unregistered(s.Name, s.Record().PolicyName)
 	}
 	return errors.Join(errs...)
@@ -262,11 +261,11 @@ func (d *Daemon) Check(id, ifName string) error {
 
 // GC removes every attachment not in valid (CNI GC).
 func (d *Daemon) GC(valid []api.AttachmentRef) []api.AttachmentRef {
+	defer d.consent.settle()
 	d.sandboxes.Lock()
 	defer d.sandboxes.Unlock()
 	removed := d.enforcer.GC(valid)
 	for _, r := range removed {
-		_ = d.unmountVolumes(sandbox.AttachmentKey(r.ContainerID, r.IfName), "gc")
 		d.unregistered(sandbox.AttachmentKey(r.ContainerID, r.IfName), "")
 	}
 	return removed
@@ -283,7 +282,6 @@ func (d *Daemon) reconcile() error {
 	for _, s := range d.sandboxes.All() {
 		d.registered(s)
 	}
-	d.remountVolumes()
 	return err
 }
 

@@ -56,6 +56,7 @@ func (d *Daemon) serveAPI() error {
 	mux.HandleFunc("POST "+api.PathGC, d.handleGC)
 	mux.HandleFunc("GET "+api.PathAttest, func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, d.keys.Status()) })
 	mux.HandleFunc("GET "+api.PathEvents, d.handleEvents)
+	mux.HandleFunc("POST "+api.PathConsentRefresh, d.handleConsentRefresh)
 	d.server = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	d.goBackground(func() {
 		if err := d.server.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -329,7 +330,6 @@ func (d *Daemon) view(s *sandbox.Sandbox, counters bool) api.Sandbox {
 	if counters {
 		v.Counters = d.countersOf(rec.DatapathID, compiled)
 	}
-	v.Volumes = d.volumeViews(s.Name)
 	return v
 }
 

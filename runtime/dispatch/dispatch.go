@@ -54,6 +54,8 @@ type Dispatcher struct {
 	Logs *LogLimiter
 	// Ctx is canceled when the daemon stops: every flow ends.
 	Ctx context.Context
+	// Consent, when set, is asked about every decided flow (consent.go).
+	Consent Consent
 
 	udp udpFlows
 }

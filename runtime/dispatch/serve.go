@@ -44,6 +44,11 @@ func (d *Dispatcher) ServeTCP(c *net.TCPConn) {
 	}
 	defer fl.Cancel(nil)
 	defer s.RemoveFlow(fl)
+	if !d.consentAdmits(ctx, &dec, dst) {
+		d.refuse(s, dec.Rule, dec.Key, "tcp", src, dst, string(RefuseConsent))
+		reset(c)
+		return
+	}
 	p, ok := d.Proxies.Stream(dec.Key)
 	if !ok { // Configure found one at policy check: a registry changed under us
 		d.refuse(s, dec.Rule, dec.Key, "tcp", src, dst, string(RefuseNoProxy))
@@ -145,6 +150,13 @@ func (d *Dispatcher) openUDP(dg tproxy.Datagram, reply Reply) proxies.PacketFlow
 	if dec.Refusal != "" {
 		done()
 		d.refuse(s, dec.Rule, dec.Key, "udp", src, dst, string(dec.Refusal))
+		return nil
+	}
+	if refusal := d.consentRefusal(&dec, dst); refusal != "" {
+		s.RemoveFlow(fl)
+		fl.Cancel(nil)
+		done()
+		d.refuse(s, dec.Rule, dec.Key, "udp", src, dst, string(refusal))
 		return nil
 	}
 	p, ok := d.Proxies.Packet(dec.Key)
