@@ -49,6 +49,18 @@ type Enforcer struct {
 	// ("add") or a teardown ("del") took: for the admission histograms
 	// and `make bench`'s breakdown of CNI ADD.
 	Phase func(op, phase string, d time.Duration)
+
+	// retired are the wall chains of torn-down sandboxes whose interface
+	// was still there: kept, dropping everything unmarked, until the
+	// interface is gone (reapRetired). Guarded by the registry's lock.
+	retired map[uint32]retiredWall
+}
+
+// retiredWall is a torn-down sandbox's wall chain waiting for its
+// interface to go.
+type retiredWall struct {
+	ifindex int
+	ifname  string
 }
 
 // phases times the parts of one operation: mark(phase) ends the part
@@ -116,6 +128,9 @@ func (e *Enforcer) Admit(a Admission) (*sandbox.Sandbox, error) {
 	req := &a.Req
 	key := sandbox.AttachmentKey(req.ContainerID, req.IfName)
 	ph := e.phases("add")
+	if len(e.retired) > 0 {
+		e.reapRetired()
+	}
 	if e.Sandboxes.Get(key) != nil {
 		return nil, BadRequest("containerID", "%s is already attached", key)
 	}
@@ -311,7 +326,7 @@ func (e *Enforcer) Teardown(s *sandbox.Sandbox) error {
 		errs = append(errs, err)
 	}
 	ph.mark("maps")
-	if err := e.Wall.RemoveSandbox(rec.DatapathID); err != nil {
+	if err := e.retireWall(rec); err != nil {
 		errs = append(errs, err)
 	}
 	ph.mark("wall")
@@ -334,6 +349,50 @@ func (e *Enforcer) Teardown(s *sandbox.Sandbox) error {
 	e.log().Info("sandbox detached", "sandbox", s.Name)
 	return errors.Join(errs...)
 }
+
+// retireWall deals with a torn-down sandbox's wall chain. CNI DEL runs
+// the chain backwards: cleanwall-cni's DEL comes before ptp or bridge
+// delete the interface, and a sandbox's processes may still be running.
+// Were the chain removed now, the interface would forward whatever it
+// is sent until then. So while the interface is there the chain stays
+// (nothing is marked any more: it drops everything but ARP and neighbour
+// discovery) and its datapath id stays reserved; reapRetired removes it
+// once the interface is gone. That also keeps the kernel's unhooking of
+// the chain, which waits for a grace period, off DEL's path. Call with
+// the registry locked.
+func (e *Enforcer) retireWall(rec *sandbox.Record) error {
+	if l, err := e.Links.ByIndex(rec.HostIfindex); err == nil && l.Name == rec.HostInterface {
+		if e.retired == nil {
+			e.retired = map[uint32]retiredWall{}
+		}
+		e.retired[rec.DatapathID] = retiredWall{ifindex: rec.HostIfindex, ifname: rec.HostInterface}
+		e.Sandboxes.Reserve(rec.DatapathID)
+		return nil
+	}
+	return e.Wall.RemoveSandbox(rec.DatapathID)
+}
+
+// reapRetired removes the retired wall chains whose interface is gone
+// and frees their datapath ids; it returns how many are left. Call with
+// the registry locked.
+func (e *Enforcer) reapRetired() int {
+	for id, r := range e.retired {
+		if l, err := e.Links.ByIndex(r.ifindex); err == nil && l.Name == r.ifname {
+			continue
+		}
+		if err := e.Wall.RemoveSandbox(id); err != nil {
+			e.log().Warn("removing a retired wall chain", "datapath_id", id, "interface", r.ifname, "error", err)
+			continue
+		}
+		delete(e.retired, id)
+		e.Sandboxes.Release(id)
+	}
+	return len(e.retired)
+}
+
+// Retired is the number of wall chains kept for interfaces that outlived
+// their sandbox. Call with the registry locked.
+func (e *Enforcer) Retired() int { return len(e.retired) }
 
 // isolate turns on bridge port isolation for a sandbox's bridge port: the
 // bridge then forwards nothing between two isolated ports, whatever the

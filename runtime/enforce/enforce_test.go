@@ -115,6 +115,44 @@ func (v *env) admit(name string, n int, doc string) *sandbox.Sandbox {
 	return s
 }
 
+// wallRetired proves a torn-down sandbox's wall chain stays while its
+// interface is there, dropping, with its datapath id kept from new
+// sandboxes, and goes with the interface (at the watchdog's next round).
+func (v *env) wallRetired(id uint32, host string) {
+	v.t.Helper()
+	ws := enforce.WallSandbox{ID: id, Ifname: host}
+	if _, err := v.links.ByName(host); err == nil {
+		if err := v.wall.CheckSandbox(ws); err != nil {
+			v.t.Errorf("the wall chain of sandbox %d went before its interface %s: %v", id, host, err)
+		}
+		v.reg.Lock()
+		next, err := v.reg.AllocateID()
+		v.reg.Unlock()
+		if err != nil || next == id {
+			v.t.Errorf("datapath id %d handed out while its wall chain is kept (%v)", id, err)
+		}
+		v.links.Remove(host)
+		v.e.Repair(func(what, sandbox string, found, err error) {})
+	}
+	if err := v.wall.CheckSandbox(ws); err == nil {
+		v.t.Errorf("wall chain of sandbox %d left after its interface went", id)
+	}
+	v.reg.Lock()
+	left := v.e.Retired()
+	v.reg.Unlock()
+	if left != 0 {
+		v.t.Errorf("%d retired wall chains left", left)
+	}
+}
+
+// nothingAfterTeardown is nothingOf for a torn-down sandbox: its wall
+// chain goes with its interface (wallRetired), everything else at once.
+func (v *env) nothingAfterTeardown(id uint32, host string) {
+	v.t.Helper()
+	v.wallRetired(id, host)
+	v.nothingOf(id, host)
+}
+
 // nothingOf proves no trace of datapath id is left anywhere.
 func (v *env) nothingOf(id uint32, host string) {
 	v.t.Helper()
@@ -331,7 +369,7 @@ func TestTeardownLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	v.reg.Unlock()
-	v.nothingOf(s.ID, s.Rec.HostInterface)
+	v.nothingAfterTeardown(s.ID, s.Rec.HostInterface)
 	if cause := <-closed; !errors.Is(cause, enforce.ErrDeleted) {
 		t.Fatalf("the flow was closed with %v", cause)
 	}
@@ -508,7 +546,7 @@ func TestGC(t *testing.T) {
 	if len(removed) != 1 || removed[0].ContainerID != b.ContainerID {
 		t.Fatalf("removed %+v", removed)
 	}
-	v.nothingOf(b.ID, b.Rec.HostInterface)
+	v.nothingAfterTeardown(b.ID, b.Rec.HostInterface)
 	if err := v.e.Check(a); err != nil {
 		t.Fatal(err)
 	}

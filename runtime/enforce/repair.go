@@ -36,6 +36,11 @@ func (e *Enforcer) Repair(report Repaired) {
 		e.Sandboxes.Unlock()
 		report(RepairNodeWall, "", found, err)
 	}
+	e.Sandboxes.Lock()
+	if len(e.retired) > 0 {
+		e.reapRetired()
+	}
+	e.Sandboxes.Unlock()
 	chains, err := e.Wall.SandboxChains()
 	if err != nil {
 		e.log().Warn("watchdog: listing the wall's chains", "error", err)

@@ -280,9 +280,10 @@ func MonotonicNow() uint64 {
 // Callers that change the set (add, delete, reconcile, GC) serialize with
 // Lock; lookups take the read lock themselves.
 type Registry struct {
-	mu    sync.RWMutex
-	byKey map[string]*Sandbox
-	byIP  map[netip.Addr]*Sandbox
+	mu       sync.RWMutex
+	byKey    map[string]*Sandbox
+	byIP     map[netip.Addr]*Sandbox
+	reserved map[uint32]bool
 }
 
 // NewRegistry returns an empty registry.
@@ -384,12 +385,29 @@ func (g *Registry) ByDatapathID(id uint32) *Sandbox {
 	return nil
 }
 
-// AllocateID returns the lowest datapath id no sandbox uses. Call with
-// Lock held.
+// Reserve keeps a datapath id from being handed out while something of a
+// removed sandbox still carries it (runtime/enforce: a wall chain kept
+// until its interface is gone); Release gives it back. Call with Lock
+// held.
+func (g *Registry) Reserve(id uint32) {
+	if g.reserved == nil {
+		g.reserved = map[uint32]bool{}
+	}
+	g.reserved[id] = true
+}
+
+// Release undoes Reserve. Call with Lock held.
+func (g *Registry) Release(id uint32) { delete(g.reserved, id) }
+
+// AllocateID returns the lowest datapath id no sandbox uses and none is
+// reserved. Call with Lock held.
 func (g *Registry) AllocateID() (uint32, error) {
-	used := map[uint32]bool{}
+	used := make(map[uint32]bool, len(g.byKey)+len(g.reserved))
 	for _, s := range g.byKey {
 		used[s.ID] = true
+	}
+	for id := range g.reserved {
+		used[id] = true
 	}
 	for id := uint32(1); id < 1<<24; id++ {
 		if !used[id] {
