@@ -19,10 +19,9 @@ Usage:
   cleanwall policy apply --sandbox ID FILE
   cleanwall policy show --sandbox ID
   cleanwall sandboxes
-  cleanwall observe [--sandbox ID] [--json]
+  cleanwall observe [--sandbox ID] [--verdict V] [--reason R] [--rule NAME] [--proto P] [--output table|json] [--pcap FILE] [--count N]
   cleanwall attest status
   cleanwall audit verify FILE
-  cleanwall consent refresh [--sandbox ID]
   cleanwall seal seal --key-file FILE --key-id ID [--key-version N] [--context S] [-o OUT] [IN]
   cleanwall seal open --key-file FILE [-v] [--context S] [-o OUT] [IN]
   cleanwall seal open --hpke-key FILE [-v] [--context S] [-o OUT] [IN]
@@ -64,8 +63,6 @@ func run(args []string) int {
 		err = cmdAudit(args[1:])
 	case "observe":
 		err = cmdObserve(args[1:])
-	case "consent":
-		err = cmdConsent(args[1:])
 	case "seal":
 		err = cmdSeal(args[1:])
 	case "version":

@@ -72,6 +72,32 @@ type Sandbox struct {
 	Created       time.Time  `json:"created"`
 	Rules         int        `json:"rules"` // datapath entries of the active generation
 	Counters      []Counter  `json:"counters,omitempty"`
+	// Volumes are the policy's spec.volumes as the daemon serves them.
+	Volumes []Volume `json:"volumes,omitempty"`
+}
+
+// Volume is one of a sandbox's volumes (spec.volumes), as served.
+type Volume struct {
+	Name string `json:"name"`
+	Kind string `json:"kind"` // files or block
+	// Path is where the sandbox sees it (the policy's path).
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"readOnly,omitempty"`
+	// HostPath is where the node sees the decrypted volume while it is
+	// mounted: the directory a container runtime binds (files), or the
+	// loop device (block). Empty when the volume is not mounted.
+	HostPath string `json:"hostPath,omitempty"`
+	// Device is the block device's number (block, mounted).
+	Device *DeviceNumber `json:"device,omitempty"`
+	// Error is why the volume is not mounted (after a restart, its key
+	// was not released again or its store did not open).
+	Error string `json:"error,omitempty"`
+}
+
+// DeviceNumber is a block device's major and minor number.
+type DeviceNumber struct {
+	Major uint32 `json:"major"`
+	Minor uint32 `json:"minor"`
 }
 
 // Counter is one datapath counter of a sandbox.
@@ -181,21 +207,51 @@ type HeldKey struct {
 	LastError    string    `json:"lastError,omitempty"`
 }
 
-// PathEvents streams deny events as JSON lines (GET, ?sandbox=ID filters).
+// PathEvents streams deny events as JSON lines (GET). The query filters
+// them (EventFilter): sandbox=ID, verdict=, reason=, rule=, proto= (each a
+// comma-separated list, any of which matches) and headers=1 to receive the
+// sampled headers of dropped packets.
 const PathEvents = "/v1/events"
+
+// Verdicts of deny events.
+const (
+	VerdictDrop   = "drop"   // the datapath dropped a packet
+	VerdictRefuse = "refuse" // a proxy refused a flow, a DNS query or a request
+)
+
+// Link types of DenyEvent.Header.
+const (
+	LinkEthernet = "ethernet" // the header starts at the Ethernet header
+	LinkRaw      = "raw"      // the header starts at the IP header
+)
+
+// DenyHeaderLen is the most bytes of a dropped packet a deny event carries
+// (the datapath's DENY_SAMPLE_LEN): the snapshot length of a capture.
+const DenyHeaderLen = 128
 
 // DenyEvent is one denial: a packet the datapath dropped, a DNS query or an
 // HTTP request a proxy refused.
 type DenyEvent struct {
 	Time    time.Time `json:"time"`
 	Sandbox string    `json:"sandbox"` // containerID/ifName, or "unknown"
-	Source  string    `json:"source"`  // datapath, dns or http
+	Source  string    `json:"source"`  // datapath, proxy, dns, http or an extension's name
+	Verdict string    `json:"verdict"` // VerdictDrop (datapath) or VerdictRefuse (proxies)
 	Reason  string    `json:"reason"`
-	Proto   string    `json:"proto,omitempty"`
-	Src     string    `json:"src,omitempty"`
-	Dst     string    `json:"dst,omitempty"`
-	Name    string    `json:"name,omitempty"`   // DNS: the (truncated, escaped) name
-	Method  string    `json:"method,omitempty"` // HTTP
-	Path    string    `json:"path,omitempty"`   // HTTP: without the query
-	Status  int       `json:"status,omitempty"` // HTTP
+	// Rule is the egress rule the denied flow matched, when one did (a
+	// proxy's refusal within a rule; a datapath drop of an expired entry
+	// or over the flow limit).
+	Rule   string `json:"rule,omitempty"`
+	Proto  string `json:"proto,omitempty"`
+	Src    string `json:"src,omitempty"`
+	Dst    string `json:"dst,omitempty"`
+	Name   string `json:"name,omitempty"`   // DNS: the (truncated, escaped) name
+	Method string `json:"method,omitempty"` // HTTP
+	Path   string `json:"path,omitempty"`   // HTTP: without the query
+	Status int    `json:"status,omitempty"` // HTTP
+	// Length is a dropped packet's length; Header its first bytes (at
+	// most DenyHeaderLen), starting at the layer Link names. Sent only to
+	// observers that ask for headers.
+	Length int    `json:"length,omitempty"`
+	Header []byte `json:"header,omitempty"`
+	Link   string `json:"link,omitempty"`
 }

@@ -156,9 +156,15 @@ func (c *Client) Attest(ctx context.Context) (AttestStatus, error) {
 // Events streams deny events (of one sandbox when sandbox is set) to fn
 // until ctx ends or fn returns an error.
 func (c *Client) Events(ctx context.Context, sandbox string, fn func(DenyEvent) error) error {
+	return c.WatchEvents(ctx, EventFilter{Sandbox: sandbox}, fn)
+}
+
+// WatchEvents streams the deny events that pass f to fn until ctx ends or
+// fn returns an error. The daemon filters; events are checked here again.
+func (c *Client) WatchEvents(ctx context.Context, f EventFilter, fn func(DenyEvent) error) error {
 	path := PathEvents
-	if sandbox != "" {
-		path += "?sandbox=" + url.QueryEscape(sandbox)
+	if q := f.Query(); len(q) > 0 {
+		path += "?" + q.Encode()
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://cleanwalld"+path, nil)
 	if err != nil {
@@ -172,6 +178,10 @@ func (c *Client) Events(ctx context.Context, sandbox string, fn func(DenyEvent) 
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
+		var e Error
+		if data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10)); json.Unmarshal(data, &e) == nil && e.Message != "" {
+			return fmt.Errorf("cleanwalld: %s: %w", resp.Status, &e)
+		}
 		return fmt.Errorf("cleanwalld: %s", resp.Status)
 	}
 	dec := json.NewDecoder(resp.Body)
@@ -182,6 +192,9 @@ func (c *Client) Events(ctx context.Context, sandbox string, fn func(DenyEvent) 
 				return ctx.Err()
 			}
 			return err
+		}
+		if !f.Match(ev) {
+			continue
 		}
 		if err := fn(ev); err != nil {
 			return err

@@ -3,7 +3,6 @@ package daemon
 import (
 	"encoding/json"
 	"net/http"
-	"strings"
 	"sync"
 	"time"
 
@@ -17,14 +16,14 @@ const observerBuffer = 1024
 // observers fans deny events out to `cleanwall observe` streams.
 type observers struct {
 	mu   sync.Mutex
-	subs map[chan api.DenyEvent]string // channel -> sandbox filter ("" = all)
+	subs map[chan api.DenyEvent]api.EventFilter
 }
 
-func (o *observers) subscribe(filter string) chan api.DenyEvent {
+func (o *observers) subscribe(filter api.EventFilter) chan api.DenyEvent {
 	ch := make(chan api.DenyEvent, observerBuffer)
 	o.mu.Lock()
 	if o.subs == nil {
-		o.subs = map[chan api.DenyEvent]string{}
+		o.subs = map[chan api.DenyEvent]api.EventFilter{}
 	}
 	o.subs[ch] = filter
 	o.mu.Unlock()
@@ -37,16 +36,23 @@ func (o *observers) unsubscribe(ch chan api.DenyEvent) {
 	o.mu.Unlock()
 }
 
-// publish hands an event to every matching observer that has room.
+// publish hands an event to every observer whose filter it passes and
+// that has room; the sampled headers only to those that asked for them.
 func (o *observers) publish(ev api.DenyEvent) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	bare := ev
+	bare.Header, bare.Link = nil, ""
 	for ch, filter := range o.subs {
-		if filter != "" && ev.Sandbox != filter && !strings.HasPrefix(ev.Sandbox, filter+"/") {
+		if !filter.Match(ev) {
 			continue
 		}
+		out := bare
+		if filter.Headers {
+			out = ev
+		}
 		select {
-		case ch <- ev:
+		case ch <- out:
 		default: // too slow: this observer loses the event
 		}
 	}
@@ -60,7 +66,12 @@ func (o *observers) active() bool {
 
 // handleEvents streams deny events as JSON lines until the client leaves.
 func (d *Daemon) handleEvents(w http.ResponseWriter, r *http.Request) {
-	ch := d.observers.subscribe(r.URL.Query().Get("sandbox"))
+	filter, err := api.ParseEventFilter(r.URL.Query())
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	ch := d.observers.subscribe(filter)
 	defer d.observers.unsubscribe(ch)
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
