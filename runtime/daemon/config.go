@@ -136,6 +136,10 @@ type Config struct {
 	ConsentURL, ConsentCA string
 	ConsentTimeout        time.Duration
 
+	// VolumeDir is where the sandboxes' volumes are mounted (default
+	// DefaultVolumeDir): <VolumeDir>/<containerID>@<ifName>/<name>.
+	VolumeDir string
+
 	// Extensions are out-of-process privacy proxies, NAME=unix:/path each
 	// (docs/extensions.md): open rules with open.protocol NAME go to the
 	// extension listening on that socket.
@@ -189,6 +193,9 @@ func (c *Config) setDefaults() error {
 	if c.WatchdogInterval <= 0 {
 		c.WatchdogInterval = DefaultWatchdogInterval
 	}
+	if c.VolumeDir == "" {
+		c.VolumeDir = DefaultVolumeDir
+	}
 	if c.AuditLog == "" {
 		c.AuditLog = filepath.Join(c.StateDir, "audit.jsonl")
 	}
@@ -220,8 +227,8 @@ func (c *Config) setDefaults() error {
 		}
 		seen[name] = true
 	}
-	if !filepath.IsAbs(c.PinRoot) || !filepath.IsAbs(c.StateDir) {
-		return errors.New("pin root and state dir must be absolute paths")
+	if !filepath.IsAbs(c.PinRoot) || !filepath.IsAbs(c.StateDir) || !filepath.IsAbs(c.VolumeDir) {
+		return errors.New("pin root, state dir and volume dir must be absolute paths")
 	}
 	return os.MkdirAll(c.StateDir, 0o700)
 }

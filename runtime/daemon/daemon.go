@@ -57,6 +57,7 @@ type Daemon struct {
 	exts      []*extension.Proxy
 	keys      *keys.Ring // nil without a key broker
 	consent   *consentGate
+	vols      volumeRegistry
 	metrics   *metrics.Metrics
 	audit     *auditor
 	observers observers
@@ -446,6 +447,7 @@ func (d *Daemon) Close() error {
 	for _, x := range d.exts {
 		_ = x.Close()
 	}
+	_ = d.unmountAllVolumes("daemon stopped")
 	if d.events != nil {
 		d.events.Close()
 	}

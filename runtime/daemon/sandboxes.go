@@ -157,10 +157,16 @@ func (d *Daemon) Add(ctx context.Context, req api.AddRequest) (api.Sandbox, erro
 	}
 	d.sandboxes.Lock()
 	defer d.sandboxes.Unlock()
-	s, err := d.enforcer.Admit(enforce.Admission{Req: req, Policy: doc, Source: source, Compiled: ch.Compiled, Configs: ch.Configs, Limits: ch.Limits})
+	vols, err := d.mountVolumes(ctx, &req, ch.Compiled)
 	if err != nil {
 		return api.Sandbox{}, err
 	}
+	s, err := d.enforcer.Admit(enforce.Admission{Req: req, Policy: doc, Source: source, Compiled: ch.Compiled, Configs: ch.Configs, Limits: ch.Limits})
+	if err != nil {
+		_ = d.closeVolumes(vols, "admission failed")
+		return api.Sandbox{}, err
+	}
+	d.admitted(vols)
 	d.registered(s)
 	d.metrics.ObservePhase("add", "total", time.Since(start))
 	return d.view(s, false), nil
@@ -214,6 +220,9 @@ func (d *Daemon) Apply(id, ifName string, doc []byte, source string) (int, *poli
 	if len(list) == 0 {
 		return 0, nil, &notFound{fmt.Sprintf("no sandbox %s", sandbox.AttachmentKey(id, ifName))}
 	}
+	if err := volumesUnchanged(list, ch.Compiled); err != nil {
+		return 0, nil, err
+	}
 	closed := 0
 	for _, s := range list {
 		if err := d.enforcer.Flip(s, ch); err != nil {
@@ -238,6 +247,7 @@ func (d *Daemon) Delete(id, ifName string) error {
 	var errs []error
 	for _, s := range d.sandboxes.Find(id, ifName) {
 		errs = append(errs, d.enforcer.Teardown(s))
+		errs = append(errs, d.unmountVolumes(s.Name, "deleted"))
 		d.unregistered(s.Name, s.Record().PolicyName)
 	}
 	return errors.Join(errs...)
@@ -266,6 +276,7 @@ func (d *Daemon) GC(valid []api.AttachmentRef) []api.AttachmentRef {
 	defer d.sandboxes.Unlock()
 	removed := d.enforcer.GC(valid)
 	for _, r := range removed {
+		_ = d.unmountVolumes(sandbox.AttachmentKey(r.ContainerID, r.IfName), "gc")
 		d.unregistered(sandbox.AttachmentKey(r.ContainerID, r.IfName), "")
 	}
 	return removed
@@ -282,6 +293,7 @@ func (d *Daemon) reconcile() error {
 	for _, s := range d.sandboxes.All() {
 		d.registered(s)
 	}
+	d.remountVolumes()
 	return err
 }
 

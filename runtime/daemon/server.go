@@ -330,6 +330,7 @@ func (d *Daemon) view(s *sandbox.Sandbox, counters bool) api.Sandbox {
 	if counters {
 		v.Counters = d.countersOf(rec.DatapathID, compiled)
 	}
+	v.Volumes = d.volumeViews(s.Name)
 	return v
 }
 
