@@ -22,6 +22,7 @@ Usage:
   cleanwall observe [--sandbox ID] [--verdict V] [--reason R] [--rule NAME] [--proto P] [--output table|json] [--pcap FILE] [--count N]
   cleanwall attest status
   cleanwall audit verify FILE
+  cleanwall consent refresh [--sandbox ID]
   cleanwall seal seal --key-file FILE --key-id ID [--key-version N] [--context S] [-o OUT] [IN]
   cleanwall seal open --key-file FILE [-v] [--context S] [-o OUT] [IN]
   cleanwall seal open --hpke-key FILE [-v] [--context S] [-o OUT] [IN]
@@ -63,6 +64,8 @@ func run(args []string) int {
 		err = cmdAudit(args[1:])
 	case "observe":
 		err = cmdObserve(args[1:])
+	case "consent":
+		err = cmdConsent(args[1:])
 	case "seal":
 		err = cmdSeal(args[1:])
 	case "version":
