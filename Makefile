@@ -19,7 +19,7 @@ TEST_DEPS := ip:iproute2 /usr/lib/cni/ptp:containernetworking-plugins bpftool:bp
              podman:podman runc:runc /bin/busybox:busybox-static \
              /usr/lib/postgresql/15/bin/postgres:postgresql psql:postgresql-client \
              /usr/lib/python3/dist-packages/psycopg:python3-psycopg /usr/lib/python3/dist-packages/psycopg2:python3-psycopg2 \
-             tcpdump:tcpdump
+             tcpdump:tcpdump containerd:containerd
 BENCH_DEPS := iperf3:iperf3 iptables-restore:iptables ss:iproute2 nginx:nginx-light wrk:wrk /usr/sbin/pgbouncer:pgbouncer
 DEMO_DEPS := curl:curl ping:iputils-ping
 GEN_DEPS  := $(CLANG):clang-19 llvm-strip-19:llvm-19 /usr/include/bpf/bpf_helpers.h:libbpf-dev \
@@ -75,9 +75,14 @@ define install_missing
 	fi
 endef
 
+# crictl for the containerd (CRI) suite, built into bin/tools through the
+# module proxy; tests/harness.CrictlVersion pins the same version.
+CRICTL_VERSION := v1.37.0
+
 deps:
 	$(call install_missing,$(TEST_DEPS))
 	$(GO) mod download
+	GOBIN=$(CURDIR)/$(BIN)/tools GOFLAGS= $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
 
 deps-generate:
 	$(call install_missing,$(GEN_DEPS))

@@ -396,3 +396,15 @@ func TestContainerdCRIPodsAreEnforced(t *testing.T) {
 	}
 	t.Logf("whole test: %v", time.Since(start).Round(time.Millisecond))
 }
+
+// make deps builds the crictl the suite expects.
+func TestCrictlVersionMatchesMakefile(t *testing.T) {
+	data, err := os.ReadFile("../../Makefile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "CRICTL_VERSION := " + harness.CrictlVersion + "\n"
+	if !strings.Contains(string(data), want) {
+		t.Fatalf("the Makefile does not pin crictl %s (want the line %q)", harness.CrictlVersion, strings.TrimSpace(want))
+	}
+}

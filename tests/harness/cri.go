@@ -3,6 +3,7 @@ package harness
 import (
 	"bufio"
 	"bytes"
+	"debug/buildinfo"
 	"debug/elf"
 	"encoding/json"
 	"fmt"
@@ -48,7 +49,9 @@ func Crictl(t testing.TB) string {
 		}
 		dir := filepath.Join(root, "bin", "tools")
 		p := filepath.Join(dir, "crictl")
-		if out, err := exec.Command(p, "--version").Output(); err == nil && strings.Contains(string(out), " "+CrictlVersion) {
+		// go install leaves crictl's own version string empty: read the
+		// module version from the build information instead.
+		if bi, err := buildinfo.ReadFile(p); err == nil && bi.Main.Path == "sigs.k8s.io/cri-tools" && bi.Main.Version == CrictlVersion {
 			crictlPath = p
 			return
 		}
