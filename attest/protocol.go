@@ -2,6 +2,7 @@ package attest
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/hpke"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -66,7 +67,8 @@ func KEM(id uint16) (hpke.KEM, error) {
 //	         || u32be(len(keyID))  || keyID )
 //
 // Both the attester and the broker call this one function (through
-// ReportDataWithPolicy when the request names an egress policy).
+// ReportDataWithPolicy or ReportDataBound when the request names an egress
+// policy or a node key).
 func ReportData(nonce []byte, kemID uint16, publicKey []byte, keyID string) [64]byte {
 	return ReportDataWithPolicy(nonce, kemID, publicKey, keyID, nil)
 }
@@ -79,6 +81,28 @@ func ReportData(nonce []byte, kemID uint16, publicKey []byte, keyID string) [64]
 // A nil policySHA256 (a request without policySHA256) gives ReportData's
 // value, so the §2 layout is unchanged for requests that bind no policy.
 func ReportDataWithPolicy(nonce []byte, kemID uint16, publicKey []byte, keyID string, policySHA256 []byte) [64]byte {
+	return ReportDataBound(nonce, kemID, publicKey, keyID, policySHA256, nil)
+}
+
+// NodeKeyLabel tags the node key in the REPORT_DATA input
+// (docs/keybroker.md §7).
+const NodeKeyLabel = "cleanwall-node-key"
+
+// NodeKeySize is the size of a node key: an Ed25519 public key.
+const NodeKeySize = ed25519.PublicKeySize
+
+// ReportDataBound derives the REPORT_DATA of a release request with every
+// optional binding: the input of ReportDataWithPolicy (with the policy
+// element only when policySHA256 is not nil) followed, when nodeKey is not
+// nil, by
+//
+//	|| u32be(18) || "cleanwall-node-key" || u32be(32) || nodeKey
+//
+// the Ed25519 public key that signs the node's audit checkpoints
+// (docs/keybroker.md §7). The label's length (18) differs from the policy
+// element's (32), so the two optional elements cannot be mistaken for each
+// other. Nil for both gives ReportData's value.
+func ReportDataBound(nonce []byte, kemID uint16, publicKey []byte, keyID string, policySHA256, nodeKey []byte) [64]byte {
 	h := sha512.New()
 	h.Write([]byte(ProtocolLabel))
 	h.Write([]byte{0})
@@ -99,6 +123,14 @@ func ReportDataWithPolicy(nonce []byte, kemID uint16, publicKey []byte, keyID st
 		binary.BigEndian.PutUint32(n[:], uint32(len(policySHA256)))
 		h.Write(n[:])
 		h.Write(policySHA256)
+	}
+	if nodeKey != nil {
+		binary.BigEndian.PutUint32(n[:], uint32(len(NodeKeyLabel)))
+		h.Write(n[:])
+		h.Write([]byte(NodeKeyLabel))
+		binary.BigEndian.PutUint32(n[:], uint32(len(nodeKey)))
+		h.Write(n[:])
+		h.Write(nodeKey)
 	}
 	var out [64]byte
 	h.Sum(out[:0])

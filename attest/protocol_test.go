@@ -20,6 +20,10 @@ func TestReportDataKnownAnswer(t *testing.T) {
 	for i := range policy {
 		policy[i] = byte(0x40 + i)
 	}
+	node := make([]byte, 32)
+	for i := range node {
+		node[i] = byte(0x60 + i)
+	}
 	for _, tc := range []struct {
 		name  string
 		nonce []byte
@@ -28,22 +32,34 @@ func TestReportDataKnownAnswer(t *testing.T) {
 		keyID string
 		// policy, when set, is a §5 egress policy hash.
 		policy []byte
-		want   string
+		// node, when set, is a §7 node key.
+		node []byte
+		want string
 	}{
-		{"x25519", nonce, KEMX25519, pub, "egress-dek", nil,
+		{"x25519", nonce, KEMX25519, pub, "egress-dek", nil, nil,
 			"81c5df67df6eb5af882242007336ce80b6a92551c42e2a384584f2535568fcb55887b803f4923f996bef320d5b3157b726866290be8e69ef906a3ab7786e804c"},
-		{"empty fields", nil, KEMMLKEM768X25519, nil, "", nil,
+		{"empty fields", nil, KEMMLKEM768X25519, nil, "", nil, nil,
 			"5951561d2fbcd8831c51c155e85a569c9551a244bb046c099d607263e77b36632e4bb741679ed99e796835c0b331e2d65b8e832ce4dc8010af36df9a1249a6c3"},
 		// §5: the same input followed by u32be(32) || bytes 0x40..0x5f.
-		{"egress policy", nonce, KEMX25519, pub, "egress-dek", policy,
+		{"egress policy", nonce, KEMX25519, pub, "egress-dek", policy, nil,
 			"b24204c40ac3d84ec8bab2acf313de0216e31bf2f959ec8eacfb5ba4d50b9c139ca055f1db8fad299947b541f1873d6a7e61c30c5d89a7e769d0bbf3f2963c47"},
+		// §7: the §2 input followed by u32be(18) || "cleanwall-node-key" ||
+		// u32be(32) || bytes 0x60..0x7f.
+		{"node key", nonce, KEMX25519, pub, "egress-dek", nil, node,
+			"b9f78f22611715747a1e1c375040a123a0ace8cfa2ae4adf680595480daf5787c9393b54ff702d0f60d10578fd6af422ca4e83e7828d10b0c3a1c2fd4147aa99"},
+		// Both: the policy element, then the node key element.
+		{"egress policy and node key", nonce, KEMX25519, pub, "egress-dek", policy, node,
+			"5da802bde5ef3f773c213e479dd8a036a2d2bc5211162977eef2348f3898871d0d5baa77e99554da0831179088461afa03684ca3a7231a9050ec0bba85e5c742"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := ReportDataWithPolicy(tc.nonce, tc.kem, tc.pub, tc.keyID, tc.policy)
+			got := ReportDataBound(tc.nonce, tc.kem, tc.pub, tc.keyID, tc.policy, tc.node)
 			if hex.EncodeToString(got[:]) != tc.want {
-				t.Fatalf("ReportDataWithPolicy = %x, want %s", got, tc.want)
+				t.Fatalf("ReportDataBound = %x, want %s", got, tc.want)
 			}
-			if tc.policy == nil && ReportData(tc.nonce, tc.kem, tc.pub, tc.keyID) != got {
+			if tc.node == nil && ReportDataWithPolicy(tc.nonce, tc.kem, tc.pub, tc.keyID, tc.policy) != got {
+				t.Fatal("ReportDataWithPolicy differs from ReportDataBound without a node key")
+			}
+			if tc.policy == nil && tc.node == nil && ReportData(tc.nonce, tc.kem, tc.pub, tc.keyID) != got {
 				t.Fatal("ReportData differs from ReportDataWithPolicy without a policy")
 			}
 		})
@@ -65,6 +81,14 @@ func TestReportDataBindsEveryInput(t *testing.T) {
 		// one that is not, nor with one bound to another policy.
 		"policy":       ReportDataWithPolicy(nonce, KEMX25519, pub, "k", bytes.Repeat([]byte{5}, 32)),
 		"other policy": ReportDataWithPolicy(nonce, KEMX25519, pub, "k", bytes.Repeat([]byte{6}, 32)),
+		// Nor does a node key, and a node key is never read as a policy
+		// hash of the same bytes.
+		"node key":         ReportDataBound(nonce, KEMX25519, pub, "k", nil, bytes.Repeat([]byte{7}, 32)),
+		"other node key":   ReportDataBound(nonce, KEMX25519, pub, "k", nil, bytes.Repeat([]byte{8}, 32)),
+		"node key, policy": ReportDataBound(nonce, KEMX25519, pub, "k", bytes.Repeat([]byte{5}, 32), bytes.Repeat([]byte{7}, 32)),
+	}
+	if ReportDataBound(nonce, KEMX25519, pub, "k", nil, bytes.Repeat([]byte{5}, 32)) == variants["policy"] {
+		t.Error("a node key and a policy hash of the same bytes give the same REPORT_DATA")
 	}
 	for name, v := range variants {
 		if v == base {

@@ -130,6 +130,10 @@ type ReleaseRequest struct {
 	// runs under (docs/keybroker.md §5), 64 hex characters; empty (the member
 	// absent) when the request binds no policy.
 	PolicySHA256 string `json:"policySHA256,omitempty"`
+	// NodeKey is the Ed25519 public key that signs the requesting node's
+	// audit checkpoints (docs/keybroker.md §7), 32 bytes; nil (the member
+	// absent) when the request binds no node key.
+	NodeKey []byte `json:"nodeKey,omitempty"`
 }
 
 // PolicyHash is the decoded PolicySHA256: nil when absent. The decoder has
@@ -142,14 +146,14 @@ func (r *ReleaseRequest) PolicyHash() ([]byte, error) {
 }
 
 // ReportData is the REPORT_DATA this request's evidence must carry for a
-// session with nonce: ReportDataWithPolicy over the request's KEM, public
-// key, key id and policy hash.
+// session with nonce: ReportDataBound over the request's KEM, public key,
+// key id, policy hash and node key.
 func (r *ReleaseRequest) ReportData(nonce []byte) ([64]byte, error) {
 	policy, err := r.PolicyHash()
 	if err != nil {
 		return [64]byte{}, err
 	}
-	return ReportDataWithPolicy(nonce, r.KEMID, r.PublicKey, r.KeyID, policy), nil
+	return ReportDataBound(nonce, r.KEMID, r.PublicKey, r.KeyID, policy, r.NodeKey), nil
 }
 
 // ReleaseResponse is the answer to a granted release.
@@ -197,11 +201,12 @@ func DecodeChallengeRequest(data []byte) (ChallengeRequest, error) {
 // DecodeReleaseRequest decodes a release body as strictly as
 // DecodeChallengeRequest and checks member sizes, the KEM and the optional
 // policySHA256 (64 hex characters when present; present but empty or
-// malformed is a bad-request). It does not parse the public key or the
-// evidence.
+// malformed is a bad-request) and nodeKey (32 bytes when present). It does
+// not parse the public key or the evidence.
 func DecodeReleaseRequest(data []byte) (ReleaseRequest, error) {
 	var req ReleaseRequest
 	var policy *string
+	var nodeKey *[]byte
 	err := decodeStrict(data, []member{
 		{name: "session", into: &req.Session},
 		{name: "keyID", into: &req.KeyID},
@@ -210,6 +215,7 @@ func DecodeReleaseRequest(data []byte) (ReleaseRequest, error) {
 		{name: "kemID", into: &req.KEMID},
 		{name: "publicKey", into: &req.PublicKey},
 		{name: "policySHA256", into: &policy, optional: true},
+		{name: "nodeKey", into: &nodeKey, optional: true},
 	})
 	if err != nil {
 		return ReleaseRequest{}, err
@@ -219,6 +225,12 @@ func DecodeReleaseRequest(data []byte) (ReleaseRequest, error) {
 			return ReleaseRequest{}, Refuse(CodeBadRequest, "policySHA256: %v (the hash `cleanwall policy hash` prints)", err)
 		}
 		req.PolicySHA256 = *policy
+	}
+	if nodeKey != nil {
+		if len(*nodeKey) != NodeKeySize {
+			return ReleaseRequest{}, Refuse(CodeBadRequest, "nodeKey: %d bytes, an Ed25519 public key has %d", len(*nodeKey), NodeKeySize)
+		}
+		req.NodeKey = *nodeKey
 	}
 	for _, c := range []struct {
 		name  string

@@ -58,6 +58,31 @@ func TestDecodeReleaseRequestPolicy(t *testing.T) {
 	}
 }
 
+func TestDecodeReleaseRequestNodeKey(t *testing.T) {
+	node := bytes.Repeat([]byte{9}, NodeKeySize)
+	b64 := "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="
+	withKey := strings.Replace(validRelease, `}`, `,"nodeKey":"`+b64+`","policySHA256":"`+policyHash+`"}`, 1)
+	req, err := DecodeReleaseRequest([]byte(withKey))
+	if err != nil || !bytes.Equal(req.NodeKey, node) {
+		t.Fatalf("DecodeReleaseRequest = %+v, %v", req, err)
+	}
+	h, _ := req.PolicyHash()
+	if rd, err := req.ReportData([]byte("nonce")); err != nil || rd != ReportDataBound([]byte("nonce"), req.KEMID, req.PublicKey, req.KeyID, h, node) {
+		t.Fatalf("ReportData = %x, %v", rd, err)
+	}
+	// Absent stays absent on the wire, and out of REPORT_DATA.
+	plain, _ := DecodeReleaseRequest([]byte(validRelease))
+	if b, _ := json.Marshal(plain); plain.NodeKey != nil || strings.Contains(string(b), "nodeKey") {
+		t.Fatalf("encoded without a node key: %s", b)
+	}
+	for _, bad := range []string{`""`, `"AAAA"`, `"` + b64[:40] + `"`, `null`, `5`} {
+		_, err := DecodeReleaseRequest([]byte(strings.Replace(validRelease, `}`, `,"nodeKey":`+bad+`}`, 1)))
+		if !errors.Is(err, CodeBadRequest) || !strings.Contains(err.Error(), "nodeKey") {
+			t.Errorf("nodeKey %s: err = %v, want a bad-request naming nodeKey", bad, err)
+		}
+	}
+}
+
 func TestDecodeReleaseRequestRefuses(t *testing.T) {
 	for _, tc := range []struct {
 		name, body, detail string
@@ -134,7 +159,7 @@ func FuzzReleaseRequest(f *testing.F) {
 		}
 		if req.Session != req2.Session || req.KeyID != req2.KeyID || req.TEE != req2.TEE || req.KEMID != req2.KEMID ||
 			!bytes.Equal(req.Evidence, req2.Evidence) || !bytes.Equal(req.PublicKey, req2.PublicKey) ||
-			req.PolicySHA256 != req2.PolicySHA256 {
+			req.PolicySHA256 != req2.PolicySHA256 || !bytes.Equal(req.NodeKey, req2.NodeKey) {
 			t.Fatalf("round trip changed the request: %+v != %+v", req, req2)
 		}
 		// What the decoder accepts binds into REPORT_DATA: the hash is

@@ -44,6 +44,9 @@
 //   - A policySHA256 is bound to an anyOf entry like its other members: an
 //     entry with egressPolicies fails for a request that names none or
 //     another one (egress-policy-not-allowed).
+//   - A nodeKey (the requesting node's audit key) is bound like the policy
+//     hash: evidence that did not bind it is report-data-mismatch, and the
+//     release record names it.
 //   - When every failing anyOf entry fails with one and the same code, that
 //     code is sent; otherwise policy-not-satisfied, with each entry's reasons
 //     in the detail.
@@ -52,6 +55,7 @@ package broker
 import (
 	"context"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -102,6 +106,7 @@ const (
 	fieldKeys             = "keys"
 	fieldListen           = "listen"
 	fieldPolicySHA256     = "policySHA256"
+	fieldNodeKey          = "nodeKey"
 	fieldSessionExpiresAt = "sessionExpiresAt"
 	fieldProductLines     = "simulatedProductLines"
 
@@ -440,6 +445,11 @@ func (s *Server) release(ctx context.Context, body []byte, rec map[string]any) (
 	if policyHash != nil {
 		rec[fieldPolicySHA256] = hex.EncodeToString(policyHash)
 	}
+	if req.NodeKey != nil {
+		// The key that signs the node's audit checkpoints: a verifier ties
+		// that log to the attested node through this record.
+		rec[fieldNodeKey] = base64.StdEncoding.EncodeToString(req.NodeKey)
+	}
 	if req.TEE != attest.TEESNP {
 		return nil, attest.Refuse(attest.CodeBadRequest, "tee %q: only %q is supported", req.TEE, attest.TEESNP)
 	}
@@ -478,7 +488,7 @@ func (s *Server) release(ctx context.Context, body []byte, rec map[string]any) (
 	if err := s.challenges.consume(ch); err != nil {
 		return nil, err
 	}
-	want := attest.ReportDataWithPolicy(ch.nonce, req.KEMID, req.PublicKey, req.KeyID, policyHash)
+	want := attest.ReportDataBound(ch.nonce, req.KEMID, req.PublicKey, req.KeyID, policyHash, req.NodeKey)
 	rec[fieldReportData] = hex.EncodeToString(want[:])
 	if err := v.CheckReportData(want); err != nil {
 		return nil, err

@@ -10,7 +10,9 @@ package keys
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"fmt"
 	"log/slog"
@@ -31,6 +33,10 @@ type BrokerConfig struct {
 	URL      string
 	Roots    *x509.CertPool // nil: the system roots
 	Attester attest.Attester
+	// NodeKey is the public key that signs the node's audit checkpoints
+	// (governance/audit); every release binds it (docs/keybroker.md §7).
+	// Nil: releases bind no node key.
+	NodeKey ed25519.PublicKey
 }
 
 // Audit record kinds written by the ring.
@@ -58,6 +64,11 @@ type Ring struct {
 	// seal with it must end (their sandboxes' new flows are refused until
 	// a release succeeds). It is called from the refresher, without locks.
 	OnLapse func(keyID, policySHA256 string)
+
+	// NodeKey, when set (before Start), is sent with every release and
+	// bound into its evidence, so the broker's release record ties this
+	// node's audit log to the attestation (docs/keybroker.md §7).
+	NodeKey ed25519.PublicKey
 
 	mu          sync.Mutex
 	keys        map[heldKey]*held
@@ -89,7 +100,9 @@ const maxOlderVersions = 4
 // New returns a ring that releases from cfg's broker. audit records
 // releases and refusals (nil: none).
 func New(cfg BrokerConfig, log *slog.Logger, audit func(kind string, fields map[string]any)) *Ring {
-	return NewWith(cfg.URL, cfg.Attester, client.New(cfg.URL, cfg.Roots, cfg.Attester), log, audit)
+	r := NewWith(cfg.URL, cfg.Attester, client.New(cfg.URL, cfg.Roots, cfg.Attester), log, audit)
+	r.NodeKey = cfg.NodeKey
+	return r
 }
 
 // NewWith returns a ring over any Releaser (tests).
@@ -242,7 +255,7 @@ func (k *Ring) get(ctx context.Context, hk heldKey) (proxies.DataKey, error) {
 func (k *Ring) release(ctx context.Context, hk heldKey) (proxies.DataKey, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	key, err := k.rel.ReleaseWith(ctx, hk.id, client.ReleaseOptions{PolicySHA256: hk.policy})
+	key, err := k.rel.ReleaseWith(ctx, hk.id, client.ReleaseOptions{PolicySHA256: hk.policy, NodeKey: k.NodeKey})
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if err != nil {
@@ -251,7 +264,7 @@ func (k *Ring) release(ctx context.Context, hk heldKey) (proxies.DataKey, error)
 			h.lastError = err.Error()
 		}
 		k.log.Warn("key release refused", "key", hk.id, "policy", hk.policy, "error", err)
-		k.audit(AuditRefuse, map[string]any{"key": hk.id, "policySHA256": hk.policy, "broker": k.url, "simulated": k.attester.Simulated(), "error": err.Error()})
+		k.audit(AuditRefuse, k.withNodeKey(map[string]any{"key": hk.id, "policySHA256": hk.policy, "broker": k.url, "simulated": k.attester.Simulated(), "error": err.Error()}))
 		return proxies.DataKey{}, err
 	}
 	now := k.now()
@@ -277,9 +290,19 @@ func (k *Ring) release(ctx context.Context, hk heldKey) (proxies.DataKey, error)
 	k.keys[hk] = h
 	k.lastRelease, k.lastError = now, ""
 	k.log.Info("key released", "key", hk.id, "version", key.Version, "policy", hk.policy, "not_after", key.NotAfter, "simulated", key.Evidence.Simulated)
-	k.audit(AuditRelease, map[string]any{"key": hk.id, "version": key.Version, "policySHA256": hk.policy, "broker": k.url,
-		"notAfter": key.NotAfter.Format(time.RFC3339), "simulated": key.Evidence.Simulated, "measurement": k.measurement})
+	k.audit(AuditRelease, k.withNodeKey(map[string]any{"key": hk.id, "version": key.Version, "policySHA256": hk.policy, "broker": k.url,
+		"notAfter": key.NotAfter.Format(time.RFC3339), "simulated": key.Evidence.Simulated, "measurement": k.measurement,
+		"reportData": hex.EncodeToString(key.Evidence.ReportData[:])}))
 	return dk, nil
+}
+
+// withNodeKey adds the node key a release bound (base64, as the broker's
+// record names it) to an audit record.
+func (k *Ring) withNodeKey(fields map[string]any) map[string]any {
+	if k.NodeKey != nil {
+		fields["nodeKey"] = base64.StdEncoding.EncodeToString(k.NodeKey)
+	}
+	return fields
 }
 
 // RefreshInterval is how often the ring looks for keys due for release

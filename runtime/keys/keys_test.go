@@ -61,6 +61,8 @@ type broker struct {
 	refuse func(keyID, policy string) error
 	// same keeps releasing the current version instead of a new one.
 	same bool
+	// nodeKeys are the node keys the requests carried, in order.
+	nodeKeys [][]byte
 }
 
 // keyBytes is the 32-byte key the fake broker releases: distinct per key
@@ -76,6 +78,7 @@ func (b *broker) ReleaseWith(ctx context.Context, keyID string, o client.Release
 	defer b.mu.Unlock()
 	c := call{keyID, o.PolicySHA256}
 	b.calls = append(b.calls, c)
+	b.nodeKeys = append(b.nodeKeys, o.NodeKey)
 	if b.refuse != nil {
 		if err := b.refuse(keyID, o.PolicySHA256); err != nil {
 			return client.Key{}, err

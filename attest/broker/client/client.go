@@ -17,6 +17,7 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
@@ -95,6 +96,9 @@ type EvidenceInfo struct {
 	// PolicySHA256 is the egress policy hash the request carried and the
 	// evidence bound (lowercase hex); empty when none.
 	PolicySHA256 string
+	// NodeKey is the node key the request carried and the evidence bound;
+	// nil when none.
+	NodeKey ed25519.PublicKey
 }
 
 // ReleaseOptions are the optional members of a release request.
@@ -106,6 +110,11 @@ type ReleaseOptions struct {
 	// binds no policy, and a key whose release policy lists egressPolicies is
 	// refused (egress-policy-not-allowed).
 	PolicySHA256 string
+	// NodeKey is the Ed25519 public key that signs this node's audit
+	// checkpoints (docs/keybroker.md §7). It is sent as nodeKey and bound
+	// into REPORT_DATA, so the broker's release record ties the node's
+	// audit log to this attestation. Nil: no node key.
+	NodeKey ed25519.PublicKey
 }
 
 // Release runs challenge, evidence and release for keyID without an egress
@@ -134,6 +143,9 @@ func (c *Client) ReleaseWith(ctx context.Context, keyID string, o ReleaseOptions
 	if policy != nil {
 		policyHex = hex.EncodeToString(policy)
 	}
+	if o.NodeKey != nil && len(o.NodeKey) != attest.NodeKeySize {
+		return Key{}, fmt.Errorf("release options: node key of %d bytes, want %d", len(o.NodeKey), attest.NodeKeySize)
+	}
 	var ch attest.ChallengeResponse
 	if err := c.post(ctx, "/v1/challenge", attest.ChallengeRequest{KeyID: keyID}, &ch); err != nil {
 		return Key{}, fmt.Errorf("challenge: %w", err)
@@ -146,14 +158,14 @@ func (c *Client) ReleaseWith(ctx context.Context, keyID string, o ReleaseOptions
 		return Key{}, fmt.Errorf("generating ephemeral HPKE key: %w", err)
 	}
 	pub := priv.PublicKey().Bytes()
-	rd := attest.ReportDataWithPolicy(ch.Nonce, c.KEMID, pub, keyID, policy)
+	rd := attest.ReportDataBound(ch.Nonce, c.KEMID, pub, keyID, policy, o.NodeKey)
 	evidence, err := c.attester.Evidence(ctx, rd)
 	if err != nil {
 		return Key{}, fmt.Errorf("attesting: %w", err)
 	}
 	var rel attest.ReleaseResponse
 	req := attest.ReleaseRequest{Session: ch.Session, KeyID: keyID, TEE: c.attester.TEE(), Evidence: evidence, KEMID: c.KEMID, PublicKey: pub,
-		PolicySHA256: policyHex}
+		PolicySHA256: policyHex, NodeKey: o.NodeKey}
 	if err := c.post(ctx, "/v1/release", req, &rel); err != nil {
 		return Key{}, fmt.Errorf("release: %w", err)
 	}
@@ -170,7 +182,7 @@ func (c *Client) ReleaseWith(ctx context.Context, keyID string, o ReleaseOptions
 	return Key{
 		ID: rel.KeyID, Version: rel.Version, Bytes: key, NotAfter: rel.NotAfter,
 		Evidence: EvidenceInfo{TEE: c.attester.TEE(), Simulated: c.attester.Simulated(), Session: ch.Session, ReportData: rd,
-			PolicySHA256: policyHex},
+			PolicySHA256: policyHex, NodeKey: o.NodeKey},
 	}, nil
 }
 

@@ -1,0 +1,52 @@
+package keys
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"testing"
+)
+
+// Every release, and every refusal, carries the node's audit key when the
+// ring has one, and the ring's audit records name it.
+func TestReleasesBindTheNodeKey(t *testing.T) {
+	e := newEnv(t)
+	pub, _, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.ring.NodeKey = pub
+	c := compile(t, securePolicy("with-node-key", "dek-a"))
+	if err := e.ring.Ensure(context.Background(), c); err != nil {
+		t.Fatal(err)
+	}
+	e.broker.refuse = func(string, string) error { return errors.New("no") }
+	if err := e.ring.Ensure(context.Background(), compile(t, securePolicy("refused", "dek-b"))); err == nil {
+		t.Fatal("refused release admitted")
+	}
+	e.broker.mu.Lock()
+	sent := append([][]byte(nil), e.broker.nodeKeys...)
+	e.broker.mu.Unlock()
+	if len(sent) != 2 || !bytes.Equal(sent[0], pub) || !bytes.Equal(sent[1], pub) {
+		t.Fatalf("node keys sent: %x", sent)
+	}
+	want := base64.StdEncoding.EncodeToString(pub)
+	for _, kind := range []string{AuditRelease, AuditRefuse} {
+		recs := e.audit.of(kind)
+		if len(recs) != 1 || recs[0].fields["nodeKey"] != want {
+			t.Fatalf("%s records: %+v", kind, recs)
+		}
+	}
+
+	// Without a node key nothing is sent or recorded.
+	e2 := newEnv(t)
+	if err := e2.ring.Ensure(context.Background(), c); err != nil {
+		t.Fatal(err)
+	}
+	if e2.broker.nodeKeys[0] != nil || e2.audit.of(AuditRelease)[0].fields["nodeKey"] != nil {
+		t.Fatal("a node key was sent or recorded without one")
+	}
+}
