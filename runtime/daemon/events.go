@@ -176,6 +176,7 @@ func (e flowEvents) Refused(f dispatch.FlowInfo, reason string) {
 // extension's name).
 func (e flowEvents) Denied(f dispatch.FlowInfo, den proxies.Denial) {
 	d := e.d
+	den = safeDenial(den)
 	source := f.Proxy.Protocol
 	d.log.Debug("refused in a flow", "sandbox", f.Sandbox, "proxy", f.Proxy.String(), "dst", f.Dst,
 		"reason", den.Reason, "status", den.Status, "method", den.Method, "path", den.Path, "detail", den.Detail)
@@ -207,6 +208,7 @@ func (e flowEvents) Denied(f dispatch.FlowInfo, den proxies.Denial) {
 
 // dnsDenied streams and audits a refused DNS query.
 func (d *Daemon) dnsDenied(sandbox string, ev dnsproxy.DenyEvent) {
+	ev = safeDNSDenial(ev)
 	// Debug: a sandbox can make refusals as fast as it sends queries; the
 	// metrics count them all and the audit trail records them (rate-limited).
 	d.log.Debug("dns refused", "sandbox", sandbox, "reason", ev.Reason, "name", ev.Name, "qtype", ev.QType, "tcp", ev.TCP)
