@@ -21,25 +21,40 @@ const (
 	criBusyboxImage = "localhost/cleanwall-test/busybox:1"
 )
 
-// criConflist chains cleanwall-cni after ptp as a node's containerd
-// conf dir holds it: pods pick a named policy with the pod annotation
-// cleanwall.dev/policy (the conf declares the capability through which
-// containerd passes annotations); without one, the conf's policy file.
+// criConflist is the README's containerd conflist
+// (examples/cni/containerd.conflist: ptp, then cleanwall-cni declaring the
+// pod-annotations capability) with this test's subnet, daemon socket and
+// default policy file.
 func criConflist(t *testing.T, env *harness.Env, d *harness.Daemon, ipamDir, defaultPolicy string) []byte {
 	t.Helper()
-	b, err := json.MarshalIndent(map[string]any{
-		"cniVersion": "1.0.0",
-		"name":       "cleanroom",
-		"plugins": []any{
-			map[string]any{"type": "ptp", "ipMasq": false, "ipam": map[string]any{
-				"type": "host-local", "dataDir": ipamDir,
-				"ranges": [][]map[string]string{{{"subnet": env.SandboxNet.String()}}},
-				"routes": []map[string]string{{"dst": "0.0.0.0/0"}},
-			}},
-			map[string]any{"type": "cleanwall-cni", "socket": d.Socket, "policy": defaultPolicy,
-				"capabilities": map[string]bool{cni.PodAnnotationsCapability: true}},
-		},
-	}, "", "  ")
+	data, err := os.ReadFile("../../examples/cni/containerd.conflist")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		CNIVersion string           `json:"cniVersion"`
+		Name       string           `json:"name"`
+		Plugins    []map[string]any `json:"plugins"`
+	}
+	if err := json.Unmarshal(data, &list); err != nil {
+		t.Fatalf("examples/cni/containerd.conflist: %v", err)
+	}
+	if len(list.Plugins) != 2 || list.Plugins[0]["type"] != "ptp" || list.Plugins[1]["type"] != "cleanwall-cni" {
+		t.Fatalf("examples/cni/containerd.conflist: want ptp then cleanwall-cni, got %v", list.Plugins)
+	}
+	caps, _ := list.Plugins[1]["capabilities"].(map[string]any)
+	if caps[cni.PodAnnotationsCapability] != true {
+		t.Fatalf("examples/cni/containerd.conflist: cleanwall-cni does not declare %s", cni.PodAnnotationsCapability)
+	}
+	ipam, _ := list.Plugins[0]["ipam"].(map[string]any)
+	if ipam == nil {
+		t.Fatal("examples/cni/containerd.conflist: ptp has no ipam")
+	}
+	ipam["dataDir"] = ipamDir
+	ipam["ranges"] = [][]map[string]string{{{"subnet": env.SandboxNet.String()}}}
+	list.Plugins[1]["socket"] = d.Socket
+	list.Plugins[1]["policy"] = defaultPolicy
+	b, err := json.MarshalIndent(list, "", "  ")
 	if err != nil {
 		t.Fatal(err)
 	}
