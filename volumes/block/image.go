@@ -11,6 +11,7 @@ import (
 	"math/bits"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -305,38 +306,81 @@ func (im *Image) readSectors(first, last, off int64, p []byte) error {
 		if err := im.preadv(iov, im.hdr.DataOffset()+s*SectorSize, s); err != nil {
 			return err
 		}
-		for i := range n {
-			sec := s + i
-			ent := ents[i*EntrySize : (i+1)*EntrySize]
-			ct := buf[i*stride : (i+1)*stride]
-			// Where this sector's bytes go in p.
-			secOff := sec * SectorSize
-			lo, hi := max(secOff, off), min(secOff+SectorSize, off+int64(len(p)))
-			dst := p[lo-off : hi-off]
-			if allZero(ent) {
-				// Never written: the data must be a hole too.
-				if !allZero(ct[:SectorSize]) {
-					return &DamagedError{Sector: sec, Reason: "data without a tag"}
+		err := inParallel(n, func(lo, hi int64) error {
+			for i := lo; i < hi; i++ {
+				if err := im.openSector(s+i, ents[i*EntrySize:(i+1)*EntrySize], buf[i*stride:(i+1)*stride], off, p); err != nil {
+					return err
 				}
-				clear(dst)
-				continue
 			}
-			if !allZero(ent[nonceSize+tagSize:]) {
-				return &DamagedError{Sector: sec, Reason: "tag entry's reserved bytes are not zero"}
-			}
-			copy(ct[SectorSize:], ent[nonceSize:nonceSize+tagSize])
-			if lo == secOff && hi == secOff+SectorSize {
-				if _, err := im.aead.Open(dst[:0], ent[:nonceSize], ct, aad(sec)); err != nil {
-					clear(dst)
-					return &DamagedError{Sector: sec, Reason: "tag does not verify"}
-				}
-				continue
-			}
-			pt, err := im.aead.Open(ct[:0], ent[:nonceSize], ct, aad(sec))
-			if err != nil {
-				return &DamagedError{Sector: sec, Reason: "tag does not verify"}
-			}
-			copy(dst, pt[lo-secOff:hi-secOff])
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// openSector verifies and decrypts sector sec (entry ent, ciphertext in
+// ct[:SectorSize], ct having room for the tag after it) and copies the
+// part of it inside [off, off+len(p)) into p.
+func (im *Image) openSector(sec int64, ent, ct []byte, off int64, p []byte) error {
+	secOff := sec * SectorSize
+	lo, hi := max(secOff, off), min(secOff+SectorSize, off+int64(len(p)))
+	dst := p[lo-off : hi-off]
+	if allZero(ent) {
+		// Never written: the data must be a hole too.
+		if !allZero(ct[:SectorSize]) {
+			return &DamagedError{Sector: sec, Reason: "data without a tag"}
+		}
+		clear(dst)
+		return nil
+	}
+	if !allZero(ent[nonceSize+tagSize:]) {
+		return &DamagedError{Sector: sec, Reason: "tag entry's reserved bytes are not zero"}
+	}
+	copy(ct[SectorSize:], ent[nonceSize:nonceSize+tagSize])
+	if lo == secOff && hi == secOff+SectorSize {
+		if _, err := im.aead.Open(dst[:0], ent[:nonceSize], ct, aad(sec)); err != nil {
+			clear(dst)
+			return &DamagedError{Sector: sec, Reason: "tag does not verify"}
+		}
+		return nil
+	}
+	pt, err := im.aead.Open(ct[:0], ent[:nonceSize], ct, aad(sec))
+	if err != nil {
+		return &DamagedError{Sector: sec, Reason: "tag does not verify"}
+	}
+	copy(dst, pt[lo-secOff:hi-secOff])
+	return nil
+}
+
+// parallelMin is the batch size from which the sectors' crypto is split
+// over the CPUs: a loop device sends one request at a time, so a large
+// request would otherwise use one core.
+const parallelMin = 64
+
+// inParallel runs fn over [0, n) split into up to GOMAXPROCS ranges when n
+// is large, and returns the error of the lowest range that failed.
+func inParallel(n int64, fn func(lo, hi int64) error) error {
+	parts := min(int64(runtime.GOMAXPROCS(0)), n/(parallelMin/2))
+	if n < parallelMin || parts < 2 {
+		return fn(0, n)
+	}
+	errs := make([]error, parts)
+	var wg sync.WaitGroup
+	for k := range parts {
+		lo, hi := n*k/parts, n*(k+1)/parts
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[k] = fn(lo, hi)
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
 		}
 	}
 	return nil
@@ -402,12 +446,15 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 			}
 		}
 		iov := make([][]byte, n)
-		for i := range n {
-			ent := ents[i*EntrySize : (i+1)*EntrySize]
-			out := im.aead.Seal(buf[i*stride:i*stride], ent[:nonceSize], plain(s+i), aad(s+i))
-			copy(ent[nonceSize:nonceSize+tagSize], out[SectorSize:])
-			iov[i] = out[:SectorSize]
-		}
+		_ = inParallel(n, func(lo, hi int64) error {
+			for i := lo; i < hi; i++ {
+				ent := ents[i*EntrySize : (i+1)*EntrySize]
+				out := im.aead.Seal(buf[i*stride:i*stride], ent[:nonceSize], plain(s+i), aad(s+i))
+				copy(ent[nonceSize:nonceSize+tagSize], out[SectorSize:])
+				iov[i] = out[:SectorSize]
+			}
+			return nil
+		})
 		// Data first, then tags: until both are written the sector reads
 		// as damaged (see docs/volumes-block.md on crashes).
 		if err := im.pwritev(iov, im.hdr.DataOffset()+s*SectorSize); err != nil {
