@@ -311,6 +311,11 @@ func cmdRun(args []string) error {
 		}
 	}
 
+	vols, err := prepareVolumes(setupCtx, client, compiled, containerID, rec.IfName, dir, &td)
+	if err != nil {
+		return err
+	}
+
 	addrs := []string{att.IPv4.String()}
 	if att.IPv6.IsValid() {
 		addrs = append(addrs, att.IPv6.String())
@@ -328,7 +333,7 @@ func cmdRun(args []string) error {
 	fmt.Fprintf(os.Stderr, "cleanwall: sandbox %s (%s) enforcing policy %q: %d egress rule(s); running %s\n",
 		o.name, strings.Join(addrs, ", "), compiled.Name, len(compiled.Rules), strings.Join(o.command, " "))
 
-	status := runCommand(nsPath, o.command, sigs)
+	status := runCommand(nsPath, o.command, sigs, vols)
 
 	if sb, err := client.Get(context.Background(), containerID, rec.IfName); err == nil {
 		printSummary(os.Stderr, o.name, o.command, status, sb)

@@ -34,7 +34,7 @@ var forwardedSignals = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGH
 // runCommand runs the command inside the sandbox namespace, under the
 // sandbox init, with the terminal's stdio; it forwards signals and returns
 // the command's exit status (128+n for a signal, as shells do).
-func runCommand(nsPath string, argv []string, sigs <-chan os.Signal) int {
+func runCommand(nsPath string, argv []string, sigs <-chan os.Signal, vols *volumePlan) int {
 	path, err := exec.LookPath(argv[0])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cleanwall: %v\n", err)
@@ -50,12 +50,22 @@ func runCommand(nsPath string, argv []string, sigs <-chan os.Signal) int {
 		return 126
 	}
 	defer ctlW.Close()
-	sbInit := exec.Command("/proc/self/exe", append([]string{sandboxInitCmd, "--", path}, argv[1:]...)...)
+	volArgs, err := vols.initArgs()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cleanwall: starting %s: %v\n", argv[0], err)
+		return 126
+	}
+	initArgs := append(append([]string{sandboxInitCmd}, volArgs...), "--", path)
+	sbInit := exec.Command("/proc/self/exe", append(initArgs, argv[1:]...)...)
 	sbInit.Args[0] = "cleanwall"
 	sbInit.Stdin, sbInit.Stdout, sbInit.Stderr = os.Stdin, os.Stdout, os.Stderr
 	sbInit.Env = append(os.Environ(), "CLEANWALL_SANDBOX=1")
 	sbInit.ExtraFiles = []*os.File{ctlR} // fd 3
 	sbInit.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID, Pdeathsig: syscall.SIGKILL}
+	if vols != nil {
+		// The volumes are mounted in a mount namespace of the command's own.
+		sbInit.SysProcAttr.Cloneflags |= syscall.CLONE_NEWNS
+	}
 
 	interactive := isTerminal(os.Stdin)
 	done := make(chan struct{})
@@ -112,11 +122,22 @@ func runCommand(nsPath string, argv []string, sigs <-chan os.Signal) int {
 // read from the pipe, reaps every process reparented to it, and returns
 // the command's status; its exit ends everything left in the namespace.
 func sandboxInit(args []string) int {
+	vols, args, err := parseVolumesArg(args)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "cleanwall: sandbox init: %v\n", err)
+		return 126
+	}
 	if len(args) < 2 || args[0] != "--" || os.Getpid() != 1 {
 		fmt.Fprintf(os.Stderr, "cleanwall: %s is cleanwall run's own, not a command\n", sandboxInitCmd)
 		return 2
 	}
 	argv := args[1:]
+	if vols != nil {
+		if err := vols.mount(); err != nil {
+			fmt.Fprintf(os.Stderr, "cleanwall: %v: %s not started\n", err, argv[0])
+			return 126
+		}
+	}
 	ctl := os.NewFile(3, "cleanwall-run-control")
 	syscall.CloseOnExec(3)
 	// Signals sent to the init itself are not for the command: the terminal

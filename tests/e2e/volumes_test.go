@@ -1,0 +1,319 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cleanwall/cleanwall/tests/harness"
+)
+
+// Volumes through `cleanwall run` and the real kinds (FUSE, loop devices):
+// the runtime mounts them once the key broker released their keys and
+// before the sandbox is admitted; the command sees them at their paths in
+// its own mount namespace; the stores on the host hold only ciphertext;
+// after the run nothing stays mounted or attached.
+
+// volumeScript is the command's side: "write" fills the volumes and
+// checks every operation against a model in memory; "verify" reads back
+// what "write" left (in a later run) and expects EIO where the store was
+// tampered with. Both print "ok" last.
+const volumeScript = `
+import errno, hashlib, os, random, subprocess, sys, tempfile
+
+mode, docs, other, dev, canary = sys.argv[1:6]
+rng = random.Random(1234)
+
+def fail(msg):
+    print("FAIL", msg, flush=True)
+    sys.exit(3)
+
+def blob(n):
+    return bytes(rng.getrandbits(8) for _ in range(n)) if n < 4096 else os.urandom(n)
+
+def digest(p):
+    with open(p, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+def expect_eio(p):
+    try:
+        with open(p, "rb") as f:
+            f.read()
+    except OSError as e:
+        if e.errno != errno.EIO:
+            fail("%s: %s, want EIO" % (p, e))
+        return
+    fail("%s read without an error, want EIO" % p)
+
+def block(verify):
+    mnt = tempfile.mkdtemp(prefix="cw-ext4-")
+    try:
+        if not verify:
+            subprocess.run(["/usr/sbin/mkfs.ext4", "-q", "-F", dev], check=True)
+        for round in range(1 if verify else 2):
+            subprocess.run(["mount", "-t", "ext4", dev, mnt], check=True)
+            p = os.path.join(mnt, "canary.txt")
+            if not verify and round == 0:
+                with open(p, "w") as f:
+                    f.write(canary * 100)
+            if open(p).read() != canary * 100:
+                fail("ext4 on the block volume lost the canary")
+            subprocess.run(["umount", mnt], check=True)
+    finally:
+        os.rmdir(mnt)
+
+if mode == "write":
+    # One file, many operations, checked against a model at random offsets.
+    path = os.path.join(docs, "random.bin")
+    model = bytearray()
+    with open(path, "w+b") as f:
+        for step in range(60):
+            op = rng.choice(["write", "write", "append", "truncate", "read"])
+            if op == "write":
+                off = rng.randrange(0, len(model) + 1)
+                data = blob(rng.choice([1, 17, 4096, 5000, 70000]))
+                f.seek(off); f.write(data)
+                if off + len(data) > len(model):
+                    model.extend(b"\0" * (off + len(data) - len(model)))
+                model[off:off + len(data)] = data
+            elif op == "append":
+                data = blob(rng.choice([3, 4095, 4097, 300000]))
+                f.seek(0, 2); f.write(data); model.extend(data)
+            elif op == "truncate":
+                n = rng.randrange(0, len(model) + 9000)
+                f.truncate(n)
+                model = model[:n] + bytearray(max(0, n - len(model)))
+            f.flush(); os.fsync(f.fileno())
+            for _ in range(5):
+                off = rng.randrange(0, len(model) + 1)
+                n = rng.choice([1, 100, 4096, 9000])
+                f.seek(off)
+                if f.read(n) != bytes(model[off:off + n]):
+                    fail("step %d (%s): bytes at %d differ" % (step, op, off))
+    if digest(path) != hashlib.sha256(model).hexdigest():
+        fail("random.bin differs from its model")
+    # A canary in a file whose name holds it too; an empty file; a big one.
+    os.makedirs(os.path.join(docs, "dir-" + canary), exist_ok=True)
+    with open(os.path.join(docs, "dir-" + canary, "note-" + canary + ".txt"), "w") as f:
+        f.write((canary + "\n") * 1000)
+    open(os.path.join(docs, "empty"), "w").close()
+    with open(os.path.join(docs, "big.bin"), "wb") as f:
+        f.write(os.urandom(24 << 20))
+    # Files the host will damage (tamper.bin) and replace (victim.bin) in the store.
+    with open(os.path.join(docs, "tamper.bin"), "wb") as f:
+        f.write(os.urandom(5 << 20))
+    with open(os.path.join(docs, "victim.bin"), "wb") as f:
+        f.write(os.urandom(123457))
+    with open(os.path.join(other, "donor.bin"), "wb") as f:
+        f.write(os.urandom(123457))
+    for name in ["random.bin", "big.bin", "empty", "dir-%s/note-%s.txt" % (canary, canary)]:
+        print("sum", name, digest(os.path.join(docs, name)))
+    os.sync()
+    block(False)
+    print("ok", flush=True)
+elif mode == "verify":
+    for line in open(sys.argv[6]):
+        _, name, want = line.split()
+        if digest(os.path.join(docs, name)) != want:
+            fail("%s changed between runs" % name)
+    expect_eio(os.path.join(docs, "tamper.bin"))
+    expect_eio(os.path.join(docs, "victim.bin"))
+    block(True)
+    print("ok", flush=True)
+else:
+    fail("mode " + mode)
+`
+
+func volumePolicy(name string, vols ...string) string {
+	return "apiVersion: cleanwall.dev/v1\nkind: EgressPolicy\nmetadata: {name: " + name + "}\nspec:\n  volumes:\n" + strings.Join(vols, "")
+}
+
+// storeFiles lists a store's regular files (path -> content).
+func storeFiles(t *testing.T, root string) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		out[p] = b
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// largest is the store file with the most bytes.
+func largest(files map[string][]byte) string {
+	best := ""
+	for p, b := range files {
+		if best == "" || len(b) > len(files[best]) {
+			best = p
+		}
+	}
+	return best
+}
+
+// volumeLeftovers checks nothing of a run's volumes stays: no mount (in
+// this namespace) of the volume directory or the paths, no loop device
+// over a volume image, no mountpoint the run created.
+func volumeLeftovers(t *testing.T, run string, paths ...string) {
+	t.Helper()
+	info, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(info), "\n") {
+		for _, p := range append([]string{"/run/cleanwall/volumes/", "cleanwall-files"}, paths...) {
+			if strings.Contains(line, p) {
+				t.Errorf("still mounted: %s", line)
+			}
+		}
+	}
+	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, f := range loops {
+		if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "/run/cleanwall/volumes/") {
+			t.Errorf("loop device still attached: %s -> %s", f, b)
+		}
+	}
+	if _, err := os.Stat(filepath.Join("/run/cleanwall/volumes", "cleanwall-"+run+"@eth0")); !os.IsNotExist(err) {
+		t.Errorf("the run's volume directory is left: %v", err)
+	}
+	for _, p := range paths {
+		if _, err := os.Lstat(p); !os.IsNotExist(err) {
+			t.Errorf("mountpoint %s left on the host: %v", p, err)
+		}
+	}
+}
+
+func TestRunVolumes(t *testing.T) {
+	env := harness.New(t)
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true, Keys: []string{"vol-a", "vol-b"}})
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	secret := "CANARY" + hex.EncodeToString(b)
+	storeA, storeB := filepath.Join(env.Dir, "store-a"), filepath.Join(env.Dir, "store-b")
+	image := filepath.Join(env.Dir, "scratch.img")
+	docs, other := filepath.Join(env.Dir, "mnt", "docs"), filepath.Join(env.Dir, "mnt", "other")
+	dev := fmt.Sprintf("/dev/cw-scratch-%d", os.Getpid())
+	pol := writePolicy(t, env, "volumes.yaml", volumePolicy("volumes",
+		fmt.Sprintf("    - {name: docs, kind: files, store: %s, keyID: vol-a, path: %s}\n", storeA, docs),
+		fmt.Sprintf("    - {name: other, kind: files, store: %s, keyID: vol-b, path: %s}\n", storeB, other),
+		fmt.Sprintf("    - {name: scratch, kind: block, store: %s, sizeBytes: 67108864, keyID: vol-a, path: %s}\n", image, dev)))
+	script := filepath.Join(env.Dir, "volumes.py")
+	if err := os.WriteFile(script, []byte(volumeScript), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	brokerFlags := []string{"--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated"}
+	run := func(name string, args ...string) runResult {
+		t.Helper()
+		all := append([]string{"--policy", pol, "--name", name}, brokerFlags...)
+		all = append(all, "--", "/usr/bin/python3", script)
+		res := cleanwallRun(t, env, append(all, args...)...)
+		volumeLeftovers(t, name, docs, other, dev, filepath.Join(env.Dir, "mnt"))
+		return res
+	}
+
+	// First run: write, rewrite, append, truncate, read back; ext4 on the
+	// block volume.
+	first := runName("vol-write")
+	res := run(first, "write", docs, other, dev, secret)
+	if res.code != 0 || !strings.HasSuffix(res.stdout, "ok\n") {
+		t.Fatalf("write run: exit status %d\nstdout: %s\nstderr: %s", res.code, res.stdout, res.stderr)
+	}
+	var sums bytes.Buffer
+	for _, line := range strings.Split(res.stdout, "\n") {
+		if strings.HasPrefix(line, "sum ") {
+			sums.WriteString(line + "\n")
+		}
+	}
+	if strings.Count(sums.String(), "\n") != 4 {
+		t.Fatalf("sums: %q", sums.String())
+	}
+
+	// The stores hold ciphertext only: no canary, no file name.
+	filesA, filesB := storeFiles(t, storeA), storeFiles(t, storeB)
+	if len(filesA) < 6 {
+		t.Fatalf("store A holds %d files", len(filesA))
+	}
+	for _, files := range []map[string][]byte{filesA, filesB} {
+		for p, data := range files {
+			for _, plain := range []string{secret, "random.bin", "victim.bin", "tamper.bin", "donor.bin", "note-"} {
+				if strings.Contains(p, plain) || bytes.Contains(data, []byte(plain)) {
+					t.Fatalf("store file %s holds %q in plaintext", p, plain)
+				}
+			}
+		}
+	}
+	img, err := os.ReadFile(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(img, []byte(secret)) || bytes.Contains(img, []byte("canary.txt")) {
+		t.Fatal("the block image holds the canary in plaintext")
+	}
+
+	// Damage the store: flip a byte in the middle of the largest file of
+	// A that is tamper.bin's (big.bin is larger: the second largest), and
+	// put B's donor (same size, another key) in place of victim.bin.
+	big := largest(filesA)
+	delete(filesA, big)
+	tampered := largest(filesA)
+	data := filesA[tampered]
+	data[len(data)/2] ^= 0x40
+	if err := os.WriteFile(tampered, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	donor := largest(filesB)
+	var victim string
+	for p, d := range filesA {
+		if len(d) == len(filesB[donor]) {
+			if victim != "" {
+				t.Fatalf("two files of A are the size of B's donor: %s, %s", victim, p)
+			}
+			victim = p
+		}
+	}
+	if victim == "" {
+		t.Fatalf("no file of A is the size of B's donor (%d bytes)", len(filesB[donor]))
+	}
+	if err := os.WriteFile(victim, filesB[donor], 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	// Second run on the same stores: what was written reads back; the
+	// damaged and the moved file read as EIO; the ext4 volume remounts.
+	sumsFile := filepath.Join(env.Dir, "sums.txt")
+	if err := os.WriteFile(sumsFile, sums.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res = run(runName("vol-verify"), "verify", docs, other, dev, secret, sumsFile)
+	if res.code != 0 || !strings.HasSuffix(res.stdout, "ok\n") {
+		t.Fatalf("verify run: exit status %d\nstdout: %s\nstderr: %s", res.code, res.stdout, res.stderr)
+	}
+
+	// No key: the broker does not release it; the command never runs and
+	// the error names the volume.
+	marker := filepath.Join(env.Dir, "ran")
+	denied := writePolicy(t, env, "denied.yaml", volumePolicy("denied",
+		fmt.Sprintf("    - {name: sealed, kind: files, store: %s, keyID: vol-unknown, path: %s}\n", filepath.Join(env.Dir, "store-c"), docs)))
+	name := runName("vol-nokey")
+	res = cleanwallRun(t, env, append(append([]string{"--policy", denied, "--name", name}, brokerFlags...), "--", "touch", marker)...)
+	if res.code == 0 || !strings.Contains(res.stderr, "spec.volumes[0].keyID (sealed)") || !strings.Contains(res.stderr, "vol-unknown") {
+		t.Fatalf("run without the volume's key: exit status %d\nstderr: %s", res.code, res.stderr)
+	}
+	if _, err := os.Stat(marker); !os.IsNotExist(err) {
+		t.Fatal("the command ran without its volume's key")
+	}
+	volumeLeftovers(t, name, docs)
+	runLeftovers(t, env, name)
+}
