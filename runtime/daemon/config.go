@@ -125,6 +125,22 @@ type Config struct {
 	// AuditLog is the hash-chained audit log (default <StateDir>/audit.jsonl;
 	// "-" disables it).
 	AuditLog string
+	// NodeKey is the Ed25519 key that signs audit checkpoints and is bound
+	// into key releases (default <StateDir>/node.key, created at the first
+	// start).
+	NodeKey string
+	// AuditCheckpointInterval is how often a signed checkpoint is written
+	// (0: DefaultAuditCheckpointInterval; negative: only at rotation and
+	// stop). AuditMaxSize rotates the log past that many bytes (0:
+	// DefaultAuditMaxSize; negative: never); AuditKeep is how many rotated
+	// files are kept (0: all).
+	AuditCheckpointInterval time.Duration
+	AuditMaxSize            int64
+	AuditKeep               int
+	// AuditSink forwards the audit records to an HTTPS sink (docs/audit.md);
+	// AuditSinkCA is a PEM file of the CAs its certificate chains to
+	// (empty: the system roots).
+	AuditSink, AuditSinkCA string
 
 	// KeyBroker, when set, releases the data keys of secure-mode rules.
 	KeyBroker *KeyBrokerConfig

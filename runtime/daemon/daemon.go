@@ -17,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/cleanwall/cleanwall/bpf"
-	"github.com/cleanwall/cleanwall/governance/audit"
 	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/proxies"
 	dnsproxy "github.com/cleanwall/cleanwall/proxies/dns"
@@ -125,13 +124,8 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 			d.Close()
 		}
 	}()
-	d.audit = &auditor{log: d.log}
-	if d.cfg.AuditLog != "-" {
-		l, err := audit.Open(d.cfg.AuditLog, audit.Options{})
-		if err != nil {
-			return fmt.Errorf("opening the audit log: %w", err)
-		}
-		d.audit.chain = l
+	if err := d.openAudit(); err != nil {
+		return err
 	}
 	// Pins must outlive this process (see bpf.ResolvePinRoot): in a
 	// private mount namespace they go to the host's bpffs, or start fails.
@@ -161,6 +155,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	}
 	if d.cfg.KeyBroker != nil {
 		d.keys = keys.New(*d.cfg.KeyBroker, d.log, d.keyAudit)
+		d.keys.NodeKey = d.audit.nodeKey() // ties the audit log to the attestation (docs/keybroker.md §7)
 		d.keys.OnLapse = d.keyLapsed
 		if err := d.keys.Start(d.ctx); err != nil {
 			return err
