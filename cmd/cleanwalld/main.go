@@ -18,7 +18,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/cleanwall/cleanwall/governance/telemetry"
 	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/runtime/daemon"
 	"github.com/cleanwall/cleanwall/runtime/keys"
@@ -40,7 +39,6 @@ func run(args []string) error {
 	fs.StringVar(&cfg.PinRoot, "bpf-root", daemon.DefaultPinRoot, "bpffs directory for pinned maps and links (mounted when missing)")
 	fs.StringVar(&cfg.StateDir, "state-dir", daemon.DefaultStateDir, "directory for persisted sandbox state")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", daemon.DefaultPolicyDir, "directory of named policies (CNI_ARGS CLEANWALL_POLICY=<name> selects <name>.yaml)")
-	fs.StringVar(&cfg.VolumeDir, "volume-dir", daemon.DefaultVolumeDir, "where the sandboxes' volumes are mounted, <dir>/<containerID>@<ifName>/<name> (docs/volumes-lifecycle.md)")
 	fs.StringVar(&cfg.AuditLog, "audit-log", "", "hash-chained audit log (default <state-dir>/audit.jsonl; - disables it)")
 	fs.StringVar(&cfg.NodeKey, "node-key", "", "Ed25519 key (PEM, 0600) that signs audit checkpoints and is bound into key releases (default <state-dir>/node.key, created at the first start)")
 	fs.DurationVar(&cfg.AuditCheckpointInterval, "audit-checkpoint-interval", daemon.DefaultAuditCheckpointInterval, "signed audit checkpoint every this long when records were added (negative: only at rotation and stop)")
@@ -82,9 +80,6 @@ func run(args []string) error {
 		return nil
 	})
 	fs.BoolVar(&cfg.DNSRefuseNXDomain, "dns-nxdomain", false, "answer names the policy does not allow with NXDOMAIN instead of REFUSED")
-	otlpEndpoint := fs.String("otlp-endpoint", "", "export the metrics to an OpenTelemetry collector, OTLP/HTTP over TLS: https://HOST:PORT[/path] (default path /v1/metrics; docs/telemetry.md); empty: off")
-	otlpCA := fs.String("otlp-ca", "", "PEM file of the CA(s) the collector's TLS certificate chains to (default: system roots)")
-	otlpInterval := fs.Duration("otlp-interval", telemetry.DefaultInterval, "how often the metrics are exported to --otlp-endpoint")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -111,13 +106,6 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	var otlp *telemetry.Config
-	if *otlpEndpoint != "" {
-		otlp = &telemetry.Config{Endpoint: *otlpEndpoint, CAFile: *otlpCA, Interval: *otlpInterval, Gatherer: d.Registry(), Version: version, Logger: cfg.Logger}
-		if err := otlp.Check(); err != nil { // before anything is loaded
-			return err
-		}
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := d.Start(ctx); err != nil {
@@ -136,18 +124,6 @@ func run(args []string) error {
 			}
 		}()
 		defer srv.Close()
-	}
-	if otlp != nil {
-		exp, err := telemetry.Start(ctx, *otlp)
-		if err != nil {
-			_ = d.Close()
-			return err
-		}
-		defer func() {
-			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			_ = exp.Shutdown(sctx) // a last export
-		}()
 	}
 	if *pprofAddr != "" {
 		mux := http.NewServeMux()
