@@ -80,7 +80,7 @@ func runPod(t *testing.T, cd *harness.Containerd, name string, annotations map[s
 		"hostname":      name,
 		"log_directory": filepath.Join(dir, "logs"),
 		"annotations":   annotations,
-		"linux":         map[string]any{},
+		"linux":         map[string]any{"cgroup_parent": cd.CgroupParent},
 	}
 	path := writeJSON(t, filepath.Join(dir, "pod.json"), cfg)
 	out, err := cd.Crictl("runp", path)

@@ -73,8 +73,10 @@ func Crictl(t testing.TB) string {
 // Containerd is a containerd process with the CRI plugin running in the
 // node namespace, as on a node: its config, root, state, socket and CNI
 // configuration live in a directory of its own; the machine's containerd
-// (if any) is never touched. Its shims keep the pods running when it is
-// killed, and it finds them again when it starts.
+// (if any) is never touched (runc's state too; only the shims' sockets go
+// where containerd 1.6 always puts them, /run/containerd/s, named by a hash
+// that includes this containerd's socket). Its shims keep the pods running
+// when it is killed, and it finds them again when it starts.
 type Containerd struct {
 	env *Env
 	// Dir holds everything: config.toml, root, state, the socket.
@@ -83,11 +85,14 @@ type Containerd struct {
 	// CNIConfDir and CNIBinDir are the CRI plugin's CNI directories: the
 	// bin dir holds the reference plugins and cleanwall-cni.
 	CNIConfDir, CNIBinDir string
-	crictl                string
-	snapshotter           string
-	log                   *os.File
-	cmd                   *exec.Cmd
-	done                  chan struct{}
+	// CgroupParent is the cgroup the test's pods go under (their pod
+	// config's linux.cgroup_parent); cleanup removes it.
+	CgroupParent string
+	crictl       string
+	snapshotter  string
+	log          *os.File
+	cmd          *exec.Cmd
+	done         chan struct{}
 }
 
 // ContainerdOptions configure StartContainerd.
@@ -136,7 +141,7 @@ func (e *Env) StartContainerd(o ContainerdOptions) *Containerd {
 	c := &Containerd{
 		env: e, Dir: dir, Socket: filepath.Join(dir, "containerd.sock"),
 		CNIConfDir: filepath.Join(dir, "net.d"), CNIBinDir: filepath.Join(dir, "cni-bin"), crictl: crictl,
-		snapshotter: o.snapshotter(),
+		snapshotter: o.snapshotter(), CgroupParent: "/" + e.Name,
 	}
 	e.onCleanup(c.cleanup)
 	for _, d := range []string{c.CNIConfDir, c.CNIBinDir} {
@@ -408,6 +413,7 @@ func (c *Containerd) cleanup() {
 		_ = unix.Kill(pid, unix.SIGKILL)
 	}
 	c.unmountAll()
+	c.removeCgroups()
 	if t, ok := c.env.T.(*testing.T); ok && t.Failed() {
 		t.Logf("containerd log:\n%s", c.Log())
 	}
@@ -442,6 +448,16 @@ func (c *Containerd) shims() []int {
 		}
 	}
 	return pids
+}
+
+// removeCgroups removes the (empty, once the pods are gone) cgroup parent
+// in every hierarchy, cgroup v1 or v2.
+func (c *Containerd) removeCgroups() {
+	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", c.CgroupParent))
+	dirs = append(dirs, filepath.Join("/sys/fs/cgroup", c.CgroupParent))
+	for _, d := range dirs {
+		_ = os.Remove(d)
+	}
 }
 
 // unmountAll lazily unmounts every mount under the directory, deepest first.
