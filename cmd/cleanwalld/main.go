@@ -39,6 +39,7 @@ func run(args []string) error {
 	fs.StringVar(&cfg.PinRoot, "bpf-root", daemon.DefaultPinRoot, "bpffs directory for pinned maps and links (mounted when missing)")
 	fs.StringVar(&cfg.StateDir, "state-dir", daemon.DefaultStateDir, "directory for persisted sandbox state")
 	fs.StringVar(&cfg.PolicyDir, "policy-dir", daemon.DefaultPolicyDir, "directory of named policies (CNI_ARGS CLEANWALL_POLICY=<name> selects <name>.yaml)")
+	fs.StringVar(&cfg.VolumeDir, "volume-dir", daemon.DefaultVolumeDir, "where the sandboxes' volumes are mounted, <dir>/<containerID>@<ifName>/<name> (docs/volumes-lifecycle.md)")
 	fs.StringVar(&cfg.AuditLog, "audit-log", "", "hash-chained audit log (default <state-dir>/audit.jsonl; - disables it)")
 	fs.StringVar(&cfg.NodeKey, "node-key", "", "Ed25519 key (PEM, 0600) that signs audit checkpoints and is bound into key releases (default <state-dir>/node.key, created at the first start)")
 	fs.DurationVar(&cfg.AuditCheckpointInterval, "audit-checkpoint-interval", daemon.DefaultAuditCheckpointInterval, "signed audit checkpoint every this long when records were added (negative: only at rotation and stop)")

@@ -317,3 +317,86 @@ func TestRunVolumes(t *testing.T) {
 	volumeLeftovers(t, name, docs)
 	runLeftovers(t, env, name)
 }
+
+// cleanwalld mounts a sandbox's volumes under --volume-dir for a container
+// runtime to bind. SIGKILLed, it leaves dead mounts (its FUSE servers died
+// with it) and a loop device over one; restarted, it detaches those and
+// mounts the volumes again, and what was written reads back. DEL unmounts
+// and detaches everything.
+func TestVolumesAcrossDaemonRestart(t *testing.T) {
+	env := harness.New(t)
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true, Keys: []string{"vol-a"}})
+	volDir := filepath.Join(env.Dir, "volumes")
+	d := env.StartDaemon("--volume-dir", volDir, "--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated")
+	pol := volumePolicy("restart",
+		fmt.Sprintf("    - {name: docs, kind: files, store: %s, keyID: vol-a, path: /data}\n", filepath.Join(env.Dir, "store")),
+		fmt.Sprintf("    - {name: disk, kind: block, store: %s, sizeBytes: 8388608, keyID: vol-a, path: /dev/disk}\n", filepath.Join(env.Dir, "disk.img")))
+	sb := env.MustAddSandbox("vol-restart", harness.SandboxOptions{Policy: pol})
+	view := func() (files, block string) {
+		t.Helper()
+		v, err := d.Client().Get(harness.Ctx(), sb.ContainerID, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(v.Volumes) != 2 || v.Volumes[0].Name != "docs" || v.Volumes[1].Device == nil {
+			t.Fatalf("volumes in the view: %+v", v.Volumes)
+		}
+		return v.Volumes[0].HostPath, v.Volumes[1].HostPath
+	}
+	files, loop := view()
+	if want := filepath.Join(volDir, sb.ContainerID+"@eth0", "docs"); files != want {
+		t.Fatalf("files volume at %s, want %s", files, want)
+	}
+	if st, err := os.Stat(filepath.Dir(files)); err != nil || st.Mode().Perm() != 0o700 {
+		t.Fatalf("the sandbox's volume directory: %v %v", st.Mode(), err)
+	}
+	if err := os.WriteFile(filepath.Join(files, "kept.txt"), []byte("before the restart"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(loop, "/dev/loop") {
+		t.Fatalf("block volume at %q", loop)
+	}
+	attached := func() []string {
+		var out []string
+		loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+		for _, f := range loops {
+			if b, err := os.ReadFile(f); err == nil && strings.HasPrefix(string(b), volDir) {
+				out = append(out, f)
+			}
+		}
+		return out
+	}
+	if n := len(attached()); n != 1 {
+		t.Fatalf("%d loop devices over the volume dir, want 1", n)
+	}
+
+	d.Kill()
+	if _, err := os.Stat(files); err == nil {
+		t.Fatal("the files volume still answers after its daemon was killed")
+	}
+	d.Start()
+	files, _ = view()
+	if b, err := os.ReadFile(filepath.Join(files, "kept.txt")); err != nil || string(b) != "before the restart" {
+		t.Fatalf("after the restart: %q %v", b, err)
+	}
+	if n := len(attached()); n != 1 {
+		t.Fatalf("%d loop devices over the volume dir after the restart, want 1 (the dead one detached)", n)
+	}
+	if log := d.Log(); !strings.Contains(log, "dead volume mount detached") {
+		t.Errorf("the restart did not report the dead mounts it detached:\n%s", harness.Grep(log, "volume"))
+	}
+
+	if err := sb.Del(); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(attached()); n != 0 {
+		t.Fatalf("%d loop devices left after DEL", n)
+	}
+	info, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(info), volDir) {
+		t.Fatalf("still mounted after DEL:\n%s", harness.Grep(string(info), volDir))
+	}
+	if entries, _ := os.ReadDir(volDir); len(entries) != 0 {
+		t.Fatalf("left in the volume dir after DEL: %v", entries)
+	}
+}
