@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"sort"
 	"sync"
 	"sync/atomic"
 
@@ -297,6 +298,16 @@ func (g *consentGate) refresh(ctx context.Context, containerID string) (api.Cons
 			Policy: r.Request.Policy, Rule: r.Request.Rule, Decision: r.Decision.Word(), Reason: r.Decision.Reason,
 			Cause: r.Decision.Cause, TTLSeconds: r.Decision.TTL.Seconds()})
 	}
+	sort.Slice(res.Answers, func(i, j int) bool {
+		a, b := res.Answers[i], res.Answers[j]
+		if a.Sandbox != b.Sandbox {
+			return a.Sandbox < b.Sandbox
+		}
+		if a.Kind != b.Kind {
+			return a.Kind > b.Kind // execute first
+		}
+		return a.Rule < b.Rule
+	})
 	res.ClosedFlows = int(g.closed.Load() - before)
 	g.d.audit.record("consent.refresh", map[string]any{"sandbox": containerID, "answers": len(res.Answers), "closedFlows": res.ClosedFlows})
 	return res, nil
