@@ -19,7 +19,9 @@ Usage:
   cleanwall policy apply --sandbox ID FILE
   cleanwall policy show --sandbox ID
   cleanwall sandboxes
+  cleanwall status [--live] [--json]
   cleanwall observe [--sandbox ID] [--verdict V] [--reason R] [--rule NAME] [--proto P] [--output table|json] [--pcap FILE] [--count N]
+  cleanwall cni install|uninstall [--bin-dir DIR] [--conf-dir DIR] [--name FILE] [--socket PATH]
   cleanwall attest status
   cleanwall audit verify FILE
   cleanwall consent refresh [--sandbox ID]
@@ -27,6 +29,7 @@ Usage:
   cleanwall seal open --key-file FILE [-v] [--context S] [-o OUT] [IN]
   cleanwall seal open --hpke-key FILE [-v] [--context S] [-o OUT] [IN]
   cleanwall seal keygen --private-key FILE --public-key FILE [--suite xwing|x25519]
+  cleanwall volume seal|open --kind files|block --key-file FILE [--key-id ID [--key-version N]] SRC DST
   cleanwall version
 
 Commands that talk to cleanwalld take --socket (default /run/cleanwall/cleanwalld.sock).
@@ -58,6 +61,10 @@ func run(args []string) int {
 		err = cmdPolicy(args[1:])
 	case "sandboxes":
 		err = cmdSandboxes(args[1:])
+	case "status":
+		err = cmdStatus(args[1:])
+	case "cni":
+		err = cmdCNI(args[1:])
 	case "attest":
 		err = cmdAttest(args[1:])
 	case "audit":
@@ -68,6 +75,8 @@ func run(args []string) int {
 		err = cmdConsent(args[1:])
 	case "seal":
 		err = cmdSeal(args[1:])
+	case "volume":
+		err = cmdVolume(args[1:])
 	case "version":
 		fmt.Println("cleanwall", version)
 	case "-h", "--help", "help":
