@@ -45,5 +45,37 @@ func cmdSandboxes(args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d flows\t%d pkts\n", s.ID, s.Netns, s.HostInterface,
 			strings.Join(addrs, ","), s.PolicyName, s.Generation, s.Rules, redirected, dropped)
 	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return printVolumes(os.Stdout, list)
+}
+
+// printVolumes lists the sandboxes' volumes: where the node sees each one
+// (the directory or loop device a container runtime binds) and where the
+// sandbox sees it.
+func printVolumes(w io.Writer, list []api.Sandbox) error {
+	have := false
+	for _, s := range list {
+		have = have || len(s.Volumes) > 0
+	}
+	if !have {
+		return nil
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SANDBOX\tVOLUME\tKIND\tHOST PATH\tDEVICE\tPATH")
+	for _, s := range list {
+		for _, v := range s.Volumes {
+			host, dev := v.HostPath, "-"
+			if host == "" {
+				host = "(not mounted: " + v.Error + ")"
+			}
+			if v.Device != nil {
+				dev = fmt.Sprintf("%d:%d", v.Device.Major, v.Device.Minor)
+			}
+			fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.IfName, v.Name, v.Kind, host, dev, v.Path)
+		}
+	}
 	return tw.Flush()
 }

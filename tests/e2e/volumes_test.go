@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -368,6 +369,12 @@ func TestVolumesAcrossDaemonRestart(t *testing.T) {
 	}
 	if n := len(attached()); n != 1 {
 		t.Fatalf("%d loop devices over the volume dir, want 1", n)
+	}
+
+	// The operator learns where to bind from `cleanwall sandboxes`.
+	out, err := exec.Command(filepath.Join(env.Bin, "cleanwall"), "sandboxes", "--socket", d.Socket).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), files) || !strings.Contains(string(out), loop) {
+		t.Fatalf("cleanwall sandboxes: %v\n%s", err, out)
 	}
 
 	d.Kill()
