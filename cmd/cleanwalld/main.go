@@ -18,6 +18,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/cleanwall/cleanwall/governance/telemetry"
 	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/runtime/daemon"
 	"github.com/cleanwall/cleanwall/runtime/keys"
@@ -81,6 +82,9 @@ func run(args []string) error {
 		return nil
 	})
 	fs.BoolVar(&cfg.DNSRefuseNXDomain, "dns-nxdomain", false, "answer names the policy does not allow with NXDOMAIN instead of REFUSED")
+	otlpEndpoint := fs.String("otlp-endpoint", "", "export the metrics to an OpenTelemetry collector, OTLP/HTTP over TLS: https://HOST:PORT[/path] (default path /v1/metrics; docs/telemetry.md); empty: off")
+	otlpCA := fs.String("otlp-ca", "", "PEM file of the CA(s) the collector's TLS certificate chains to (default: system roots)")
+	otlpInterval := fs.Duration("otlp-interval", telemetry.DefaultInterval, "how often the metrics are exported to --otlp-endpoint")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -107,6 +111,13 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	var otlp *telemetry.Config
+	if *otlpEndpoint != "" {
+		otlp = &telemetry.Config{Endpoint: *otlpEndpoint, CAFile: *otlpCA, Interval: *otlpInterval, Gatherer: d.Registry(), Version: version, Logger: cfg.Logger}
+		if err := otlp.Check(); err != nil { // before anything is loaded
+			return err
+		}
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := d.Start(ctx); err != nil {
@@ -125,6 +136,18 @@ func run(args []string) error {
 			}
 		}()
 		defer srv.Close()
+	}
+	if otlp != nil {
+		exp, err := telemetry.Start(ctx, *otlp)
+		if err != nil {
+			_ = d.Close()
+			return err
+		}
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = exp.Shutdown(sctx) // a last export
+		}()
 	}
 	if *pprofAddr != "" {
 		mux := http.NewServeMux()
