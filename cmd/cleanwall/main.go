@@ -30,6 +30,7 @@ Usage:
   cleanwall seal open --hpke-key FILE [-v] [--context S] [-o OUT] [IN]
   cleanwall seal keygen --private-key FILE --public-key FILE [--suite xwing|x25519]
   cleanwall volume seal|open --kind files|block --key-file FILE [--key-id ID [--key-version N]] SRC DST
+  cleanwall volume seal|open --kind files|block --key-file FILE [--key-id ID [--key-version N]] SRC DST
   cleanwall version
 
 Commands that talk to cleanwalld take --socket (default /run/cleanwall/cleanwalld.sock).
@@ -75,6 +76,8 @@ func run(args []string) int {
 		err = cmdConsent(args[1:])
 	case "seal":
 		err = cmdSeal(args[1:])
+	case "volume":
+		err = cmdVolume(args[1:])
 	case "volume":
 		err = cmdVolume(args[1:])
 	case "version":
