@@ -1,43 +1,244 @@
 package main
 
 import (
+	"crypto/ed25519"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
 
 	"github.com/cleanwall/cleanwall/governance/audit"
+	"github.com/cleanwall/cleanwall/runtime/daemon"
 )
 
-// cmdAudit verifies a hash-chained audit log: exit 0 when every record
-// chains to the one before, 1 naming the first broken record otherwise.
+const auditUsage = `usage: cleanwall audit verify [--node-key KEY|FILE] FILE...|DIR
+       cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]`
+
+// cmdAudit verifies or shows a hash-chained audit log.
 func cmdAudit(args []string) error {
-	if len(args) != 2 || args[0] != "verify" {
-		return fail("usage: cleanwall audit verify FILE")
+	if len(args) == 0 {
+		return fail("%s", auditUsage)
 	}
-	f, err := os.Open(args[1])
+	switch args[0] {
+	case "verify":
+		return cmdAuditVerify(args[1:], os.Stdout, os.Stderr)
+	case "show":
+		return cmdAuditShow(args[1:], os.Stdout, os.Stderr, time.Now())
+	default:
+		return fail("%s", auditUsage)
+	}
+}
+
+// splitArgs separates --flag VALUE pairs (and --flag=VALUE, and the bool
+// flags named in bools) from the positional arguments, in any order.
+func splitArgs(args []string, bools map[string]bool) (map[string]string, []string, error) {
+	flags := map[string]string{}
+	var pos []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			pos = append(pos, args[i+1:]...)
+			break
+		}
+		if !strings.HasPrefix(a, "-") || a == "-" {
+			pos = append(pos, a)
+			continue
+		}
+		name := strings.TrimLeft(a, "-")
+		if n, v, ok := strings.Cut(name, "="); ok {
+			flags[n] = v
+			continue
+		}
+		if bools[name] {
+			flags[name] = "true"
+			continue
+		}
+		if i+1 >= len(args) {
+			return nil, nil, fmt.Errorf("--%s needs a value", name)
+		}
+		flags[name] = args[i+1]
+		i++
+	}
+	return flags, pos, nil
+}
+
+func checkFlags(flags map[string]string, known ...string) error {
+	for name := range flags {
+		ok := false
+		for _, k := range known {
+			ok = ok || k == name
+		}
+		if !ok {
+			return fmt.Errorf("unknown flag --%s", name)
+		}
+	}
+	return nil
+}
+
+// parseNodeKeyArg reads --node-key: the key's text (base64 or hex, as
+// audit records and the key broker's release records write it), a file
+// holding that text, or the node key file itself.
+func parseNodeKeyArg(s string) (ed25519.PublicKey, error) {
+	if k, err := audit.ParseNodeKey(s); err == nil {
+		return k, nil
+	}
+	data, err := os.ReadFile(s)
+	if err != nil {
+		return nil, fmt.Errorf("--node-key %q: neither a key (base64 of 32 bytes) nor a readable file: %v", s, err)
+	}
+	if priv, err := audit.ReadNodeKey(s); err == nil {
+		return priv.Public().(ed25519.PublicKey), nil
+	}
+	k, err := audit.ParseNodeKey(string(data))
+	if err != nil {
+		return nil, fmt.Errorf("--node-key %s: %v", s, err)
+	}
+	return k, nil
+}
+
+func cmdAuditVerify(args []string, stdout, stderr io.Writer) error {
+	flags, pos, err := splitArgs(args, nil)
+	if err == nil {
+		err = checkFlags(flags, "node-key")
+	}
+	if err != nil || len(pos) == 0 {
+		return fail("%s", auditUsage)
+	}
+	var opts audit.VerifyOptions
+	if s, ok := flags["node-key"]; ok {
+		if opts.NodeKey, err = parseNodeKeyArg(s); err != nil {
+			return fail("%v", err)
+		}
+	}
+	files, err := audit.ResolveFiles(pos)
 	if err != nil {
 		return fail("%v", err)
 	}
-	defer f.Close()
-	r := audit.NewReader(f)
-	kinds := map[string]int{}
-	n := 0
-	for {
-		rec, err := r.Next()
-		if errors.Is(err, io.EOF) {
-			break
+	sum, err := audit.VerifyFiles(files, opts)
+	if err != nil {
+		var b *audit.BrokenError
+		if errors.As(err, &b) {
+			fmt.Fprintf(stderr, "%s:%d: %v\n", b.File, b.Line, err)
+		} else {
+			fmt.Fprintln(stderr, err)
 		}
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "%s: %v\n", args[1], err)
-			return &exitError{1}
-		}
-		n++
-		kinds[rec.Kind]++
+		return &exitError{1}
 	}
-	fmt.Printf("%s: %d records, chain intact\n", args[1], n)
-	for k, c := range kinds {
-		fmt.Printf("  %-22s %d\n", k, c)
+	name := files[0]
+	if len(files) > 1 {
+		name = fmt.Sprintf("%s … %s (%d files)", files[0], filepath.Base(files[len(files)-1]), len(files))
+	}
+	fmt.Fprintf(stdout, "%s: %d records, chain intact", name, sum.Records)
+	if sum.Records > 0 {
+		fmt.Fprintf(stdout, " (seq %d-%d)", sum.FirstSeq, sum.LastSeq)
+	}
+	fmt.Fprintln(stdout)
+	if sum.PrunedThrough > 0 {
+		fmt.Fprintf(stdout, "  records 1-%d removed by retention (an audit.pruned record says so)\n", sum.PrunedThrough)
+	}
+	if sum.Checkpoints == 0 {
+		fmt.Fprintln(stdout, "  no signed checkpoints")
+	} else {
+		fmt.Fprintf(stdout, "  %d signed checkpoints by node key %s, the last at seq %d; %d records after it not yet signed\n",
+			sum.Checkpoints, audit.EncodeNodeKey(sum.NodeKey), sum.LastCheckpoint, sum.Unsigned)
+	}
+	kinds := make([]string, 0, len(sum.Kinds))
+	for k := range sum.Kinds {
+		kinds = append(kinds, k)
+	}
+	sort.Strings(kinds)
+	for _, k := range kinds {
+		fmt.Fprintf(stdout, "  %-22s %d\n", k, sum.Kinds[k])
 	}
 	return nil
+}
+
+func cmdAuditShow(args []string, stdout, stderr io.Writer, now time.Time) error {
+	flags, pos, err := splitArgs(args, map[string]bool{"json": true})
+	if err == nil {
+		err = checkFlags(flags, "sandbox", "kind", "since", "json")
+	}
+	if err != nil {
+		return fail("%v\n%s", err, auditUsage)
+	}
+	var since time.Time
+	if s, ok := flags["since"]; ok {
+		if d, err := time.ParseDuration(s); err == nil && d >= 0 {
+			since = now.Add(-d)
+		} else if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+			since = t
+		} else {
+			return fail("--since %q: want a duration (1h30m) or an RFC 3339 time (2025-01-02T03:04:05Z)", s)
+		}
+	}
+	if len(pos) == 0 {
+		pos = []string{filepath.Join(daemon.DefaultStateDir, "audit.jsonl")}
+	}
+	files, err := audit.ResolveFiles(pos)
+	if err != nil {
+		return fail("%v", err)
+	}
+	sandbox, kind, asJSON := flags["sandbox"], flags["kind"], flags["json"] == "true"
+	shown := 0
+	_, err = audit.VerifyFiles(files, audit.VerifyOptions{Visit: func(_ string, _ int, r audit.Record) {
+		if kind != "" && r.Kind != kind && !strings.HasPrefix(r.Kind, kind+".") {
+			return
+		}
+		if sandbox != "" {
+			s, _ := r.Fields["sandbox"].(string)
+			if s != sandbox && !strings.HasPrefix(s, sandbox+"/") {
+				return
+			}
+		}
+		if !since.IsZero() {
+			if t, err := time.Parse(time.RFC3339Nano, r.Time); err != nil || t.Before(since) {
+				return
+			}
+		}
+		shown++
+		if asJSON {
+			b, _ := json.Marshal(r)
+			fmt.Fprintf(stdout, "%s\n", b)
+			return
+		}
+		fmt.Fprintf(stdout, "%s %6d %-22s %s\n", r.Time, r.Seq, r.Kind, formatFields(r.Fields))
+	}})
+	if err != nil {
+		// What was shown verified; the rest is not trusted.
+		fmt.Fprintf(stderr, "%v\n", err)
+		return &exitError{1}
+	}
+	if shown == 0 && !asJSON {
+		fmt.Fprintln(stderr, "no matching records")
+	}
+	return nil
+}
+
+// formatFields writes fields as key=value, sorted, values as JSON.
+func formatFields(f map[string]any) string {
+	keys := make([]string, 0, len(f))
+	for k := range f {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for i, k := range keys {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		v, _ := json.Marshal(f[k])
+		b.WriteString(k)
+		b.WriteByte('=')
+		if s, ok := f[k].(string); ok && s != "" && !strings.ContainsAny(s, " \"=") {
+			b.WriteString(s)
+		} else {
+			b.Write(v)
+		}
+	}
+	return b.String()
 }

@@ -23,7 +23,8 @@ Usage:
   cleanwall observe [--sandbox ID] [--verdict V] [--reason R] [--rule NAME] [--proto P] [--output table|json] [--pcap FILE] [--count N]
   cleanwall cni install|uninstall [--bin-dir DIR] [--conf-dir DIR] [--name FILE] [--socket PATH]
   cleanwall attest status
-  cleanwall audit verify FILE
+  cleanwall audit verify [--node-key KEY|FILE] FILE...|DIR
+  cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
   cleanwall consent refresh [--sandbox ID]
   cleanwall seal seal --key-file FILE --key-id ID [--key-version N] [--context S] [-o OUT] [IN]
   cleanwall seal open --key-file FILE [-v] [--context S] [-o OUT] [IN]
