@@ -19,9 +19,7 @@ Usage:
   cleanwall policy apply --sandbox ID FILE
   cleanwall policy show --sandbox ID
   cleanwall sandboxes
-  cleanwall status [--live] [--json]
   cleanwall observe [--sandbox ID] [--verdict V] [--reason R] [--rule NAME] [--proto P] [--output table|json] [--pcap FILE] [--count N]
-  cleanwall cni install|uninstall [--bin-dir DIR] [--conf-dir DIR] [--name FILE] [--socket PATH]
   cleanwall attest status
   cleanwall audit verify [--node-key KEY|FILE] FILE...|DIR
   cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
@@ -30,7 +28,6 @@ Usage:
   cleanwall seal open --key-file FILE [-v] [--context S] [-o OUT] [IN]
   cleanwall seal open --hpke-key FILE [-v] [--context S] [-o OUT] [IN]
   cleanwall seal keygen --private-key FILE --public-key FILE [--suite xwing|x25519]
-  cleanwall volume seal|open --kind files|block --key-file FILE [--key-id ID [--key-version N]] SRC DST
   cleanwall volume seal|open --kind files|block --key-file FILE [--key-id ID [--key-version N]] SRC DST
   cleanwall version
 
@@ -63,10 +60,6 @@ func run(args []string) int {
 		err = cmdPolicy(args[1:])
 	case "sandboxes":
 		err = cmdSandboxes(args[1:])
-	case "status":
-		err = cmdStatus(args[1:])
-	case "cni":
-		err = cmdCNI(args[1:])
 	case "attest":
 		err = cmdAttest(args[1:])
 	case "audit":
@@ -77,8 +70,6 @@ func run(args []string) int {
 		err = cmdConsent(args[1:])
 	case "seal":
 		err = cmdSeal(args[1:])
-	case "volume":
-		err = cmdVolume(args[1:])
 	case "volume":
 		err = cmdVolume(args[1:])
 	case "version":
