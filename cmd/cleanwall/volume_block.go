@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -13,60 +12,27 @@ import (
 	"github.com/cleanwall/cleanwall/volumes/block"
 )
 
-const volumeBlockUsage = `Block volumes (--kind block; format: docs/volumes-block.md):
-  cleanwall volume seal --kind block --key-file FILE --key-id ID [--key-version N] SRC.img STORE.img
-  cleanwall volume open --kind block --key-file FILE STORE.img DST.img
-
-seal encrypts the plain disk image SRC.img into a new store STORE.img (never
-replacing a file) whose size is SRC's rounded up to 4 KiB: give that size as
-the volume's sizeBytes. All-zero 4 KiB sectors of SRC stay unwritten (sparse).
-open decrypts STORE.img into DST.img (written next to DST and renamed into
-place only when every sector verified). A damaged sector exits 1 naming it,
-and DST.img is not written. FILE holds the raw 32-byte data key.
+const volumeBlockUsage = `Block volumes (--kind block; format: docs/volumes-block.md): SRC and DST
+are plain disk images, STORE is the store's image file. seal sizes STORE as
+SRC rounded up to 4 KiB: give that as the volume's sizeBytes; all-zero 4 KiB
+sectors of SRC stay unwritten. open names the damaged sectors (the first 20
+and a count).
 `
 
 // volumeBlockIO is the unit of copying (a multiple of block.SectorSize).
 const volumeBlockIO = 1 << 20
 
-func volumeBlockFlags(name string, args []string, withID bool) (key proxies.DataKey, rest []string, err error) {
-	fs := flag.NewFlagSet("cleanwall volume "+name+" --kind block", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.String("kind", "block", "volume kind")
-	keyFile := fs.String("key-file", "", "file holding the raw 32-byte data key")
-	var keyID string
-	var keyVersion int
-	if withID {
-		fs.StringVar(&keyID, "key-id", "", "key id recorded in the image (the policy's keyID)")
-		fs.IntVar(&keyVersion, "key-version", 0, "key version recorded in the image (0: none)")
-	}
-	if err := fs.Parse(args); err != nil {
-		return key, nil, fail("volume %s: %v\n\n%s", name, err, volumeBlockUsage)
-	}
-	if *keyFile == "" {
-		return key, nil, fail("volume %s: --key-file is required", name)
-	}
-	if withID && keyID == "" {
-		return key, nil, fail("volume seal: --key-id is required (the policy's keyID for this volume)")
-	}
-	if keyVersion < 0 {
-		return key, nil, fail("volume seal: --key-version %d: must be 0 or more", keyVersion)
-	}
-	if fs.NArg() != 2 {
-		return key, nil, fail("volume %s: want two files, got %d\n\n%s", name, fs.NArg(), volumeBlockUsage)
-	}
-	raw, err := readKeyFile(*keyFile)
-	if err != nil {
-		return key, nil, err
-	}
-	return proxies.DataKey{ID: keyID, Version: keyVersion, Key: raw}, fs.Args(), nil
+func init() {
+	volumeKinds["block"] = volumeKind{usage: volumeBlockUsage, seal: volumeBlockSeal, open: volumeBlockOpen}
 }
 
 // volumeBlockSeal encrypts a plain image into a new block store.
 func volumeBlockSeal(args []string, stdout, stderr io.Writer) (err error) {
-	key, files, err := volumeBlockFlags("seal", args, true)
+	raw, keyID, keyVersion, files, err := volumeKeyFlags("seal", args, true)
 	if err != nil {
 		return err
 	}
+	key := proxies.DataKey{ID: keyID, Version: keyVersion, Key: raw}
 	srcPath, storePath := files[0], files[1]
 	src, err := os.Open(srcPath)
 	if err != nil {
@@ -137,11 +103,14 @@ func volumeBlockSeal(args []string, stdout, stderr io.Writer) (err error) {
 
 // volumeBlockOpen decrypts a block store into a plain image.
 func volumeBlockOpen(args []string, stdout, stderr io.Writer) (err error) {
-	key, files, err := volumeBlockFlags("open", args, false)
+	raw, _, _, files, err := volumeKeyFlags("open", args, false)
 	if err != nil {
 		return err
 	}
 	storePath, dstPath := files[0], files[1]
+	if _, err := os.Lstat(dstPath); err == nil {
+		return fail("volume open: %s exists: give a new file", dstPath)
+	}
 	// The key id and version come from the image's header; its MAC is
 	// checked by Open with the key.
 	f, err := os.Open(storePath)
@@ -158,7 +127,7 @@ func volumeBlockOpen(args []string, stdout, stderr io.Writer) (err error) {
 	if err != nil {
 		return fmt.Errorf("volume open: %s: %w", storePath, err)
 	}
-	key.ID, key.Version = h.KeyID, int(h.KeyVersion)
+	key := proxies.DataKey{ID: h.KeyID, Version: int(h.KeyVersion), Key: raw}
 	im, err := block.Open(storePath, key, true)
 	if err != nil {
 		return fmt.Errorf("volume open: %w", err)
@@ -222,9 +191,11 @@ func volumeBlockOpen(args []string, stdout, stderr io.Writer) (err error) {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp.Name(), dstPath); err != nil {
-		return err
+	// Link, not rename: an existing DST is never replaced.
+	if err := os.Link(tmp.Name(), dstPath); err != nil {
+		return fmt.Errorf("volume open: %w", err)
 	}
+	os.Remove(tmp.Name())
 	fmt.Fprintf(stdout, "opened %s into %s: %d bytes, key %s version %d, every sector verified\n", storePath, dstPath, im.Size(), key.ID, key.Version)
 	return nil
 }

@@ -33,7 +33,7 @@ func TestVolumeBlockSealOpen(t *testing.T) {
 	}
 	store := filepath.Join(dir, "store.img")
 	var out bytes.Buffer
-	if err := volumeBlockSeal([]string{"--kind", "block", "--key-file", keyFile, "--key-id", "vol-dek", "--key-version", "2", src, store}, &out, &out); err != nil {
+	if err := volumeCommand([]string{"seal", "--kind", "block", "--key-file", keyFile, "--key-id", "vol-dek", "--key-version", "2", src, store}, &out, &out); err != nil {
 		t.Fatal(err)
 	}
 	wantSize := int64(3<<20 + 4096)
@@ -46,7 +46,7 @@ func TestVolumeBlockSealOpen(t *testing.T) {
 	}
 	dst := filepath.Join(dir, "dst.img")
 	out.Reset()
-	if err := volumeBlockOpen([]string{"--kind", "block", "--key-file", keyFile, store, dst}, &out, &out); err != nil {
+	if err := volumeCommand([]string{"open", "--kind", "block", "--key-file", keyFile, store, dst}, &out, &out); err != nil {
 		t.Fatal(err)
 	}
 	got, err := os.ReadFile(dst)
@@ -55,6 +55,11 @@ func TestVolumeBlockSealOpen(t *testing.T) {
 	}
 	if int64(len(got)) != wantSize || !bytes.Equal(got[:len(plain)], plain) || !blockIsZero(got[len(plain):]) {
 		t.Fatalf("opened image differs (%d bytes)", len(got))
+	}
+
+	// An existing DST is never replaced.
+	if err := volumeBlockOpen([]string{"--key-file", keyFile, store, dst}, &out, &out); err == nil || !strings.Contains(err.Error(), "exists") {
+		t.Fatalf("open over an existing file: %v", err)
 	}
 
 	// Wrong key.
@@ -90,6 +95,11 @@ func TestVolumeBlockSealOpen(t *testing.T) {
 	}
 	if ents, _ := filepath.Glob(filepath.Join(dir, ".bad.img*")); len(ents) > 0 {
 		t.Fatalf("left behind: %v", ents)
+	}
+	// The usage names the kind.
+	out.Reset()
+	if err := volumeCommand([]string{"-h"}, &out, &out); err != nil || !strings.Contains(out.String(), "Block volumes (--kind block") {
+		t.Fatalf("volume -h: %v: %s", err, out.String())
 	}
 	// Usage errors.
 	for _, args := range [][]string{
