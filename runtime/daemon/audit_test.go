@@ -15,6 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	promtest "github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/cleanwall/cleanwall/governance/audit"
 	"github.com/cleanwall/cleanwall/internal/testutil"
 )
@@ -159,5 +162,31 @@ func TestByteSize(t *testing.T) {
 	var b ByteSize
 	if err := b.Set("lots"); err == nil {
 		t.Error("lots parsed")
+	}
+}
+
+// An ADD whose record cannot be written is not acknowledged: the sandbox is
+// taken back down and the CNI plugin gets the error.
+func TestAddNotAcknowledgedUnaudited(t *testing.T) {
+	td := startTest(t, Config{})
+	if _, err := td.client.Add(ctx(), td.request("ok", 2, openPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	// The log fails (as after a failed fsync): closed, every Append errs.
+	td.audit.lost = prometheus.NewCounter(prometheus.CounterOpts{Name: "lost"})
+	td.audit.chain.Close()
+	_, err := td.client.Add(ctx(), td.request("unaudited", 3, openPolicy))
+	if err == nil || !strings.Contains(err.Error(), "not admitted") || !strings.Contains(err.Error(), "audit") {
+		t.Fatalf("ADD with a failed audit log = %v", err)
+	}
+	list, err := td.client.List(ctx())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].ID != "c-ok" {
+		t.Fatalf("sandboxes after the unaudited ADD: %+v", list)
+	}
+	if n := promtest.ToFloat64(td.audit.lost); n < 1 {
+		t.Fatalf("lost records counted: %v", n)
 	}
 }

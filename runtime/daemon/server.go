@@ -127,8 +127,16 @@ func (d *Daemon) handleAdd(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	d.audit.record(auditSandboxAdd, map[string]any{"sandbox": sandbox.AttachmentKey(sb.ID, sb.IfName), "policy": sb.PolicyName,
-		"policyHash": sb.PolicyHash, "rules": sb.Rules, "netns": sb.Netns, "interface": sb.HostInterface})
+	if err := d.audit.recordErr(auditSandboxAdd, map[string]any{"sandbox": sandbox.AttachmentKey(sb.ID, sb.IfName), "policy": sb.PolicyName,
+		"policyHash": sb.PolicyHash, "rules": sb.Rules, "netns": sb.Netns, "interface": sb.HostInterface}); err != nil {
+		// Nothing runs unaudited: an admission that cannot be recorded is
+		// taken back before anything is acknowledged.
+		if derr := d.Delete(sb.ID, sb.IfName); derr != nil {
+			d.log.Error("taking back an unaudited admission", "sandbox", sandbox.AttachmentKey(sb.ID, sb.IfName), "error", derr)
+		}
+		writeError(w, fmt.Errorf("sandbox not admitted: %w", err))
+		return
+	}
 	writeJSON(w, http.StatusCreated, sb)
 }
 
