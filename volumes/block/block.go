@@ -75,8 +75,9 @@ type Volume struct {
 	devPath      string
 	major, minor uint32
 
-	mu     sync.Mutex
-	closed bool
+	mu      sync.Mutex
+	closed  bool
+	reaping bool // a goroutine waits for the loop device to be released
 }
 
 // HostPath is the loop device node, /dev/loopN.
@@ -200,8 +201,10 @@ func Serve(ctx context.Context, c Config) (_ *Volume, err error) {
 
 // Close detaches the loop device, unmounts the FUSE filesystem and closes
 // the image. It is idempotent. If the device is still in use (mounted
-// somewhere), it is marked to detach when its last user lets go, the FUSE
-// server keeps serving it, and Close returns an error; call it again later.
+// somewhere), the kernel only marks it to detach when its last user lets
+// go: Close then returns an error saying so, the FUSE server keeps serving
+// the device (its user's I/O keeps working), and the volume closes itself
+// as soon as the device is free; a later Close returns nil once it has.
 func (v *Volume) Close() error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -210,16 +213,49 @@ func (v *Volume) Close() error {
 	}
 	if v.loop != nil {
 		if err := v.loop.detach(detachTimeout); err != nil {
-			return err
+			if !v.reaping {
+				v.reaping = true
+				go v.reap()
+			}
+			return fmt.Errorf("%w; the volume stays served until then and closes itself", err)
 		}
 		v.loop = nil
 	}
+	return v.finishClose()
+}
+
+// finishClose unmounts and closes the image once the loop device is gone.
+// The caller holds v.mu.
+func (v *Volume) finishClose() error {
 	if err := v.unmount(); err != nil {
 		return err
 	}
 	v.closed = true
 	v.log.Info("block volume detached", "dir", v.dir)
 	return v.im.Close()
+}
+
+// reap waits for a loop device that was in use at Close to be released by
+// its last user, then finishes the Close.
+func (v *Volume) reap() {
+	for {
+		time.Sleep(reapInterval)
+		v.mu.Lock()
+		if v.closed {
+			v.mu.Unlock()
+			return
+		}
+		if b := backingFile(v.loop.n); b == "" || b != v.loop.backing {
+			v.loop = nil
+			if err := v.finishClose(); err != nil {
+				v.log.Error("closing block volume after its device was released", "dir", v.dir, "error", err)
+			}
+			v.reaping = false
+			v.mu.Unlock()
+			return
+		}
+		v.mu.Unlock()
+	}
 }
 
 func (v *Volume) unmount() error {
@@ -237,6 +273,10 @@ func (v *Volume) unmount() error {
 // detachTimeout is how long Close waits for the kernel to let go of the
 // loop device's backing file.
 var detachTimeout = 5 * time.Second
+
+// reapInterval is how often a volume whose device was in use at Close
+// checks whether it has been released.
+const reapInterval = 200 * time.Millisecond
 
 // attach is attachLoop; tests replace it to fail half-way.
 var attach = attachLoop
