@@ -20,7 +20,7 @@ TEST_DEPS := ip:iproute2 /usr/lib/cni/ptp:containernetworking-plugins bpftool:bp
              /usr/lib/postgresql/15/bin/postgres:postgresql psql:postgresql-client \
              /usr/lib/python3/dist-packages/psycopg:python3-psycopg /usr/lib/python3/dist-packages/psycopg2:python3-psycopg2 \
              tcpdump:tcpdump containerd:containerd mkfs.ext4:e2fsprogs losetup:mount
-BENCH_DEPS := iperf3:iperf3 iptables-restore:iptables ss:iproute2 nginx:nginx-light wrk:wrk /usr/sbin/pgbouncer:pgbouncer
+BENCH_DEPS := iperf3:iperf3 iptables-restore:iptables ss:iproute2 nginx:nginx-light wrk:wrk /usr/sbin/pgbouncer:pgbouncer gocryptfs:gocryptfs fusermount:fuse3
 DEMO_DEPS := curl:curl ping:iputils-ping
 GEN_DEPS  := $(CLANG):clang-19 llvm-strip-19:llvm-19 /usr/include/bpf/bpf_helpers.h:libbpf-dev \
              /usr/include/linux/bpf.h:linux-libc-dev

@@ -22,7 +22,7 @@ import (
 
 // Flags go after -args: go test -tags bench ./tests/bench -run TestBench -v -args -scenarios=connect
 var (
-	flagScenarios = flag.String("scenarios", "throughput,connect,apply,classify,iptables,dns,http,release,postgres,admission,volumes-block", "comma-separated scenarios to run")
+	flagScenarios = flag.String("scenarios", "throughput,connect,apply,classify,iptables,dns,http,release,postgres,admission,volumes-block,volumes-files", "comma-separated scenarios to run")
 	flagRounds    = flag.Int("rounds", 0, "rounds per side of every scenario (0: each scenario's default)")
 	flagConns     = flag.Int("conns", 2000, "connections per round in the connect and iptables scenarios")
 	flagOut       = flag.String("out", "", "JSON result file (default results/<UTC timestamp>.json)")
@@ -143,6 +143,9 @@ func TestBench(t *testing.T) {
 	}
 	if want["volumes-block"] {
 		t.Run("volumes-block", func(t *testing.T) { benchVolumesBlock(t, rep) })
+	}
+	if want["volumes-files"] {
+		t.Run("volumes-files", func(t *testing.T) { benchVolumesFiles(t, rep) })
 	}
 	if want["admission"] {
 		t.Run("admission", func(t *testing.T) { benchAdmission(t, rep) })
