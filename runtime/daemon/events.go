@@ -95,7 +95,7 @@ func datapathEvent(ev bpf.DenyEvent, sandbox, rule string) api.DenyEvent {
 	out := api.DenyEvent{Time: monotonicToWall(ev.Time), Sandbox: sandbox, Source: "datapath", Verdict: api.VerdictDrop,
 		Reason: ev.Reason.String(), Rule: rule, Proto: eventProto(ev), Length: int(ev.Len)}
 	if len(ev.Sample) > 0 {
-		out.Header, out.Link = ev.Sample, api.LinkEthernet
+		out.Header, out.Link = headersOnly(ev.Sample), api.LinkEthernet // never payload (docs/telemetry.md)
 	}
 	switch {
 	case !ev.Src.IsValid():

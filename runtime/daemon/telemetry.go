@@ -29,3 +29,54 @@ func safeDNSDenial(ev dnsproxy.DenyEvent) dnsproxy.DenyEvent {
 	ev.Name = ev.Listed
 	return ev
 }
+
+// headersOnly cuts a dropped packet's sample (from its Ethernet header) at
+// the end of its headers: Ethernet, IPv4 with its options or the fixed
+// IPv6 header, then TCP with its options, UDP's or ICMP's 8 bytes; ARP's
+// 28 bytes; only the Ethernet header for anything else. The datapath
+// samples a fixed number of bytes, which for a small header includes
+// payload: the sandbox's data never reaches observers or a capture.
+func headersOnly(sample []byte) []byte {
+	const eth = 14
+	if len(sample) < eth {
+		return sample
+	}
+	n := eth
+	l4 := uint8(0)
+	switch uint16(sample[12])<<8 | uint16(sample[13]) {
+	case 0x0800: // IPv4
+		if len(sample) < eth+20 {
+			return sample
+		}
+		ihl := int(sample[eth]&0x0f) * 4
+		if ihl < 20 {
+			return sample[:eth]
+		}
+		n, l4 = eth+ihl, sample[eth+9]
+		if frag := uint16(sample[eth+6]&0x1f)<<8 | uint16(sample[eth+7]); frag != 0 {
+			l4 = 0 // a later fragment: no transport header
+		}
+	case 0x86dd: // IPv6: extension headers are not followed
+		if len(sample) < eth+40 {
+			return sample
+		}
+		n, l4 = eth+40, sample[eth+6]
+	case 0x0806: // ARP
+		n = eth + 28
+	}
+	switch l4 {
+	case 6: // TCP
+		if len(sample) >= n+13 {
+			if off := int(sample[n+12]>>4) * 4; off >= 20 {
+				n += off
+			} else {
+				n += 20
+			}
+		} else {
+			n += 20
+		}
+	case 17, 1, 58: // UDP, ICMP, ICMPv6
+		n += 8
+	}
+	return sample[:min(n, len(sample))]
+}
