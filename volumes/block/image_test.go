@@ -406,3 +406,80 @@ func diskUsage(t *testing.T, path string) int64 {
 	}
 	return statBlocks(st) * 512
 }
+
+// FuzzTamper: any set of byte changes to the tag table and data area of a
+// written image makes each sector read either exactly what was written
+// (only if none of its stored bytes changed) or a DamagedError for that
+// sector: never other bytes.
+func FuzzTamper(f *testing.F) {
+	f.Add([]byte{0, 1, 2, 3, 4, 5})
+	f.Add([]byte{200, 0, 0, 9, 17, 1})
+	f.Fuzz(func(t *testing.T, muts []byte) {
+		const sectors = 8
+		dir := t.TempDir()
+		path := filepath.Join(dir, "f.img")
+		key := testKey("k", 3)
+		im, err := Create(path, key, sectors*SectorSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data := make([]byte, sectors*SectorSize)
+		for i := range data {
+			data[i] = byte(i*31 + i>>12)
+		}
+		// Sector 6 stays unwritten (reads as zeros).
+		if _, err := im.WriteAt(data[:6*SectorSize], 0); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := im.WriteAt(data[7*SectorSize:], 7*SectorSize); err != nil {
+			t.Fatal(err)
+		}
+		clear(data[6*SectorSize : 7*SectorSize])
+		h := im.Header()
+		im.Close()
+		store, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Each mutation: 3 bytes, an offset (scaled over the tag table
+		// and data) and an XOR value.
+		touched := map[int64]bool{}
+		body := int64(len(store)) - h.TagOffset()
+		for i := 0; i+3 <= len(muts); i += 3 {
+			x := muts[i+2]
+			if x == 0 {
+				continue
+			}
+			off := h.TagOffset() + (int64(muts[i])<<8|int64(muts[i+1]))*body/65536
+			store[off] ^= x
+			if off < h.DataOffset() {
+				if s := (off - h.TagOffset()) / EntrySize; s < sectors {
+					touched[s] = true
+				}
+			} else {
+				touched[(off-h.DataOffset())/SectorSize] = true
+			}
+		}
+		if err := os.WriteFile(path, store, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		im, err = Open(path, key, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer im.Close()
+		for s := int64(0); s < sectors; s++ {
+			got := make([]byte, SectorSize)
+			_, err := im.ReadAt(got, s*SectorSize)
+			want := data[s*SectorSize : (s+1)*SectorSize]
+			switch {
+			case err == nil && bytes.Equal(got, want):
+			case err == nil:
+				t.Fatalf("sector %d reads wrong bytes (touched %v)", s, touched[s])
+			case errors.Is(err, ErrDamaged) && touched[s]:
+			default:
+				t.Fatalf("sector %d: %v (touched %v)", s, err, touched[s])
+			}
+		}
+	})
+}
