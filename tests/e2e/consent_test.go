@@ -393,3 +393,73 @@ func TestConsentRun(t *testing.T) {
 		t.Errorf("the server got %d requests, want the granted run's 1", n)
 	}
 }
+
+const policyConsentUDP = `apiVersion: cleanwall.dev/v1
+kind: EgressPolicy
+metadata: {name: consented-udp}
+spec:
+  governance: {consent: required}
+  egress:
+    - name: stats
+      to: [{cidr: 198.51.100.10/32}]
+      ports: [{port: 8125, protocol: UDP}]
+      mode: open
+`
+
+// TestConsentUDP: the datagram path never waits for the consent service:
+// a UDP flow's first datagram is dropped (consent-pending) while its
+// egress answer is asked for, the retry goes through; a revoked rule's
+// relay is closed by the refresh and later datagrams are refused,
+// counted, and never arrive.
+func TestConsentUDP(t *testing.T) {
+	env := harness.New(t)
+	cs := env.StartConsentServer(consentAddr)
+	d := env.StartDaemon("--consent-url", cs.URL, "--consent-ca", cs.CAFile, "--consent-timeout", "1s")
+	srv := env.UDPServer("198.51.100.10:8125")
+	cs.Allow("execute", "consented-udp", "", 3600)
+	cs.Allow("egress", "consented-udp", "stats", 3600)
+	sb := env.MustAddSandbox("udp", harness.SandboxOptions{Policy: policyConsentUDP, NoIPv6: true})
+	c, err := sb.Dial("udp4", "198.51.100.10:8125", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echoed := func(msg string) bool {
+		if _, err := c.Write([]byte(msg)); err != nil {
+			return false
+		}
+		_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		buf := make([]byte, 256)
+		n, err := c.Read(buf)
+		return err == nil && string(buf[:n]) == msg
+	}
+	i := 0
+	if !harness.Eventually(5*time.Second, func() bool { i++; return echoed(fmt.Sprintf("ping-%d", i)) }) {
+		t.Fatal("no datagram went through with consent")
+	}
+	if n := proxyFlows(t, d, sb, "stats", "consent-pending"); n < 1 {
+		t.Errorf("the first datagram was not dropped while its answer was asked for (consent-pending: %v)", n)
+	}
+	t.Logf("through after %d datagram(s)", i)
+
+	cs.Revoke("egress", "consented-udp", "stats")
+	start := time.Now()
+	out, err := exec.Command(filepath.Join(env.Bin, "cleanwall"), "consent", "refresh", "--socket", d.Socket).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "1 flow(s) closed") {
+		t.Fatalf("cleanwall consent refresh: %v\n%s", err, out)
+	}
+	t.Logf("refresh took %v", time.Since(start))
+	got := len(srv.Received())
+	if !harness.Eventually(5*time.Second, func() bool {
+		if echoed("after the revocation") {
+			t.Fatal("a datagram went through after the revocation")
+		}
+		return proxyFlows(t, d, sb, "stats", "consent-denied") >= 1
+	}) {
+		t.Error("the refused datagram's flow was not counted (consent-denied)")
+	}
+	t.Logf("refused %v after the refresh began", time.Since(start))
+	if n := len(srv.Received()); n != got {
+		t.Errorf("the server received %d datagrams after the revocation", n-got)
+	}
+}
