@@ -524,6 +524,10 @@ func TestWrongKey(t *testing.T) {
 	if _, err := OpenStore(plain, key, true); !errors.Is(err, ErrNotVolume) {
 		t.Fatalf("non-empty plain dir: %v", err)
 	}
+	// A missing one is not made without create.
+	if _, err := OpenStore(filepath.Join(t.TempDir(), "missing"), key, false); err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Fatalf("missing store: %v", err)
+	}
 	// An empty one is not opened without create.
 	if _, err := OpenStore(t.TempDir(), key, false); err == nil {
 		t.Fatal("empty store opened read-only")

@@ -47,6 +47,9 @@ func OpenStore(root string, key Key, create bool) (*Store, error) {
 		return initStore(root, key)
 	}
 	if errors.Is(err, os.ErrNotExist) {
+		if _, serr := os.Stat(root); errors.Is(serr, os.ErrNotExist) {
+			return nil, fmt.Errorf("store %s does not exist", root)
+		}
 		if empty, _ := isEmptyDir(root); empty {
 			return nil, fmt.Errorf("store %s is empty: no volume sealed there yet", root)
 		}
