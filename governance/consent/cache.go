@@ -57,6 +57,9 @@ type Cache struct {
 	// get it and before Refresh returns: the owner closes what the answer
 	// covers. It must not call back into the cache.
 	Denied func(req Request, d Decision)
+	// Keep, when set, is asked before each background re-ask: an answer
+	// it no longer wants (its sandbox is gone) is dropped instead.
+	Keep func(Key) bool
 	// now is the clock (tests).
 	now func() time.Time
 
@@ -183,10 +186,15 @@ func (c *Cache) reaskIn(d Decision) time.Duration {
 
 // reask is the timer's re-ask of the answer of call seq.
 func (c *Cache) reask(k Key, seq uint64) {
+	keep := c.Keep == nil || c.Keep(k) // without the lock: the owner's locks come first
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e := c.entries[k]
 	if e == nil || e.seq != seq || e.call != nil || c.ctx.Err() != nil {
+		return
+	}
+	if !keep {
+		delete(c.entries, k)
 		return
 	}
 	c.start(k, e)

@@ -504,3 +504,34 @@ func TestCacheForget(t *testing.T) {
 		t.Fatalf("forgotten answers were re-asked: %d requests after", s.n.Load()-n)
 	}
 }
+
+// An answer Keep no longer wants is dropped at its re-ask, not asked.
+func TestCacheKeep(t *testing.T) {
+	s := newService(t)
+	s.set(reply(200, `{"decision":"allow","ttlSeconds":1}`))
+	cache, _ := newCache(t, s, 200*time.Millisecond)
+	var keep atomic.Bool
+	keep.Store(true)
+	cache.Keep = func(Key) bool { return keep.Load() }
+	cache.Check(context.Background(), execReq)
+	deadline := time.Now().Add(3 * time.Second)
+	for s.n.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if s.n.Load() < 2 {
+		t.Fatal("a kept answer was not re-asked")
+	}
+	keep.Store(false)
+	deadline = time.Now().Add(3 * time.Second)
+	for len(cache.Keys()) > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if len(cache.Keys()) != 0 {
+		t.Fatal("an answer Keep refused is still cached")
+	}
+	n := s.n.Load()
+	time.Sleep(1200 * time.Millisecond)
+	if s.n.Load() != n {
+		t.Fatal("a dropped answer was re-asked")
+	}
+}

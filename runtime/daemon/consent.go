@@ -97,6 +97,7 @@ func (g *consentGate) start(ctx context.Context) error {
 	g.cache = consent.NewCache(ctx, g.client)
 	g.cache.Observe = g.observe
 	g.cache.Denied = g.denied
+	g.cache.Keep = g.live
 	g.d.log.Info("consent service configured", "url", g.d.cfg.ConsentURL, "timeout", g.client.Timeout(), "node", g.client.Node())
 	return nil
 }
@@ -246,6 +247,18 @@ func (g *consentGate) Cached(dec *dispatch.Decision, dst netip.AddrPort) (allow,
 		}
 	}
 	return true, true
+}
+
+// live reports whether a registered sandbox still uses an answer's
+// policy version (an answer asked by a flow of a sandbox being deleted
+// must not be re-asked for ever).
+func (g *consentGate) live(k consent.Key) bool {
+	for _, s := range g.d.sandboxes.Snapshot() {
+		if s.ContainerID == k.Sandbox && g.subjectOf(s.Record()).sha == k.PolicySHA256 {
+			return true
+		}
+	}
+	return false
 }
 
 // settle forgets the answers and subjects no registered sandbox uses any
