@@ -279,16 +279,18 @@ func (n *node) storePath() string {
 
 // acquire opens the node's store file (or takes another reference to the
 // open one).
+//
+// Lock order: the volume's ns before a node's mu (as Rename takes them).
 func (n *node) acquire(readOnly bool) (*File, syscall.Errno) {
+	n.v.ns.RLock()
+	defer n.v.ns.RUnlock()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.file != nil {
 		n.refs++
 		return n.file, 0
 	}
-	n.v.ns.RLock()
 	p, parent, name, ok := n.where()
-	n.v.ns.RUnlock()
 	if !ok {
 		return nil, syscall.ENOENT
 	}
