@@ -3,7 +3,6 @@ package main
 import (
 	"crypto/ed25519"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -121,12 +120,8 @@ func cmdAuditVerify(args []string, stdout, stderr io.Writer) error {
 	}
 	sum, err := audit.VerifyFiles(files, opts)
 	if err != nil {
-		var b *audit.BrokenError
-		if errors.As(err, &b) {
-			fmt.Fprintf(stderr, "%s:%d: %v\n", b.File, b.Line, err)
-		} else {
-			fmt.Fprintln(stderr, err)
-		}
+		// A *audit.BrokenError names the file, line and seq.
+		fmt.Fprintln(stderr, err)
 		return &exitError{1}
 	}
 	name := files[0]

@@ -81,7 +81,7 @@ func TestAuditVerifyCommand(t *testing.T) {
 	// A dropped rotated file is named at the first record after the gap.
 	os.Remove(files[1])
 	_, errOut, code = runAudit(t, func(o, e *bytes.Buffer) error { return cmdAuditVerify([]string{dir}, o, e) })
-	if code != 1 || !strings.Contains(errOut, filepath.Base(files[2])+":1:") || !strings.Contains(errOut, "follows") {
+	if code != 1 || !strings.Contains(errOut, filepath.Base(files[2])+":1)") || !strings.Contains(errOut, "follows") {
 		t.Fatalf("dropped file: %d %s", code, errOut)
 	}
 	if _, _, code := runAudit(t, func(o, e *bytes.Buffer) error { return cmdAuditVerify(nil, o, e) }); code != 2 {

@@ -126,13 +126,26 @@ func (a *auditor) nodeKey() ed25519.PublicKey {
 	return a.chain.NodeKey()
 }
 
-// close stops the forwarder (what it has not delivered stays in the log for
-// the next start) and closes the log, which writes a last checkpoint.
+// sinkDrainTimeout bounds how long a stopping daemon waits for the sink to
+// acknowledge the last records.
+const sinkDrainTimeout = 2 * time.Second
+
+// close writes a last checkpoint, gives the sink a moment to acknowledge it
+// (what it has not acknowledged stays in the log for the next start), stops
+// the forwarder and closes the log.
 func (a *auditor) close() {
 	if a == nil {
 		return
 	}
 	if a.sink != nil {
+		if a.chain != nil {
+			if _, err := a.chain.Checkpoint(); err != nil {
+				a.log.Error("last audit checkpoint", "error", err)
+			}
+		}
+		for deadline := time.Now().Add(sinkDrainTimeout); a.sink.Backlog() > 0 && time.Now().Before(deadline); {
+			time.Sleep(20 * time.Millisecond)
+		}
 		a.sink.Close()
 		a.sink = nil
 	}
