@@ -841,3 +841,27 @@ ls -la "$DST"
 		t.Fatalf("dd conv=notrunc did not write zeros in the middle:\n%s", out)
 	}
 }
+
+// TestCloseWithBindElsewhere: a copy of the mount elsewhere (as a
+// sandbox's mount namespace holds one) does not keep the volume served
+// after Close.
+func TestCloseWithBindElsewhere(t *testing.T) {
+	store := filepath.Join(t.TempDir(), "store")
+	key := testKey(t, "k1")
+	dir, m := mountStore(t, store, key, false)
+	if err := os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	other := t.TempDir()
+	if err := syscall.Mount(dir, other, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(other, syscall.MNT_DETACH)
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err := os.ReadFile(filepath.Join(other, "f"))
+	if !errors.Is(err, syscall.ENOTCONN) {
+		t.Fatalf("read through the copy after Close: %v, want ENOTCONN", err)
+	}
+}

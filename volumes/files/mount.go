@@ -136,8 +136,10 @@ func (m *Mounted) Device() (uint32, uint32, bool) { return 0, 0, false }
 
 // Close unmounts and waits for the server to stop. If the mount is busy
 // (a process still has a file open or its cwd in it), it is detached
-// lazily and its FUSE connection aborted, so that nothing is served after
-// Close returns. It is idempotent.
+// lazily; if the server still runs after that (busy, or the mount was
+// bound into another mount namespace that outlives it), its FUSE
+// connection is aborted, so that nothing is served after Close returns
+// (users of a copy see ENOTCONN). It is idempotent.
 func (m *Mounted) Close() error {
 	m.once.Do(func() {
 		err := unix.Unmount(m.dir, 0)
@@ -145,17 +147,24 @@ func (m *Mounted) Close() error {
 			if derr := unix.Unmount(m.dir, unix.MNT_DETACH); derr != nil && !errors.Is(derr, unix.EINVAL) {
 				m.err = fmt.Errorf("unmount %s: %v; lazy unmount: %v", m.dir, err, derr)
 			}
-			if aerr := abortConn(m.conn); aerr != nil && m.err == nil {
-				m.err = fmt.Errorf("unmount %s: detached lazily, but %v", m.dir, aerr)
-			}
 		}
 		done := make(chan struct{})
 		go func() { m.server.Wait(); close(done) }()
 		select {
 		case <-done:
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+		// Still served: the connection (and so its device number) is
+		// still ours to abort.
+		if aerr := abortConn(m.conn); aerr != nil && m.err == nil {
+			m.err = fmt.Errorf("unmount %s: %v", m.dir, aerr)
+		}
+		select {
+		case <-done:
 		case <-time.After(10 * time.Second):
 			if m.err == nil {
-				m.err = fmt.Errorf("unmount %s: FUSE server still running 10s after unmount", m.dir)
+				m.err = fmt.Errorf("unmount %s: FUSE server still running 10s after its connection was aborted", m.dir)
 			}
 		}
 	})
@@ -167,12 +176,14 @@ func (m *Mounted) Close() error {
 // mount whose files are still open.
 func abortConn(dev uint64) error {
 	const ctl = "/sys/fs/fuse/connections"
-	p := filepath.Join(ctl, strconv.FormatUint(uint64(unix.Minor(dev)), 10), "abort")
-	if _, err := os.Stat(filepath.Dir(p)); err != nil {
-		if merr := unix.Mount("fusectl", ctl, "fusectl", 0, ""); merr != nil && !errors.Is(merr, unix.EBUSY) {
+	const fusectlMagic = 0x65735543
+	var sfs unix.Statfs_t
+	if err := unix.Statfs(ctl, &sfs); err != nil || sfs.Type != fusectlMagic {
+		if merr := unix.Mount("fusectl", ctl, "fusectl", 0, ""); merr != nil {
 			return fmt.Errorf("abort FUSE connection: mount fusectl: %v", merr)
 		}
 	}
+	p := filepath.Join(ctl, strconv.FormatUint(uint64(unix.Minor(dev)), 10), "abort")
 	if err := os.WriteFile(p, []byte("1"), 0); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("abort FUSE connection: %v", err)
 	}
