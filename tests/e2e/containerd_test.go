@@ -217,6 +217,19 @@ func waitRounds(t *testing.T, path string, after, n int, what string) []probeRou
 	}
 }
 
+// noHostVeths fails when a pod's host-side veth is left in the node
+// namespace (ptp names them veth...).
+func noHostVeths(t *testing.T, env *harness.Env) {
+	t.Helper()
+	out, err := exec.Command("ip", "-n", filepath.Base(env.Node), "-o", "link").CombinedOutput()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), "veth") {
+		t.Fatalf("host veths left in the node namespace:\n%s", out)
+	}
+}
+
 // TestContainerdCRIPodsAreEnforced: containerd (Debian's 1.6, its CRI
 // plugin, runc) driven by crictl, with a conflist chaining cleanwall-cni
 // after ptp. A pod picks its policy with the annotation cleanwall.dev/policy
@@ -253,6 +266,7 @@ func TestContainerdCRIPodsAreEnforced(t *testing.T) {
 		t.Fatalf("runp with an unknown policy: the error does not name it: %v", err)
 	}
 	nothingLeft(t, d)
+	noHostVeths(t, env)
 
 	// No annotation: the conf's policy file.
 	fallback, err := runPod(t, cd, "fallback", nil)
@@ -271,6 +285,8 @@ func TestContainerdCRIPodsAreEnforced(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	nothingLeft(t, d)
+	noHostVeths(t, env)
 
 	// The annotated pod and its probe.
 	pod, err := runPod(t, cd, "analytics", map[string]string{cni.PolicyAnnotation: "pod-open", "team": "research"})
@@ -402,13 +418,7 @@ func TestContainerdCRIPodsAreEnforced(t *testing.T) {
 		t.Fatal(err)
 	}
 	nothingLeft(t, d)
-	out, err := exec.Command("ip", "-n", filepath.Base(env.Node), "-o", "link").CombinedOutput()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if strings.Contains(string(out), "veth") {
-		t.Fatalf("host veths left in the node namespace:\n%s", out)
-	}
+	noHostVeths(t, env)
 	t.Logf("whole test: %v", time.Since(start).Round(time.Millisecond))
 }
 
