@@ -191,6 +191,8 @@ func purgeRun(ctx context.Context, rec *runRecord, dir, why string) collected {
 				c.removed = append(c.removed, "netns "+rec.Netns)
 			}
 		}
+		// The mountpoints it made on the host for its volumes.
+		c.removed = append(c.removed, removeMountpoints(dir)...)
 		if rec.Runtime == nil {
 			return nil
 		}
@@ -221,6 +223,12 @@ func purgeRun(ctx context.Context, rec *runRecord, dir, why string) collected {
 		}
 		removed, err := daemon.Purge(cfg)
 		_ = release()
+		c.removed = append(c.removed, removed...)
+		if err != nil {
+			return err
+		}
+		// The runtime's FUSE servers died with it: its volume mounts are dead.
+		removed, err = daemon.CleanDeadVolumes(daemon.DefaultVolumeDir, rec.ContainerID, rec.IfName)
 		c.removed = append(c.removed, removed...)
 		return err
 	}

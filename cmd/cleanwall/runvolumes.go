@@ -90,7 +90,7 @@ func prepareVolumes(ctx context.Context, client *api.Client, c *policy.Compiled,
 		default:
 			return nil, fail("volume %s (spec.volumes[%d]): kind %q", pv.Name, i, v.Kind)
 		}
-		if err := mountpoint(rv.Path, rv.Kind == "files", td); err != nil {
+		if err := mountpoint(rv.Path, rv.Kind == "files", dir, td); err != nil {
 			return nil, fail("volume %s (spec.volumes[%d]): path %s: %v", pv.Name, i, rv.Path, err)
 		}
 		plan.Volumes = append(plan.Volumes, rv)
@@ -117,9 +117,46 @@ func underAny(dir string, vols []runVolume) bool {
 	return false
 }
 
+// mountpointsFile lists, in the run directory, the mountpoints the run
+// created on the host (one a line, parents first): `cleanwall gc` removes
+// them when the run was killed before its teardown.
+const mountpointsFile = "mountpoints"
+
+// created records a mountpoint made on the host and has td remove it.
+func created(runDir, p string, td *teardown) error {
+	f, err := os.OpenFile(filepath.Join(runDir, mountpointsFile), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(f, p)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	td.push(func() error { return removeIfThere(p) })
+	return err
+}
+
+// removeMountpoints removes the mountpoints a dead run created (if still
+// empty), children first; it lists what it removed.
+func removeMountpoints(runDir string) []string {
+	b, err := os.ReadFile(filepath.Join(runDir, mountpointsFile))
+	if err != nil {
+		return nil
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	var removed []string
+	for i := len(lines) - 1; i >= 0; i-- {
+		if p := lines[i]; filepath.IsAbs(p) && os.Remove(p) == nil {
+			removed = append(removed, "mountpoint "+p)
+		}
+	}
+	return removed
+}
+
 // mountpoint makes sure path exists as a directory (dir) or a non-directory,
-// creating what is missing (removed by td, if still empty).
-func mountpoint(path string, dir bool, td *teardown) error {
+// creating what is missing (recorded in the run directory runDir, removed
+// by td if still empty).
+func mountpoint(path string, dir bool, runDir string, td *teardown) error {
 	st, err := os.Lstat(path)
 	switch {
 	case err == nil && dir && !st.IsDir():
@@ -144,7 +181,9 @@ func mountpoint(path string, dir bool, td *teardown) error {
 		if err := os.Mkdir(p, 0o755); err != nil {
 			return err
 		}
-		td.push(func() error { return removeIfThere(p) })
+		if err := created(runDir, p, td); err != nil {
+			return err
+		}
 	}
 	if dir {
 		if err := os.Mkdir(path, 0o755); err != nil {
@@ -157,8 +196,7 @@ func mountpoint(path string, dir bool, td *teardown) error {
 		}
 		f.Close()
 	}
-	td.push(func() error { return removeIfThere(path) })
-	return nil
+	return created(runDir, path, td)
 }
 
 func removeIfThere(p string) error {

@@ -334,6 +334,34 @@ func (d *Daemon) sweepDeadVolumes() {
 	}
 }
 
+// CleanDeadVolumes detaches the dead volume mounts (and the loop devices
+// over them) that a runtime which is gone left for the sandbox attached as
+// containerID/ifName under root (a Config's VolumeDir), and removes their
+// directories; it lists what it removed. Live mounts are left alone.
+// `cleanwall gc` calls it for the runs whose owner died.
+func CleanDeadVolumes(root, containerID, ifName string) ([]string, error) {
+	dir := filepath.Join(root, volumeDirName(containerID, ifName))
+	vols, _ := filepath.Glob(filepath.Join(dir, "*"))
+	var removed []string
+	var errs []error
+	for _, v := range vols {
+		var st unix.Stat_t
+		err := unix.Stat(v, &st)
+		if errors.Is(err, unix.ENOTCONN) || errors.Is(err, unix.ECONNABORTED) {
+			if err := cleanDeadMount(v); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			removed = append(removed, "dead volume mount "+v)
+		}
+		if err := os.Remove(v); err == nil {
+			removed = append(removed, "volume directory "+v)
+		}
+	}
+	_ = os.Remove(dir) // only if empty
+	return removed, errors.Join(errs...)
+}
+
 // remountVolumes mounts the volumes of the re-adopted sandboxes after a
 // restart. The sandbox is enforced already: a volume whose key is not
 // released or whose store does not open is reported (log, audit, the

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -11,6 +12,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
@@ -165,28 +169,37 @@ func largest(files map[string][]byte) string {
 }
 
 // volumeLeftovers checks nothing of a run's volumes stays: no mount (in
-// this namespace) of the volume directory or the paths, no loop device
-// over a volume image, no mountpoint the run created.
+// this namespace) of its volume directory or of the paths, no loop device
+// over one of its images, no mountpoint the run created. A loop device
+// goes when its last opener closes it (autoclear), which another process
+// probing loop devices may delay a little: it is waited for.
 func volumeLeftovers(t *testing.T, run string, paths ...string) {
 	t.Helper()
+	volDir := filepath.Join("/run/cleanwall/volumes", "cleanwall-"+run+"@eth0")
 	info, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, line := range strings.Split(string(info), "\n") {
-		for _, p := range append([]string{"/run/cleanwall/volumes/", "cleanwall-files"}, paths...) {
-			if strings.Contains(line, p) {
+		for _, p := range append([]string{volDir + "/"}, paths...) {
+			if strings.Contains(line, " "+p+" ") || strings.Contains(line, " "+p+"/") {
 				t.Errorf("still mounted: %s", line)
 			}
 		}
 	}
-	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
-	for _, f := range loops {
-		if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), "/run/cleanwall/volumes/") {
-			t.Errorf("loop device still attached: %s -> %s", f, b)
+	attached := func() (out []string) {
+		loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+		for _, f := range loops {
+			if b, err := os.ReadFile(f); err == nil && strings.Contains(string(b), volDir+"/") {
+				out = append(out, f+" -> "+strings.TrimSpace(string(b)))
+			}
 		}
+		return out
 	}
-	if _, err := os.Stat(filepath.Join("/run/cleanwall/volumes", "cleanwall-"+run+"@eth0")); !os.IsNotExist(err) {
+	if !harness.Eventually(10*time.Second, func() bool { return len(attached()) == 0 }) {
+		t.Errorf("loop devices still attached 10s after the run: %v", attached())
+	}
+	if _, err := os.Stat(volDir); !os.IsNotExist(err) {
 		t.Errorf("the run's volume directory is left: %v", err)
 	}
 	for _, p := range paths {
@@ -406,4 +419,54 @@ func TestVolumesAcrossDaemonRestart(t *testing.T) {
 	if entries, _ := os.ReadDir(volDir); len(entries) != 0 {
 		t.Fatalf("left in the volume dir after DEL: %v", entries)
 	}
+}
+
+// A `cleanwall run` SIGKILLed in the host's mount namespace (nsenter, not
+// `ip netns exec`) leaves its volumes' dead FUSE mounts and the empty
+// mountpoints it made on the host; `cleanwall gc` removes them.
+func TestRunVolumesKilledThenGC(t *testing.T) {
+	env := harness.New(t)
+	if err := harness.EnsureHostBPFFS(); err != nil {
+		t.Fatal(err)
+	}
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true, Keys: []string{"vol-a"}})
+	docs := filepath.Join(env.Dir, "mnt", "docs")
+	dev := filepath.Join(env.Dir, "mnt", "disk")
+	pol := writePolicy(t, env, "killed.yaml", volumePolicy("killed",
+		fmt.Sprintf("    - {name: docs, kind: files, store: %s, keyID: vol-a, path: %s}\n", filepath.Join(env.Dir, "store"), docs),
+		fmt.Sprintf("    - {name: disk, kind: block, store: %s, sizeBytes: 8388608, keyID: vol-a, path: %s}\n", filepath.Join(env.Dir, "disk.img"), dev)))
+	name := runName("vol-killed")
+	ready := filepath.Join(env.Dir, "ready")
+	cw := filepath.Join(env.Bin, "cleanwall")
+	cmd := exec.Command("nsenter", "--net="+env.Node, cw, "run", "--policy", pol, "--name", name,
+		"--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated", "--",
+		"sh", "-c", `echo data > "$1/file" && touch "$2" && exec sleep 600`, "sh", docs, ready)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-done })
+	if !harness.Eventually(30*time.Second, func() bool { _, err := os.Stat(ready); return err == nil }) {
+		t.Fatalf("the command did not start:\n%s", stderr.String())
+	}
+	volDir := filepath.Join("/run/cleanwall/volumes", "cleanwall-"+name+"@eth0")
+	_ = cmd.Process.Kill()
+	<-done
+	if _, err := os.Stat(filepath.Join(volDir, "docs")); !errors.Is(err, unix.ENOTCONN) {
+		t.Fatalf("the killed run's files volume: %v, want a dead mount (ENOTCONN)", err)
+	}
+	out, err := exec.Command(cw, "gc").CombinedOutput()
+	if err != nil {
+		t.Fatalf("cleanwall gc: %v\n%s", err, out)
+	}
+	for _, want := range []string{"dead volume mount " + filepath.Join(volDir, "docs"), "mountpoint " + docs, "mountpoint " + dev} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("cleanwall gc does not report %q:\n%s", want, out)
+		}
+	}
+	volumeLeftovers(t, name, docs, dev, filepath.Join(env.Dir, "mnt"))
+	runLeftovers(t, env, name)
 }
