@@ -233,8 +233,9 @@ func noHostVeths(t *testing.T, env *harness.Env) {
 // TestContainerdCRIPodsAreEnforced: containerd (Debian's 1.6, its CRI
 // plugin, runc) driven by crictl, with a conflist chaining cleanwall-cni
 // after ptp. A pod picks its policy with the annotation cleanwall.dev/policy
-// (an unknown name keeps the pod from starting; no annotation falls back
-// to the conf's file); its container reaches the allowed HTTP server only
+// (an unknown name keeps the pod from starting; no annotation, or a conf
+// that does not declare the pod-annotations capability, falls back to the
+// conf's file); its container reaches the allowed HTTP server only
 // through the proxy, and a denied port never, counted. Enforcement holds
 // while containerd and while cleanwalld are killed and restarted with the
 // pod running; stopping and removing the pod detaches it.
@@ -287,6 +288,32 @@ func TestContainerdCRIPodsAreEnforced(t *testing.T) {
 	}
 	nothingLeft(t, d)
 	noHostVeths(t, env)
+
+	// Without the capability in the conf containerd does not pass the
+	// annotations: the pod gets the conf's file, whatever it asks for.
+	withCapability := criConflist(t, env, d, filepath.Join(env.Dir, "ipam"), defaultPolicy)
+	var list map[string]any
+	if err := json.Unmarshal(withCapability, &list); err != nil {
+		t.Fatal(err)
+	}
+	delete(list["plugins"].([]any)[1].(map[string]any), "capabilities")
+	withoutCapability, err := json.MarshalIndent(list, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cd.SetConflist(withoutCapability)
+	asks, err := runPod(t, cd, "asks", map[string]string{cni.PolicyAnnotation: "pod-open"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.Client().Get(harness.Ctx(), asks.ID, ""); err != nil || got.PolicyName != "cri-default" {
+		t.Fatalf("annotated pod on a conf without the capability: %+v %v, want the conf's cri-default", got, err)
+	}
+	if _, err := cd.Crictl("rmp", "--force", asks.ID); err != nil {
+		t.Fatal(err)
+	}
+	nothingLeft(t, d)
+	cd.SetConflist(withCapability)
 
 	// The annotated pod and its probe.
 	pod, err := runPod(t, cd, "analytics", map[string]string{cni.PolicyAnnotation: "pod-open", "team": "research"})

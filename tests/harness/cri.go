@@ -167,7 +167,7 @@ func (e *Env) StartContainerd(o ContainerdOptions) *Containerd {
 		}
 	}
 	if o.Conflist != nil {
-		if err := os.WriteFile(filepath.Join(c.CNIConfDir, "10-cleanwall.conflist"), o.Conflist, 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(c.CNIConfDir, conflistName), o.Conflist, 0o644); err != nil {
 			e.T.Fatal(err)
 		}
 	}
@@ -243,6 +243,49 @@ func hasCapSysResource() bool {
 		}
 	}
 	return false
+}
+
+// conflistName is the conflist's file in the CNI conf dir.
+const conflistName = "10-cleanwall.conflist"
+
+// SetConflist replaces the conflist (renamed into place) and waits until
+// the CRI has loaded it (containerd watches its conf dir).
+func (c *Containerd) SetConflist(conflist []byte) {
+	t := c.env.T
+	t.Helper()
+	tmp := filepath.Join(c.CNIConfDir, ".next")
+	if err := os.WriteFile(tmp, conflist, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(c.CNIConfDir, conflistName)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		out, err := c.Crictl("info")
+		if err == nil {
+			var info struct {
+				CNIConfig struct {
+					Networks []struct {
+						Config struct {
+							Source string
+						}
+					}
+				} `json:"cniconfig"`
+			}
+			if json.Unmarshal([]byte(out), &info) == nil {
+				for _, n := range info.CNIConfig.Networks {
+					if n.Config.Source == string(conflist) {
+						return
+					}
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd did not load the new conflist in 15s (%v)", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // ConfigPath is containerd's config.toml.
