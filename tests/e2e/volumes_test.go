@@ -129,6 +129,12 @@ elif mode == "verify":
             fail("%s changed between runs" % name)
     expect_eio(os.path.join(docs, "tamper.bin"))
     expect_eio(os.path.join(docs, "victim.bin"))
+    try:
+        open(os.path.join(docs, "new.txt"), "w").close()
+        fail("created a file in the read-only volume")
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            fail("writing to the read-only volume: %s, want EROFS" % e)
     block(True)
     print("ok", flush=True)
 else:
@@ -219,16 +225,19 @@ func TestRunVolumes(t *testing.T) {
 	image := filepath.Join(env.Dir, "scratch.img")
 	docs, other := filepath.Join(env.Dir, "mnt", "docs"), filepath.Join(env.Dir, "mnt", "other")
 	dev := fmt.Sprintf("/dev/cw-scratch-%d", os.Getpid())
-	pol := writePolicy(t, env, "volumes.yaml", volumePolicy("volumes",
-		fmt.Sprintf("    - {name: docs, kind: files, store: %s, keyID: vol-a, path: %s}\n", storeA, docs),
-		fmt.Sprintf("    - {name: other, kind: files, store: %s, keyID: vol-b, path: %s}\n", storeB, other),
-		fmt.Sprintf("    - {name: scratch, kind: block, store: %s, sizeBytes: 67108864, keyID: vol-a, path: %s}\n", image, dev)))
+	policyFile := func(file string, docsReadOnly bool) string {
+		return writePolicy(t, env, file, volumePolicy("volumes",
+			fmt.Sprintf("    - {name: docs, kind: files, store: %s, keyID: vol-a, path: %s, readOnly: %v}\n", storeA, docs, docsReadOnly),
+			fmt.Sprintf("    - {name: other, kind: files, store: %s, keyID: vol-b, path: %s}\n", storeB, other),
+			fmt.Sprintf("    - {name: scratch, kind: block, store: %s, sizeBytes: 67108864, keyID: vol-a, path: %s}\n", image, dev)))
+	}
+	pol, readOnly := policyFile("volumes.yaml", false), policyFile("volumes-ro.yaml", true)
 	script := filepath.Join(env.Dir, "volumes.py")
 	if err := os.WriteFile(script, []byte(volumeScript), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	brokerFlags := []string{"--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated"}
-	run := func(name string, args ...string) runResult {
+	run := func(pol, name string, args ...string) runResult {
 		t.Helper()
 		all := append([]string{"--policy", pol, "--name", name}, brokerFlags...)
 		all = append(all, "--", "/usr/bin/python3", script)
@@ -240,7 +249,7 @@ func TestRunVolumes(t *testing.T) {
 	// First run: write, rewrite, append, truncate, read back; ext4 on the
 	// block volume.
 	first := runName("vol-write")
-	res := run(first, "write", docs, other, dev, secret)
+	res := run(pol, first, "write", docs, other, dev, secret)
 	if res.code != 0 || !strings.HasSuffix(res.stdout, "ok\n") {
 		t.Fatalf("write run: exit status %d\nstdout: %s\nstderr: %s", res.code, res.stdout, res.stderr)
 	}
@@ -304,13 +313,14 @@ func TestRunVolumes(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Second run on the same stores: what was written reads back; the
-	// damaged and the moved file read as EIO; the ext4 volume remounts.
+	// Second run on the same stores, docs read-only: what was written
+	// reads back; the damaged and the moved file read as EIO; nothing can
+	// be written to docs; the ext4 volume remounts.
 	sumsFile := filepath.Join(env.Dir, "sums.txt")
 	if err := os.WriteFile(sumsFile, sums.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	res = run(runName("vol-verify"), "verify", docs, other, dev, secret, sumsFile)
+	res = run(readOnly, runName("vol-verify"), "verify", docs, other, dev, secret, sumsFile)
 	if res.code != 0 || !strings.HasSuffix(res.stdout, "ok\n") {
 		t.Fatalf("verify run: exit status %d\nstdout: %s\nstderr: %s", res.code, res.stdout, res.stderr)
 	}
