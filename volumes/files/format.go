@@ -6,7 +6,6 @@
 package files
 
 import (
-	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
@@ -355,5 +354,3 @@ func openBlock(aead cipher.AEAD, dst, src []byte, id ID, n int64) error {
 
 // blocksFor is the number of blocks a file of size bytes holds.
 func blocksFor(size int64) int64 { return (size + BlockSize - 1) / BlockSize }
-
-var _ = bytes.Equal

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -506,7 +507,7 @@ func emptyStoreDir(p string) (bool, error) {
 		return false, err
 	}
 	for _, nm := range names {
-		if nm != dirIDName {
+		if nm != dirIDName && !strings.HasPrefix(nm, tmpPrefix) {
 			return false, nil
 		}
 	}
@@ -518,6 +519,13 @@ func removeStoreDir(p string) error {
 		return err
 	} else if !ok {
 		return syscall.ENOTEMPTY
+	}
+	// What is left of a create or mkdir a crash interrupted (none is in
+	// progress: the caller holds the tree lock) goes with the directory.
+	if names, err := filepath.Glob(filepath.Join(p, tmpPrefix+"*")); err == nil {
+		for _, nm := range names {
+			os.RemoveAll(nm)
+		}
 	}
 	if err := os.Remove(filepath.Join(p, dirIDName)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
