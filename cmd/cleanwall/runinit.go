@@ -24,8 +24,9 @@ import (
 //
 // Why not a cgroup: cgroup.kill needs someone alive to write it, and a
 // SIGKILLed `cleanwall run` is not; PR_SET_PDEATHSIG on the command alone
-// does not reach a grandchild. /proc is left as it was (the host's): a new
-// one would need a mount namespace, which the sandbox does not have today.
+// does not reach a grandchild. /proc is left as it was (the host's). When
+// the policy has volumes the init gets a mount namespace too, and mounts
+// them there before the command starts (runvolumes.go).
 const sandboxInitCmd = "__sandbox-init"
 
 // forwardedSignals are passed on to the command (through the init).
