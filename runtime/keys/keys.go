@@ -1,6 +1,6 @@
 // Package keys holds the data keys that secure-mode rules and volumes
-// (spec.volumes) name, released by a key broker (docs/keybroker.md) to this node's attested evidence.
-// A key is released for one egress policy (its hash bound into the
+// (spec.volumes) name, released by a key broker (docs/keybroker.md) to
+// this node's attested evidence. A key is released for one egress policy (its hash bound into the
 // evidence, §5) and held for that policy only: a sandbox under another
 // policy gets its own release, which a broker that binds the key to its
 // egress policies may refuse. Keys live in memory only, are released
