@@ -102,16 +102,23 @@ type ContainerdOptions struct {
 	// SandboxImage is the CRI's pause image (imported with ImportImage
 	// before the first pod).
 	SandboxImage string
-	// Snapshotter defaults to overlayfs.
+	// Snapshotter defaults to overlayfs (native where the directory is on
+	// an overlay).
 	Snapshotter string
 }
 
-// snapshotter is the snapshotter the CRI plugin unpacks images into.
-func (o ContainerdOptions) snapshotter() string {
-	if o.Snapshotter == "" {
-		return "overlayfs"
+// snapshotter is the snapshotter the CRI plugin unpacks images into:
+// overlayfs, unless dir is itself on an overlay (a container's root on
+// many CI machines), where overlayfs cannot stack: native copies instead.
+func (o ContainerdOptions) snapshotter(dir string) string {
+	if o.Snapshotter != "" {
+		return o.Snapshotter
 	}
-	return o.Snapshotter
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err == nil && st.Type == unix.OVERLAYFS_SUPER_MAGIC {
+		return "native"
+	}
+	return "overlayfs"
 }
 
 // RequireContainerd skips (fails under CI) when containerd, its runc shim,
@@ -141,7 +148,7 @@ func (e *Env) StartContainerd(o ContainerdOptions) *Containerd {
 	c := &Containerd{
 		env: e, Dir: dir, Socket: filepath.Join(dir, "containerd.sock"),
 		CNIConfDir: filepath.Join(dir, "net.d"), CNIBinDir: filepath.Join(dir, "cni-bin"), crictl: crictl,
-		snapshotter: o.snapshotter(), CgroupParent: "/" + e.Name,
+		snapshotter: o.snapshotter(dir), CgroupParent: "/" + e.Name,
 	}
 	e.onCleanup(c.cleanup)
 	for _, d := range []string{c.CNIConfDir, c.CNIBinDir} {
@@ -207,7 +214,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     conf_dir = %[10]q
     max_conf_num = 1
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.Socket, c.Socket+".ttrpc", filepath.Join(dir, "opt"),
-		o.SandboxImage, o.snapshotter(), runc, c.CNIBinDir, c.CNIConfDir, !hasCapSysResource(), filepath.Join(dir, "runc"))
+		o.SandboxImage, c.snapshotter, runc, c.CNIBinDir, c.CNIConfDir, !hasCapSysResource(), filepath.Join(dir, "runc"))
 	if err := os.WriteFile(c.ConfigPath(), []byte(config), 0o644); err != nil {
 		e.T.Fatal(err)
 	}
