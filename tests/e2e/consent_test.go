@@ -463,3 +463,55 @@ func TestConsentUDP(t *testing.T) {
 		t.Errorf("the server received %d datagrams after the revocation", n-got)
 	}
 }
+
+// TestConsentExecuteRevoked: execute is re-asked on its own schedule, with
+// no flow and no refresh: withdrawn, every flow of the sandbox (both
+// rules) is closed within the TTL plus one second and new flows are
+// refused; granted again, the deny's own re-ask lets new flows run.
+func TestConsentExecuteRevoked(t *testing.T) {
+	c := newConsentEnv(t, "1s")
+	const ttl = 2
+	c.cs.Allow("execute", "consented", "", ttl)
+	c.cs.Allow("egress", "consented", "echo", 3600)
+	c.cs.Allow("egress", "consented", "web", 3600)
+	c.cs.SetDenyTTL(1)
+	sb := c.env.MustAddSandbox("exec", harness.SandboxOptions{Policy: policyConsent, NoIPv6: true})
+	held, err := sb.Dial("tcp4", "198.51.100.10:9000", 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if err := echoRoundTrip(held, "hello\n"); err != nil {
+		t.Fatal(err)
+	}
+	web, webR := keepAlive(t, sb, "198.51.100.10:8080")
+	defer web.Close()
+
+	c.cs.Revoke("execute", "consented", "")
+	revoked := time.Now()
+	closedWithin(t, "the TCP connection (rule echo)", held, held, revoked, (ttl+1)*time.Second)
+	closedWithin(t, "the keep-alive HTTP connection (rule web)", web, webR, revoked, (ttl+1)*time.Second)
+	conns := len(c.echo.Conns())
+	expectRefused(t, sb, "198.51.100.10:9000", "while execute is denied\n")
+	if n := len(c.echo.Conns()); n != conns {
+		t.Errorf("the echo server accepted %d connections while execute was denied", n-conns)
+	}
+	if !harness.Eventually(5*time.Second, func() bool { return proxyFlows(t, c.d, sb, "echo", "consent-denied") >= 1 }) {
+		t.Error("the refused flow was not counted (result=consent-denied)")
+	}
+	auditHas(t, c.d, `"kind":"consent.close"`, 1)
+
+	c.cs.Allow("execute", "consented", "", ttl)
+	granted := time.Now()
+	if !harness.Eventually(5*time.Second, func() bool {
+		again, err := sb.Dial("tcp4", "198.51.100.10:9000", time.Second)
+		if err != nil {
+			return false
+		}
+		defer again.Close()
+		return echoRoundTrip(again, "allowed again\n") == nil
+	}) {
+		t.Fatal("new flows still refused after execute was granted again")
+	}
+	t.Logf("flows run again %v after the grant (deny ttl 1s)", time.Since(granted).Round(time.Millisecond))
+}
