@@ -917,3 +917,27 @@ print("ok")
 	dir, _ = mountStore(t, store, key, false)
 	py(dir, "read")
 }
+
+// TestOneWriter: a writable mount excludes every other mount of the same
+// store; read-only mounts share it.
+func TestOneWriter(t *testing.T) {
+	store := filepath.Join(t.TempDir(), "store")
+	key := testKey(t, "k1")
+	_, m := mountStore(t, store, key, false)
+	s := mustStore(t, store, key)
+	for _, ro := range []bool{false, true} {
+		if m2, err := Mount(context.Background(), s, t.TempDir(), MountOptions{ReadOnly: ro}); err == nil || !strings.Contains(err.Error(), "mounted elsewhere") {
+			if m2 != nil {
+				m2.Close()
+			}
+			t.Fatalf("second mount (read-only %v) beside a writable one: %v", ro, err)
+		}
+	}
+	closeMount(t, m)
+	mountStore(t, store, key, true)
+	mountStore(t, store, key, true)
+	if m2, err := Mount(context.Background(), s, t.TempDir(), MountOptions{}); err == nil {
+		m2.Close()
+		t.Fatal("a writable mount beside read-only ones")
+	}
+}

@@ -51,7 +51,8 @@ type MountOptions struct {
 type Mounted struct {
 	dir    string
 	server *fuse.Server
-	conn   uint64 // the FUSE connection (st_dev of the mount), for abort
+	conn   uint64   // the FUSE connection (st_dev of the mount), for abort
+	lock   *os.File // the store's config, flocked while mounted
 
 	once sync.Once
 	err  error
@@ -75,6 +76,12 @@ func Mount(ctx context.Context, s *Store, dir string, o MountOptions) (*Mounted,
 	var before syscall.Stat_t
 	if err := syscall.Stat(dir, &before); err != nil {
 		return nil, fmt.Errorf("mountpoint: %w", err)
+	}
+	// One writer per store: a writable mount locks the store exclusively,
+	// a read-only one shared, for as long as it is mounted.
+	lock, err := lockStore(s.root, o.ReadOnly)
+	if err != nil {
+		return nil, err
 	}
 	v := &fsys{s: s, readOnly: o.ReadOnly, log: log}
 	root := &node{v: v, dir: true, id: s.RootID()}
@@ -106,9 +113,10 @@ func Mount(ctx context.Context, s *Store, dir string, o MountOptions) (*Mounted,
 	opts.RootStableAttr = &fs.StableAttr{Ino: 1, Mode: syscall.S_IFDIR}
 	server, err := fs.Mount(dir, root, opts)
 	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	m := &Mounted{dir: dir, server: server}
+	m := &Mounted{dir: dir, server: server, lock: lock}
 	// The mount answers: a stat through it reaches our root.
 	var st syscall.Stat_t
 	if err := syscall.Stat(dir, &st); err != nil || st.Dev == before.Dev {
@@ -142,6 +150,7 @@ func (m *Mounted) Device() (uint32, uint32, bool) { return 0, 0, false }
 // (users of a copy see ENOTCONN). It is idempotent.
 func (m *Mounted) Close() error {
 	m.once.Do(func() {
+		defer m.lock.Close()
 		err := unix.Unmount(m.dir, 0)
 		if err != nil && !errors.Is(err, unix.EINVAL) {
 			if derr := unix.Unmount(m.dir, unix.MNT_DETACH); derr != nil && !errors.Is(derr, unix.EINVAL) {
@@ -169,6 +178,27 @@ func (m *Mounted) Close() error {
 		}
 	})
 	return m.err
+}
+
+// lockStore flocks the store's config: shared for a read-only mount,
+// exclusive otherwise, without waiting.
+func lockStore(root string, shared bool) (*os.File, error) {
+	f, err := os.Open(filepath.Join(root, configName))
+	if err != nil {
+		return nil, err
+	}
+	how := unix.LOCK_EX
+	if shared {
+		how = unix.LOCK_SH
+	}
+	if err := unix.Flock(int(f.Fd()), how|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("store %s is mounted elsewhere (a writable mount excludes every other mount)", root)
+		}
+		return nil, fmt.Errorf("lock store %s: %w", root, err)
+	}
+	return f, nil
 }
 
 // abortConn aborts the FUSE connection of device dev through fusectl
