@@ -19,7 +19,9 @@ Usage:
   cleanwall policy apply --sandbox ID FILE
   cleanwall policy show --sandbox ID
   cleanwall sandboxes
+  cleanwall status [--live] [--json]
   cleanwall observe [--sandbox ID] [--verdict V] [--reason R] [--rule NAME] [--proto P] [--output table|json] [--pcap FILE] [--count N]
+  cleanwall cni install|uninstall [--bin-dir DIR] [--conf-dir DIR] [--name FILE] [--socket PATH]
   cleanwall attest status
   cleanwall audit verify [--node-key KEY|FILE] FILE...|DIR
   cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
@@ -60,6 +62,10 @@ func run(args []string) int {
 		err = cmdPolicy(args[1:])
 	case "sandboxes":
 		err = cmdSandboxes(args[1:])
+	case "status":
+		err = cmdStatus(args[1:])
+	case "cni":
+		err = cmdCNI(args[1:])
 	case "attest":
 		err = cmdAttest(args[1:])
 	case "audit":
