@@ -480,3 +480,81 @@ func TestRunVolumesKilledThenGC(t *testing.T) {
 	volumeLeftovers(t, name, docs, dev, filepath.Join(env.Dir, "mnt"))
 	runLeftovers(t, env, name)
 }
+
+// With podman (the documented flow): a container holds the sandbox's
+// network, so its volumes are mounted by the time a second container that
+// joins that network is created with binds of them; that container reads
+// and writes the files volume and the block device; removing the holder
+// (CNI DEL) unmounts and detaches them.
+func TestPodmanBindsVolumes(t *testing.T) {
+	env := harness.New(t)
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true, Keys: []string{"vol-a"}})
+	volDir := filepath.Join(env.Dir, "volumes")
+	d := env.StartDaemon("--volume-dir", volDir, "--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated")
+	store := filepath.Join(env.Dir, "store")
+	policyFile := writePolicy(t, env, "podman-volumes.yaml", volumePolicy("podman-volumes",
+		fmt.Sprintf("    - {name: docs, kind: files, store: %s, keyID: vol-a, path: /data}\n", store),
+		fmt.Sprintf("    - {name: disk, kind: block, store: %s, sizeBytes: 8388608, keyID: vol-a, path: /dev/disk}\n", filepath.Join(env.Dir, "disk.img"))))
+	pm := newPodman(t, env, policyFile)
+	rootfs := staticRootfs(t, pm.dir)
+	limits := []string{"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"}
+
+	holder := env.Name + "-holder"
+	out, err := pm.run(append(append([]string{"run", "-d", "--name", holder, "--network", pm.network}, limits...),
+		"--rootfs", rootfs, "/bin/busybox", "sleep", "120")...)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, d.Log())
+	}
+	id := strings.TrimSpace(out)
+	removed := false
+	t.Cleanup(func() {
+		if !removed {
+			_, _ = pm.run("rm", "-f", "-t", "0", holder)
+		}
+	})
+	sb, err := d.Client().Get(harness.Ctx(), id, "")
+	if err != nil || len(sb.Volumes) != 2 {
+		t.Fatalf("the holder's sandbox: %+v %v", sb.Volumes, err)
+	}
+	files, loop := sb.Volumes[0].HostPath, sb.Volumes[1].HostPath
+	if want := filepath.Join(volDir, id+"@eth0", "docs"); files != want {
+		t.Fatalf("files volume at %s, want %s", files, want)
+	}
+	secret := canary(t)
+	out, err = pm.run(append(append([]string{"run", "--rm", "--network", "container:" + holder}, limits...),
+		"--mount", "type=bind,src="+files+",dst=/data", "--device", loop+":/dev/disk",
+		"--rootfs", rootfs, "/bin/busybox", "sh", "-c",
+		`echo "$1" > /data/note && cat /data/note && printf '%s' "$1" | /bin/busybox dd of=/dev/disk bs=4096 conv=sync,fsync 2>/dev/null && /bin/busybox dd if=/dev/disk bs=4096 count=1 2>/dev/null | /bin/busybox head -c ${#1}`,
+		"sh", secret)...)
+	if err != nil || out != secret+"\n"+secret {
+		t.Fatalf("the worker container: %q %v", out, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(files, "note")); err != nil || string(b) != secret+"\n" {
+		t.Fatalf("the note through the host's mount: %q %v", b, err)
+	}
+	for p, data := range storeFiles(t, store) {
+		if bytes.Contains(data, []byte(secret)) || strings.Contains(p, "note") {
+			t.Fatalf("store file %s holds the canary or the name in plaintext", p)
+		}
+	}
+
+	if _, err := pm.run("rm", "-f", "-t", "0", holder); err != nil {
+		t.Fatal(err)
+	}
+	removed = true
+	info, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(info), volDir) {
+		t.Fatalf("still mounted after podman rm:\n%s", harness.Grep(string(info), volDir))
+	}
+	if !harness.Eventually(10*time.Second, func() bool {
+		loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+		for _, f := range loops {
+			if b, _ := os.ReadFile(f); strings.HasPrefix(string(b), volDir) {
+				return false
+			}
+		}
+		return true
+	}) {
+		t.Fatal("the block volume's loop device is still attached after podman rm")
+	}
+}
