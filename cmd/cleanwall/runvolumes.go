@@ -81,6 +81,10 @@ func prepareVolumes(ctx context.Context, client *api.Client, c *policy.Compiled,
 		rv := runVolume{Name: v.Name, Kind: v.Kind, HostPath: v.HostPath, Path: pv.Path, ReadOnly: pv.ReadOnly}
 		switch v.Kind {
 		case "files":
+			var fs unix.Statfs_t
+			if err := unix.Statfs(v.HostPath, &fs); err != nil || fs.Type != unix.FUSE_SUPER_MAGIC {
+				return nil, fail("volume %s (spec.volumes[%d]): %s is not the runtime's mount in this mount namespace (%v): run cleanwall in the mount namespace of the cleanwalld at %s (nsenter --net=... rather than ip netns exec), or give --socket a path no cleanwalld answers on so that cleanwall run starts a runtime of its own", pv.Name, i, v.HostPath, statfsWhy(err, fs), client.Socket)
+			}
 			hide[filepath.Dir(filepath.Dir(v.HostPath))] = true
 		case "block":
 			if v.Device == nil {
@@ -104,6 +108,13 @@ func prepareVolumes(ctx context.Context, client *api.Client, c *policy.Compiled,
 		return nil, fail("creating %s: %v", plan.Stage, err)
 	}
 	return plan, nil
+}
+
+func statfsWhy(err error, fs unix.Statfs_t) string {
+	if err != nil {
+		return err.Error()
+	}
+	return fmt.Sprintf("file system type %#x, not FUSE", fs.Type)
 }
 
 // underAny reports whether one of the volumes' paths is at or under dir
@@ -242,6 +253,16 @@ func (p *volumePlan) mount() error {
 	for _, v := range p.Volumes {
 		switch v.Kind {
 		case "files":
+			// Fail closed: a directory that is not the runtime's FUSE mount
+			// here (a runtime in a mount namespace this one does not see)
+			// would take the command's writes in plaintext.
+			var fs unix.Statfs_t
+			if err := unix.Statfs(v.HostPath, &fs); err != nil {
+				return fmt.Errorf("volume %s: %s: %w", v.Name, v.HostPath, err)
+			}
+			if fs.Type != unix.FUSE_SUPER_MAGIC {
+				return fmt.Errorf("volume %s: %s is not the runtime's mount in this mount namespace (does cleanwalld run in another one?)", v.Name, v.HostPath)
+			}
 			if err := unix.Mount(v.HostPath, v.Path, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
 				return fmt.Errorf("volume %s: binding %s on %s: %w", v.Name, v.HostPath, v.Path, err)
 			}

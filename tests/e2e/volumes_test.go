@@ -181,7 +181,12 @@ func largest(files map[string][]byte) string {
 // probing loop devices may delay a little: it is waited for.
 func volumeLeftovers(t *testing.T, run string, paths ...string) {
 	t.Helper()
-	volDir := filepath.Join("/run/cleanwall/volumes", "cleanwall-"+run+"@eth0")
+	volumeLeftoversIn(t, filepath.Join("/run/cleanwall/volumes", "cleanwall-"+run+"@eth0"), paths...)
+}
+
+// volumeLeftoversIn is volumeLeftovers for the sandbox directory volDir.
+func volumeLeftoversIn(t *testing.T, volDir string, paths ...string) {
+	t.Helper()
 	info, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
@@ -556,5 +561,59 @@ func TestPodmanBindsVolumes(t *testing.T) {
 		return true
 	}) {
 		t.Fatal("the block volume's loop device is still attached after podman rm")
+	}
+}
+
+// `cleanwall run` with a cleanwalld: the command sees the volumes the
+// daemon mounted when it runs in the daemon's mount namespace; from a
+// mount namespace that does not see the daemon's mounts (ip netns exec on
+// a host whose mounts do not propagate) it fails closed, naming the volume,
+// and the command never runs, rather than writing to an empty directory.
+func TestRunVolumesWithCleanwalld(t *testing.T) {
+	env := harness.New(t)
+	if err := harness.EnsureHostBPFFS(); err != nil {
+		t.Fatal(err)
+	}
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true, Keys: []string{"vol-a"}})
+	volDir := filepath.Join(env.Dir, "volumes")
+	d := env.StartDaemon("--volume-dir", volDir, "--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated")
+	store := filepath.Join(env.Dir, "store")
+	docs, dev := filepath.Join(env.Dir, "mnt", "docs"), filepath.Join(env.Dir, "mnt", "disk")
+	pol := writePolicy(t, env, "daemon-volumes.yaml", volumePolicy("daemon-volumes",
+		fmt.Sprintf("    - {name: docs, kind: files, store: %s, keyID: vol-a, path: %s}\n", store, docs),
+		fmt.Sprintf("    - {name: disk, kind: block, store: %s, sizeBytes: 8388608, keyID: vol-a, path: %s}\n", filepath.Join(env.Dir, "disk.img"), dev)))
+	secret := canary(t)
+	script := `printf '%s' "$1" > "$2/note" && cat "$2/note" && printf '%s' "$1" | dd of="$3" bs=4096 conv=sync,fsync 2>/dev/null && dd if="$3" bs=4096 count=1 2>/dev/null | head -c ${#1}`
+
+	// In the daemon's mount namespace (nsenter enters only the network).
+	name := runName("vol-daemon")
+	cmd := exec.Command("nsenter", "--net="+env.Node, filepath.Join(env.Bin, "cleanwall"), "run", "--socket", d.Socket,
+		"--policy", pol, "--name", name, "--", "sh", "-c", script, "sh", secret, docs, dev)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil || stdout.String() != secret+secret {
+		t.Fatalf("run with cleanwalld: %v, stdout %q\nstderr: %s", err, stdout.String(), stderr.String())
+	}
+	sandboxDir := filepath.Join(volDir, "cleanwall-"+name+"@eth0")
+	volumeLeftoversIn(t, sandboxDir, docs, dev, filepath.Join(env.Dir, "mnt"))
+	for p, data := range storeFiles(t, store) {
+		if bytes.Contains(data, []byte(secret)) {
+			t.Fatalf("store file %s holds the canary", p)
+		}
+	}
+
+	// From ip netns exec's mount namespace, which does not see them.
+	name = runName("vol-elsewhere")
+	marker := filepath.Join(env.Dir, "ran")
+	res := cleanwallRun(t, env, "--socket", d.Socket, "--policy", pol, "--name", name, "--", "touch", marker)
+	if res.code == 0 || !strings.Contains(res.stderr, "volume docs (spec.volumes[0])") || !strings.Contains(res.stderr, "not the runtime's mount") {
+		t.Fatalf("run from another mount namespace: exit status %d\nstderr: %s", res.code, res.stderr)
+	}
+	if _, err := os.Stat(marker); !os.IsNotExist(err) {
+		t.Fatal("the command ran without its volumes")
+	}
+	volumeLeftoversIn(t, filepath.Join(volDir, "cleanwall-"+name+"@eth0"), docs, dev)
+	if list, err := d.Client().List(harness.Ctx()); err != nil || len(list) != 0 {
+		t.Fatalf("sandboxes left in cleanwalld: %+v %v", list, err)
 	}
 }
