@@ -186,7 +186,7 @@ func (g *consentGate) admit(ctx context.Context, containerID string, doc []byte,
 	if d.Allow {
 		return nil
 	}
-	return &api.Error{Field: "consent", Message: fmt.Sprintf("consent denied (execute, policy %q): %s", c.Name, explain(d))}
+	return &api.Error{Field: "consent", Message: fmt.Sprintf("denied (execute, policy %q): %s", c.Name, explain(d))}
 }
 
 // explain says why a decision is a deny.

@@ -116,7 +116,7 @@ func TestConsentAtAdmission(t *testing.T) {
 	s := newConsentStub(t)
 	td := startConsentTest(t, s)
 	_, err := td.client.Add(ctx(), td.request("a", 2, consentPolicy))
-	if err == nil || !strings.Contains(err.Error(), `consent denied (execute, policy "governed")`) || !strings.Contains(err.Error(), "not granted") {
+	if err == nil || !strings.Contains(err.Error(), `consent: denied (execute, policy "governed")`) || !strings.Contains(err.Error(), "not granted") {
 		t.Fatalf("ADD without consent: %v", err)
 	}
 	if m, _ := td.dp.Sandboxes(); len(m) != 0 {
@@ -147,7 +147,7 @@ func TestConsentAtAdmission(t *testing.T) {
 	}
 	// A new policy version is a new question: not granted, the apply is refused.
 	changed := strings.Replace(consentPolicy, "name: governed", "name: governed2", 1)
-	if _, err := td.client.ApplyPolicy(ctx(), "c-a", "eth0", api.ApplyRequest{Policy: []byte(changed)}); err == nil || !strings.Contains(err.Error(), "consent denied") {
+	if _, err := td.client.ApplyPolicy(ctx(), "c-a", "eth0", api.ApplyRequest{Policy: []byte(changed)}); err == nil || !strings.Contains(err.Error(), "consent: denied") {
 		t.Fatalf("apply without consent: %v", err)
 	}
 	if err := td.client.Delete(ctx(), "c-a", "eth0"); err != nil {

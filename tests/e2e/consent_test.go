@@ -322,7 +322,7 @@ func TestConsentServiceFailures(t *testing.T) {
 		c.cs.SetMode(tc.mode)
 		start := time.Now()
 		_, err := c.env.AddSandbox("fail-"+tc.name, harness.SandboxOptions{Policy: policyConsent, NoIPv6: true})
-		if err == nil || !strings.Contains(err.Error(), "consent denied") || !strings.Contains(err.Error(), tc.want) {
+		if err == nil || !strings.Contains(err.Error(), "consent: denied") || !strings.Contains(err.Error(), tc.want) {
 			t.Fatalf("%s: ADD: %v, want a consent deny naming %q", tc.name, err, tc.want)
 		}
 		if el := time.Since(start); el > 5*time.Second {
@@ -400,7 +400,7 @@ func TestConsentRun(t *testing.T) {
 	}
 	name = runName("consent-deny")
 	res = cleanwallRun(t, env, append(append([]string{"--policy", pol, "--name", name}, flags...), "--", "touch", marker)...)
-	if res.code == 0 || !strings.Contains(res.stderr, "consent denied (execute") || !strings.Contains(res.stderr, "no grant in the allow-list") {
+	if res.code == 0 || !strings.Contains(res.stderr, "consent: denied (execute") || !strings.Contains(res.stderr, "no grant in the allow-list") {
 		t.Fatalf("denied run: exit %d, stderr:\n%s", res.code, res.stderr)
 	}
 	if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) {
