@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/cleanwall/cleanwall/governance/audit"
+	"github.com/cleanwall/cleanwall/runtime/keys"
 )
 
 // Audit record kinds written by the daemon.
@@ -115,6 +116,19 @@ func (a *auditor) deny(kind string, fields map[string]any) {
 	if allowed {
 		a.record(kind, fields)
 	}
+}
+
+// keyAuditErr is the key ring's AuditErr: a granted release is recorded,
+// durably, before the key is held or used, and counted; an error withholds
+// the key (the ring then records and counts a refusal).
+func (d *Daemon) keyAuditErr(kind string, fields map[string]any) error {
+	if err := d.audit.recordErr(kind, fields); err != nil {
+		return err
+	}
+	if kind == keys.AuditRelease {
+		d.metrics.KeyReleases.WithLabelValues("released").Inc()
+	}
+	return nil
 }
 
 // nodeKey is the public key that signs the log's checkpoints (nil without

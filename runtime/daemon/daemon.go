@@ -156,6 +156,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if d.cfg.KeyBroker != nil {
 		d.keys = keys.New(*d.cfg.KeyBroker, d.log, d.keyAudit)
 		d.keys.NodeKey = d.audit.nodeKey() // ties the audit log to the attestation (docs/keybroker.md §7)
+		d.keys.AuditErr = d.keyAuditErr    // no record, no key
 		d.keys.OnLapse = d.keyLapsed
 		if err := d.keys.Start(d.ctx); err != nil {
 			return err

@@ -65,6 +65,12 @@ type Ring struct {
 	// a release succeeds). It is called from the refresher, without locks.
 	OnLapse func(keyID, policySHA256 string)
 
+	// AuditErr, when set (before Start), records a granted release and
+	// returns once the record is durable; an error withholds the key (the
+	// release counts as failed): no record, no key. Without it, audit
+	// records releases and a failure to record does not stop them.
+	AuditErr func(kind string, fields map[string]any) error
+
 	// NodeKey, when set (before Start), is sent with every release and
 	// bound into its evidence, so the broker's release record ties this
 	// node's audit log to the attestation (docs/keybroker.md §7).
@@ -256,6 +262,13 @@ func (k *Ring) release(ctx context.Context, hk heldKey) (proxies.DataKey, error)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	key, err := k.rel.ReleaseWith(ctx, hk.id, client.ReleaseOptions{PolicySHA256: hk.policy, NodeKey: k.NodeKey})
+	if err == nil && k.AuditErr != nil {
+		// Recorded before the key is held or handed to anyone.
+		if aerr := k.AuditErr(AuditRelease, k.releaseRecord(hk, key)); aerr != nil {
+			clear(key.Bytes)
+			err = fmt.Errorf("key released but its audit record could not be written, so it is not used: %w", aerr)
+		}
+	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if err != nil {
@@ -290,10 +303,17 @@ func (k *Ring) release(ctx context.Context, hk heldKey) (proxies.DataKey, error)
 	k.keys[hk] = h
 	k.lastRelease, k.lastError = now, ""
 	k.log.Info("key released", "key", hk.id, "version", key.Version, "policy", hk.policy, "not_after", key.NotAfter, "simulated", key.Evidence.Simulated)
-	k.audit(AuditRelease, k.withNodeKey(map[string]any{"key": hk.id, "version": key.Version, "policySHA256": hk.policy, "broker": k.url,
-		"notAfter": key.NotAfter.Format(time.RFC3339), "simulated": key.Evidence.Simulated, "measurement": k.measurement,
-		"reportData": hex.EncodeToString(key.Evidence.ReportData[:])}))
+	if k.AuditErr == nil {
+		k.audit(AuditRelease, k.releaseRecord(hk, key))
+	}
 	return dk, nil
+}
+
+// releaseRecord is the audit record of a granted release.
+func (k *Ring) releaseRecord(hk heldKey, key client.Key) map[string]any {
+	return k.withNodeKey(map[string]any{"key": hk.id, "version": key.Version, "policySHA256": hk.policy, "broker": k.url,
+		"notAfter": key.NotAfter.Format(time.RFC3339), "simulated": key.Evidence.Simulated, "measurement": k.measurement,
+		"reportData": hex.EncodeToString(key.Evidence.ReportData[:])})
 }
 
 // withNodeKey adds the node key a release bound (base64, as the broker's
