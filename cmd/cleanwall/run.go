@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cleanwall/cleanwall/bpf"
+	"github.com/cleanwall/cleanwall/governance/telemetry"
 	"github.com/cleanwall/cleanwall/internal/netns"
 	"github.com/cleanwall/cleanwall/policy"
 	"github.com/cleanwall/cleanwall/runtime/api"
@@ -56,7 +57,9 @@ type runOptions struct {
 	keyBroker, brokerCA, attestation string
 	consentURL, consentCA            string
 	consentTimeout                   time.Duration
-	extensions                       []string
+	// otlp exports the embedded runtime's metrics (cleanwalld's --otlp-*).
+	otlp       telemetry.Config
+	extensions []string
 }
 
 // usageError is a one-line "what is wrong and how to fix it".
@@ -85,6 +88,9 @@ func parseRunFlags(args []string) (*runOptions, error) {
 	fs.StringVar(&o.consentURL, "consent-url", "", "consent service for the embedded runtime (as cleanwalld's, docs/consent.md): asked before COMMAND starts when the policy requires consent")
 	fs.StringVar(&o.consentCA, "consent-ca", "", "PEM file of the CA(s) the consent service's TLS certificate chains to (default: system roots)")
 	fs.DurationVar(&o.consentTimeout, "consent-timeout", 2*time.Second, "bound of each consent request; no answer in time is a deny")
+	fs.StringVar(&o.otlp.Endpoint, "otlp-endpoint", "", "export the embedded runtime's metrics to an OpenTelemetry collector, OTLP/HTTP over TLS (as cleanwalld's; docs/telemetry.md)")
+	fs.StringVar(&o.otlp.CAFile, "otlp-ca", "", "PEM file of the CA(s) the collector's TLS certificate chains to (default: system roots)")
+	fs.DurationVar(&o.otlp.Interval, "otlp-interval", telemetry.DefaultInterval, "how often the metrics are exported to --otlp-endpoint")
 	fs.Func("extension", "an out-of-process privacy proxy for the embedded runtime, NAME=unix:/path (repeatable; docs/extensions.md)", func(v string) error {
 		o.extensions = append(o.extensions, v)
 		return nil
@@ -308,6 +314,24 @@ func cmdRun(args []string) error {
 			return fail("--metrics-addr %s: %v", o.metricsAddr, err)
 		} else {
 			td.push(stop)
+		}
+	}
+
+	if o.otlp.Endpoint != "" {
+		if embedded == nil {
+			fmt.Fprintf(os.Stderr, "cleanwall: --otlp-endpoint ignored: cleanwalld at %s exports its own metrics\n", client.Socket)
+		} else {
+			cfg := o.otlp
+			cfg.Gatherer, cfg.Service, cfg.Version = embedded.Registry(), "cleanwall-run", version
+			exp, err := telemetry.Start(setupCtx, cfg)
+			if err != nil {
+				return fail("%v", err)
+			}
+			td.push(func() error { // a last export
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				return exp.Shutdown(ctx)
+			})
 		}
 	}
 

@@ -252,6 +252,37 @@ func TestTelemetryCarriesNoCanary(t *testing.T) {
 		len(metrics), len(logs), len(audit), len(otlp.all()), otlp.count(), evs.Len(), len(events.all()), len(c.names()), time.Since(start).Round(time.Millisecond))
 }
 
+// `cleanwall run --otlp-endpoint` exports its embedded runtime's metrics
+// (a last export when the command ends); an endpoint that is not https is
+// refused before the command runs, naming the flag.
+func TestRunExportsOTLP(t *testing.T) {
+	env := harness.New(t)
+	otlp := startOTLPReceiver(t, env)
+	pol := writePolicy(t, env, "otlp.yaml", policyOpen)
+	marker := filepath.Join(t.TempDir(), "ran")
+	res := cleanwallRun(t, env, "--policy", pol, "--name", runName("otlp-bad"), "--otlp-endpoint", "http://127.0.0.1:4318", "--", "touch", marker)
+	if res.code == 0 || !strings.Contains(res.stderr, "--otlp-endpoint") {
+		t.Errorf("an http endpoint: exit %d, stderr %q; want a failure naming --otlp-endpoint", res.code, res.stderr)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Error("the command ran although the OTLP endpoint was refused")
+	}
+	res = cleanwallRun(t, env, "--policy", pol, "--name", runName("otlp"), "--otlp-endpoint", otlp.url, "--otlp-ca", otlp.ca,
+		"--otlp-interval", "1s", "--", "touch", marker)
+	if res.code != 0 {
+		t.Fatalf("cleanwall run: exit %d\n%s", res.code, res.stderr)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatal("the command did not run")
+	}
+	if otlp.count() == 0 {
+		t.Fatal("no OTLP export from cleanwall run")
+	}
+	if !strings.Contains(otlp.all(), "cleanwall-run") || !strings.Contains(otlp.all(), "cleanwall_sandboxes") {
+		t.Errorf("the export lacks service.name cleanwall-run or the runtime's metrics (%d exports)", otlp.count())
+	}
+}
+
 // policyTelemetry: an open HTTP rule with paths, methods, a body limit
 // and deny patterns; a plain TCP rule; DNS with a listed name and a
 // pattern; the postgres rule of policyWarehouse (login files from the
