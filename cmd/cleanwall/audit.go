@@ -124,6 +124,11 @@ func cmdAuditVerify(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintln(stderr, err)
 		return &exitError{1}
 	}
+	if opts.NodeKey != nil && sum.Checkpoints == 0 {
+		fmt.Fprintf(stderr, "%d records, chain intact, but no checkpoint signed by node key %s: nothing ties the log to that node\n",
+			sum.Records, audit.EncodeNodeKey(opts.NodeKey))
+		return &exitError{1}
+	}
 	name := files[0]
 	if len(files) > 1 {
 		name = fmt.Sprintf("%s … %s (%d files)", files[0], filepath.Base(files[len(files)-1]), len(files))

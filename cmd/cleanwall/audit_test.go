@@ -78,6 +78,18 @@ func TestAuditVerifyCommand(t *testing.T) {
 	if code != 1 || !strings.Contains(errOut, "audit.jsonl.000001:") || !strings.Contains(errOut, "not the log's node key") {
 		t.Fatalf("other key: %d %s", code, errOut)
 	}
+	// --node-key on a log without checkpoints proves nothing: refused.
+	plain := filepath.Join(t.TempDir(), "audit.jsonl")
+	if l, err := audit.Open(plain, audit.Options{}); err == nil {
+		l.Append("x", nil)
+		l.Close()
+	}
+	_, errOut, code = runAudit(t, func(o, e *bytes.Buffer) error {
+		return cmdAuditVerify([]string{"--node-key", pubText, plain}, o, e)
+	})
+	if code != 1 || !strings.Contains(errOut, "no checkpoint signed") {
+		t.Fatalf("unsigned log with --node-key: %d %s", code, errOut)
+	}
 	// A dropped rotated file is named at the first record after the gap.
 	os.Remove(files[1])
 	_, errOut, code = runAudit(t, func(o, e *bytes.Buffer) error { return cmdAuditVerify([]string{dir}, o, e) })
