@@ -125,9 +125,9 @@ func untilExited(t *testing.T, timeout time.Duration, round func(), obs ...*obse
 
 // cleanwall observe --pcap writes the sampled headers of dropped packets
 // as a capture that tcpdump reads back: Ethernet link type, the packets'
-// addresses and ports, their original length beyond the 128-byte snapshot,
-// and timestamps of when they were dropped. The packets never arrived and
-// every one was counted.
+// addresses and ports, their headers only (never payload) with their
+// original length, and timestamps of when they were dropped. The packets
+// never arrived and every one was counted.
 func TestObservePcapOfDrops(t *testing.T) {
 	tcpdump, err := exec.LookPath("tcpdump")
 	if err != nil {
@@ -227,9 +227,17 @@ func TestObservePcapOfDrops(t *testing.T) {
 			if want := 14 + 20 + 8 + len(payload); ci.Length != want || ci.CaptureLength != 14+20+8 {
 				t.Errorf("UDP packet %d: length %d, captured %d; want %d, %d (its headers)", i, ci.Length, ci.CaptureLength, want, 14+20+8)
 			}
+			if bytes.Contains(data, []byte("exfiltrate")) {
+				t.Errorf("UDP packet %d: the capture holds the payload", i)
+			}
 		case p.Layer(layers.LayerTypeTCP) != nil:
-			if tcp := p.Layer(layers.LayerTypeTCP).(*layers.TCP); tcp.SYN && !tcp.ACK && tcp.DstPort == 9999 {
+			tcp := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
+			if tcp.SYN && !tcp.ACK && tcp.DstPort == 9999 {
 				syn++
+			}
+			// A SYN is all headers: captured whole, options included.
+			if want := 14 + 20 + int(tcp.DataOffset)*4; ci.CaptureLength != want || ci.Length != want {
+				t.Errorf("SYN %d: length %d, captured %d; want %d", i, ci.Length, ci.CaptureLength, want)
 			}
 		}
 	}
