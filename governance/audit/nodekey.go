@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -178,12 +179,11 @@ func ReadNodeKey(path string) (ed25519.PrivateKey, error) {
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("node key %s: mode %04o lets group or others read it; chmod 600 it (or remove it to make a new key)", path, perm)
 	}
-	data := make([]byte, 4096)
-	n, err := f.Read(data)
+	data, err := io.ReadAll(io.LimitReader(f, 16<<10))
 	if err != nil {
 		return nil, fmt.Errorf("node key %s: %w", path, err)
 	}
-	block, _ := pem.Decode(data[:n])
+	block, _ := pem.Decode(data)
 	if block == nil || block.Type != nodeKeyPEMType {
 		return nil, fmt.Errorf("node key %s: not a PEM %q block", path, nodeKeyPEMType)
 	}

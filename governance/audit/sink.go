@@ -360,7 +360,7 @@ func (fw *Forwarder) send(ctx context.Context, b batch) error {
 			return err
 		}
 		fw.rewind(ack.Through + 1)
-		return nil
+		return fmt.Errorf("sink acknowledges only through %d (sent %d-%d): sending again from there", ack.Through, b.first, b.last)
 	}
 	if through+1 == b.first {
 		fw.rewind(b.first)

@@ -185,3 +185,38 @@ func TestSinkOutageThenRecovery(t *testing.T) {
 	}
 	t.Logf("%d records delivered in %d posts, %d failed posts", len(sink.lines), sink.posts, fw.Failures())
 }
+
+// A sink that lost its copy acknowledges less than it did: the forwarder
+// sends again from there, and the sink ends with the whole chain.
+func TestSinkLostCopyIsResent(t *testing.T) {
+	sink := &testSink{}
+	srv := serveSink(t, sink, "")
+	defer srv.Close()
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Certificate())
+	l, err := Open(filepath.Join(t.TempDir(), "audit.jsonl"), Options{Signer: newKey(t), MaxSize: 2 << 10, Sync: SyncNever})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	fw, err := l.Forward(SinkOptions{URL: srv.URL, Roots: roots, MinBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fw.Close()
+	for i := range 40 {
+		l.Append("op", map[string]any{"i": i})
+	}
+	waitFor(t, "delivery", func() bool { return fw.Backlog() == 0 })
+	sink.mu.Lock()
+	sink.lines, sink.lastHash = nil, ""
+	sink.mu.Unlock()
+	l.Append("op", map[string]any{"i": "after the loss"})
+	seq, _ := l.Last()
+	waitFor(t, "the whole chain again", func() bool { return sink.count() == int(seq) })
+	sink.mu.Lock()
+	defer sink.mu.Unlock()
+	if err := Verify(bytes.NewReader(bytes.Join(sink.lines, nil))); err != nil {
+		t.Fatal(err)
+	}
+}
