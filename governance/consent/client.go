@@ -185,14 +185,6 @@ func (c *Client) Timeout() time.Duration { return c.timeout }
 // Node is the node name the client sends.
 func (c *Client) Node() string { return c.node }
 
-// response is the body of a 200 (unknown fields are allowed: the protocol
-// may grow optional ones).
-type response struct {
-	Decision   *string          `json:"decision"`
-	TTLSeconds *json.RawMessage `json:"ttlSeconds"`
-	Reason     *string          `json:"reason"`
-}
-
 // Ask asks once, within the timeout, and never fails: a failure is a deny
 // naming its cause. req.Node is filled in when empty.
 func (c *Client) Ask(ctx context.Context, req Request) Decision {
@@ -229,30 +221,51 @@ func (c *Client) Ask(ctx context.Context, req Request) Decision {
 	return parse(data)
 }
 
-// parse reads a 200's body.
+// parse reads a 200's body: one JSON object whose keys are matched
+// exactly (no key twice); unknown keys are allowed (the protocol may grow
+// optional fields).
 func parse(data []byte) Decision {
 	dec := json.NewDecoder(bytes.NewReader(data))
-	var r response
-	if err := dec.Decode(&r); err != nil {
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return failure(CauseMalformed, "the answer is not a JSON object")
+	}
+	fields := map[string]json.RawMessage{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return failure(CauseMalformed, "the answer is not a JSON object: "+err.Error())
+		}
+		key, _ := tok.(string)
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return failure(CauseMalformed, "the answer is not a JSON object: "+err.Error())
+		}
+		if _, dup := fields[key]; dup {
+			return failure(CauseMalformed, fmt.Sprintf("%.40q given twice in the answer", key))
+		}
+		fields[key] = raw
+	}
+	if _, err := dec.Token(); err != nil {
 		return failure(CauseMalformed, "the answer is not a JSON object: "+err.Error())
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return failure(CauseMalformed, "trailing data after the answer's JSON object")
 	}
-	if r.Decision == nil {
-		return failure(CauseMalformed, "the answer has no decision")
+	var decision string
+	if raw, ok := fields["decision"]; !ok || json.Unmarshal(raw, &decision) != nil {
+		return failure(CauseMalformed, "the answer has no decision string")
 	}
 	d := Decision{TTL: DefaultTTL, At: time.Now()}
-	switch *r.Decision {
+	switch decision {
 	case "allow":
 		d.Allow = true
 	case "deny":
 	default:
-		return failure(CauseMalformed, fmt.Sprintf("unknown decision %.40q", *r.Decision))
+		return failure(CauseMalformed, fmt.Sprintf("unknown decision %.40q", decision))
 	}
-	if r.TTLSeconds != nil && string(*r.TTLSeconds) != "null" {
+	if raw, ok := fields["ttlSeconds"]; ok && string(raw) != "null" {
 		var n float64
-		if err := json.Unmarshal(*r.TTLSeconds, &n); err != nil {
+		if err := json.Unmarshal(raw, &n); err != nil {
 			return failure(CauseMalformed, "ttlSeconds is not a number")
 		}
 		if n < 0 {
@@ -260,8 +273,10 @@ func parse(data []byte) Decision {
 		}
 		d.TTL = ClampTTL(time.Duration(min(n, MaxTTL.Seconds()) * float64(time.Second)))
 	}
-	if r.Reason != nil {
-		d.Reason = *r.Reason
+	if raw, ok := fields["reason"]; ok && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &d.Reason); err != nil {
+			return failure(CauseMalformed, "reason is not a string")
+		}
 	}
 	return d
 }
