@@ -194,7 +194,8 @@ type Log struct {
 	failed          error
 	// retain, when set, is the highest seq that may be removed by
 	// retention (the sink's delivered cursor).
-	retain func() uint64
+	retain    func() uint64
+	holdPrune bool
 
 	durable atomic.Uint64 // seq of the last record known on disk
 	notify  chan struct{} // a record was added (for the forwarder)
@@ -267,7 +268,12 @@ func Open(path string, opts Options) (*Log, error) {
 	}
 	l.durable.Store(l.seq)
 	if cut > 0 {
-		if _, err := l.Append(KindRecovered, map[string]any{"truncatedBytes": cut}); err != nil {
+		// No retention yet: a sink forwarder (Forward) is not there to say
+		// what it has not acknowledged.
+		l.holdPrune = true
+		_, err := l.Append(KindRecovered, map[string]any{"truncatedBytes": cut})
+		l.holdPrune = false
+		if err != nil {
 			return fail(err)
 		}
 	}

@@ -179,7 +179,7 @@ func (l *Log) rotateLocked() error {
 // pruneLocked removes the oldest rotated files beyond Options.Keep whose
 // records the sink (if any) has acknowledged, after recording which.
 func (l *Log) pruneLocked() error {
-	if l.opts.Keep <= 0 {
+	if l.opts.Keep <= 0 || l.holdPrune {
 		return nil
 	}
 	rs, err := listRotated(l.path)
