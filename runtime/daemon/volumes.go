@@ -52,6 +52,7 @@ type servedVolume struct {
 	dir   string
 	m     volumes.Mounted // nil: not mounted (err says why)
 	err   error
+	key   []byte // the volume's copy of its key, wiped once it is closed
 }
 
 // volumeSet is a sandbox's volumes.
@@ -134,7 +135,7 @@ func (d *Daemon) mountVolumes(ctx context.Context, req *api.AddRequest, c *polic
 	for i, v := range c.Policy.Spec.Volumes {
 		sv := &servedVolume{index: i, vol: v, dir: filepath.Join(set.dir, v.Name)}
 		if err := d.mountOne(ctx, set, sv, c); err != nil {
-			d.closeVolumes(set, "admission failed")
+			_ = d.closeVolumes(set, "admission failed")
 			return nil, &api.Error{Field: "policy", Message: fmt.Sprintf("spec.volumes[%d] (%s): %v", i, v.Name, err)}
 		}
 		set.vols = append(set.vols, sv)
@@ -167,15 +168,17 @@ func (d *Daemon) mountOne(ctx context.Context, set *volumeSet, sv *servedVolume,
 	}
 	fields["keyVersion"] = key.Version
 	if err := prepareVolumeDir(sv.dir); err != nil {
+		clear(key.Key)
 		return err
 	}
 	m, err := openVolume(ctx, volumes.Request{Volume: v, Key: key, Dir: sv.dir, Logger: d.log.With("volume", v.Name, "sandbox", set.sandbox)})
 	if err != nil {
+		clear(key.Key)
 		_ = os.Remove(sv.dir)
 		_ = os.Remove(set.dir) // only if empty
 		return err
 	}
-	sv.m, sv.err = m, nil
+	sv.m, sv.err, sv.key = m, nil, key.Key
 	fields["hostPath"] = m.HostPath()
 	if maj, min, ok := m.Device(); ok {
 		fields["device"] = fmt.Sprintf("%d:%d", maj, min)
@@ -284,6 +287,7 @@ func (d *Daemon) closeVolumes(set *volumeSet, why string) error {
 			errs = append(errs, fmt.Errorf("unmounting volume %s of %s: %w", sv.vol.Name, set.sandbox, err))
 			d.log.Error("volume not unmounted", "sandbox", set.sandbox, "volume", sv.vol.Name, "error", err)
 		} else {
+			clear(sv.key)
 			d.log.Info("volume unmounted", "sandbox", set.sandbox, "volume", sv.vol.Name, "why", why)
 			if err := os.Remove(sv.dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 				errs = append(errs, err)
