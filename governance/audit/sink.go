@@ -133,6 +133,9 @@ func (l *Log) Forward(o SinkOptions) (*Forwarder, error) {
 		if err := json.Unmarshal(data, &c); err != nil {
 			return nil, fmt.Errorf("audit sink cursor %s: %w", o.CursorFile, err)
 		}
+		if err := checkCursor(l, c); err != nil {
+			return nil, fmt.Errorf("audit sink cursor %s: %w (remove it to send this log from its start)", o.CursorFile, err)
+		}
 		fw.cursor.Store(c.Seq)
 	case !errors.Is(err, os.ErrNotExist):
 		return nil, fmt.Errorf("audit sink cursor: %w", err)
@@ -411,4 +414,50 @@ func (fw *Forwarder) persist(seq uint64, hash string) error {
 	}
 	fw.cursor.Store(seq)
 	return nil
+}
+
+// checkCursor makes sure a persisted cursor belongs to this log: its seq is
+// not past the log's end and, where the record is still on disk, it has the
+// hash the cursor names. A cursor of another log would make the forwarder
+// skip records, or send a chain the sink cannot continue.
+func checkCursor(l *Log, c cursorFile) error {
+	last, _ := l.Last()
+	if c.Seq > last {
+		return fmt.Errorf("at seq %d, past the log's last record %d: another log's cursor", c.Seq, last)
+	}
+	if c.Seq == 0 || c.Hash == "" {
+		return nil
+	}
+	files, err := Files(l.path)
+	if err != nil {
+		return err
+	}
+	for i := len(files) - 1; i >= 0; i-- {
+		first, err := firstRecord(files[i])
+		if err != nil {
+			return err
+		}
+		if first == nil || first.Seq > c.Seq {
+			continue
+		}
+		f, err := os.Open(files[i])
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		rd := ContinueReader(f, Chain{Seq: first.Seq - 1, Hash: first.PrevHash})
+		for {
+			rec, err := rd.Next()
+			if err != nil {
+				return fmt.Errorf("record %d not found: %v", c.Seq, err)
+			}
+			if rec.Seq == c.Seq {
+				if rec.Hash != c.Hash {
+					return fmt.Errorf("record %d has hash %.16s…, the cursor %.16s…: another log's cursor", c.Seq, rec.Hash, c.Hash)
+				}
+				return nil
+			}
+		}
+	}
+	return nil // removed by retention after the sink acknowledged it
 }

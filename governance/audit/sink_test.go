@@ -8,8 +8,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -219,4 +221,41 @@ func TestSinkLostCopyIsResent(t *testing.T) {
 	if err := Verify(bytes.NewReader(bytes.Join(sink.lines, nil))); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A cursor left from another log is refused, not followed.
+func TestSinkCursorOfAnotherLog(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "audit.jsonl")
+	l, err := Open(path, Options{Sync: SyncNever})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	for i := range 5 {
+		l.Append("op", map[string]any{"i": i})
+	}
+	opts := SinkOptions{URL: "https://127.0.0.1:1/"}
+	for name, cursor := range map[string]string{
+		"past the end": `{"seq":9,"hash":""}`,
+		"another hash": `{"seq":3,"hash":"` + strings.Repeat("ab", 32) + `"}`,
+	} {
+		os.WriteFile(path+".sink-cursor", []byte(cursor), 0o600)
+		if fw, err := l.Forward(opts); err == nil || !strings.Contains(err.Error(), "another log's cursor") {
+			if fw != nil {
+				fw.Close()
+			}
+			t.Errorf("%s: Forward = %v", name, err)
+		}
+	}
+	recs := readRecords(t, path)
+	os.WriteFile(path+".sink-cursor", []byte(`{"seq":3,"hash":"`+recs[2].Hash+`"}`), 0o600)
+	fw, err := l.Forward(opts)
+	if err != nil {
+		t.Fatalf("this log's cursor: %v", err)
+	}
+	if fw.Cursor() != 3 || fw.Backlog() != 2 {
+		t.Fatalf("cursor %d backlog %d", fw.Cursor(), fw.Backlog())
+	}
+	fw.Close()
 }
