@@ -249,6 +249,24 @@ func (g *consentGate) Cached(dec *dispatch.Decision, dst netip.AddrPort) (allow,
 	return true, true
 }
 
+// adopted asks execute, in the background, for each re-adopted sandbox
+// whose policy needs consent (after a restart): its answer is then
+// re-asked on the usual schedule, and its first flow finds it cached.
+func (g *consentGate) adopted() {
+	if !g.configured() {
+		return
+	}
+	for _, s := range g.d.sandboxes.Snapshot() {
+		s.Lock()
+		c, rec := s.Compiled, s.Rec
+		s.Unlock()
+		if c == nil || c.Policy == nil || !c.Policy.ConsentRequired() {
+			continue
+		}
+		go g.cache.Check(g.d.ctx, g.subjectOf(rec).request(consent.KindExecute, "", ""))
+	}
+}
+
 // live reports whether a registered sandbox still uses an answer's
 // policy version (an answer asked by a flow of a sandbox being deleted
 // must not be re-asked for ever).

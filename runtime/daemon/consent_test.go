@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"encoding/json"
 	"encoding/pem"
 	"net/http"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/cleanwall/cleanwall/internal/testutil"
 
 	"github.com/cleanwall/cleanwall/runtime/api"
 )
@@ -155,5 +159,48 @@ func TestConsentAtAdmission(t *testing.T) {
 	}
 	if keys := td.consent.cache.Keys(); len(keys) != 0 {
 		t.Fatalf("a deleted sandbox's answers are kept: %+v", keys)
+	}
+}
+
+// After a restart, execute is asked again for the re-adopted sandboxes
+// whose policy needs consent, before any flow asks.
+func TestConsentAskedAfterRestart(t *testing.T) {
+	s := newConsentStub(t)
+	s.set("execute/governed/", true)
+	td := startConsentTest(t, s)
+	if _, err := td.client.Add(ctx(), td.request("r", 6, consentPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := td.client.Add(ctx(), td.request("o", 7, openPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	td.Close()
+	before := len(s.requests())
+	cfg := td.cfg
+	cfg.Logger = testutil.Logger(t)
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.audit = &auditor{log: d.log}
+	defer d.Close()
+	if err := d.wire(td.dp, td.links, td.wall); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.consent.start(d.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	d.consent.adopted()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(s.requests()) == before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	reqs := s.requests()[before:]
+	if len(reqs) != 1 || reqs[0]["kind"] != "execute" || reqs[0]["sandbox"] != "c-r" {
+		t.Fatalf("requests after the restart: %+v (want execute for c-r only)", reqs)
 	}
 }

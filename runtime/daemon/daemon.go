@@ -177,6 +177,7 @@ func (d *Daemon) Start(ctx context.Context) (err error) {
 	if err := d.reconcile(); err != nil {
 		return fmt.Errorf("re-adopting sandboxes: %w", err)
 	}
+	d.consent.adopted()
 	d.serveFlows()
 	d.goBackground(d.sweep)
 	d.goBackground(d.watch)
