@@ -107,6 +107,13 @@ func prepareVolumes(ctx context.Context, client *api.Client, c *policy.Compiled,
 	if err := os.Mkdir(plan.Stage, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return nil, fail("creating %s: %v", plan.Stage, err)
 	}
+	for _, v := range plan.Volumes {
+		ro := ""
+		if v.ReadOnly {
+			ro = ", read-only"
+		}
+		fmt.Fprintf(os.Stderr, "cleanwall: volume %s (%s%s) at %s\n", v.Name, v.Kind, ro, v.Path)
+	}
 	return plan, nil
 }
 

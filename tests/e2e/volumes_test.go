@@ -258,6 +258,9 @@ func TestRunVolumes(t *testing.T) {
 	if res.code != 0 || !strings.HasSuffix(res.stdout, "ok\n") {
 		t.Fatalf("write run: exit status %d\nstdout: %s\nstderr: %s", res.code, res.stdout, res.stderr)
 	}
+	if want := "cleanwall: volume scratch (block) at " + dev; !strings.Contains(res.stderr, want) {
+		t.Errorf("the run does not announce %q:\n%s", want, res.stderr)
+	}
 	var sums bytes.Buffer
 	for _, line := range strings.Split(res.stdout, "\n") {
 		if strings.HasPrefix(line, "sum ") {
