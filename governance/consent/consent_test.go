@@ -539,3 +539,26 @@ func TestCacheKeep(t *testing.T) {
 		t.Fatal("a dropped answer was re-asked")
 	}
 }
+
+// The cost a flow pays for a cached answer (what the flow path adds for a
+// sandbox that needs consent, twice: execute and egress).
+func BenchmarkCheckCached(b *testing.B) {
+	c := NewCache(context.Background(), stubAsker{})
+	req := egressReq("api")
+	c.Check(context.Background(), req)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if !c.Check(context.Background(), req).Allow {
+				b.Fatal("deny")
+			}
+		}
+	})
+}
+
+type stubAsker struct{}
+
+func (stubAsker) Ask(context.Context, Request) Decision {
+	return Decision{Allow: true, TTL: time.Hour, At: time.Now()}
+}
+func (stubAsker) Timeout() time.Duration { return time.Second }
