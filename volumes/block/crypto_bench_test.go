@@ -27,20 +27,20 @@ func BenchmarkSector(b *testing.B) {
 		b.Fatal(err)
 	}
 	nonce := make([]byte, nonceSize)
-	sealed := gcm.Seal(nil, nonce, pt, aad(1))
+	sealed := gcm.Seal(nil, nonce, pt, aad(1, 1))
 	out := make([]byte, SectorSize+tagSize)
 	b.Run("gcm-seal", func(b *testing.B) {
 		b.SetBytes(SectorSize)
 		for b.Loop() {
 			_, _ = rand.Read(nonce)
-			gcm.Seal(out[:0], nonce, pt, aad(1))
+			gcm.Seal(out[:0], nonce, pt, aad(1, 1))
 		}
 	})
 	b.Run("gcm-open", func(b *testing.B) {
 		b.SetBytes(SectorSize)
 		nonce := make([]byte, nonceSize)
 		for b.Loop() {
-			if _, err := gcm.Open(out[:0], nonce, sealed, aad(1)); err != nil {
+			if _, err := gcm.Open(out[:0], nonce, sealed, aad(1, 1)); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -13,15 +13,24 @@ import (
 // The image layout (docs/volumes-block.md):
 //
 //	[0, 4096)                 header (HeaderSize bytes, MAC'd)
-//	[4096, dataOff)           tag table: one 32-byte entry per sector
+//	[4096, tagOff)            flush log: the sectors of a flush in progress
+//	[tagOff, dataOff)         tag table: one 64-byte entry (two slots) per sector
 //	[dataOff, dataOff+size)   data: sector i's ciphertext at dataOff+i*4096
 const (
 	// SectorSize is the unit of encryption and the loop device's block size.
 	SectorSize = 4096
 	// HeaderSize is the header's length at the start of the image.
 	HeaderSize = SectorSize
-	// EntrySize is one sector's tag-table entry: nonce, tag, reserved.
-	EntrySize = 32
+	// EntrySize is one sector's tag-table entry: two slots of SlotSize.
+	EntrySize = 2 * SlotSize
+	// SlotSize is one slot: nonce, tag, counter.
+	SlotSize = 32
+	// MaxDirty is how many written sectors the image holds back before it
+	// flushes them itself (64 MiB); the flush log has room for them.
+	MaxDirty = 16384
+	// LogSize is the flush log's length: a count and MaxDirty sector
+	// numbers, rounded up to a sector.
+	LogSize = (8 + MaxDirty*8 + SectorSize - 1) / SectorSize * SectorSize
 
 	nonceSize = 12
 	tagSize   = 16
@@ -34,8 +43,9 @@ const (
 	// MaxKeyID is the longest key id a header holds.
 	MaxKeyID = 255
 
-	macOffset = 512
-	macSize   = sha256.Size
+	keyIDOffset = 74
+	macOffset   = 512
+	macSize     = sha256.Size
 
 	// MaxSize bounds an image's data size (16 TiB), so that offsets never
 	// overflow and a header cannot ask for an absurd tag table.
@@ -67,14 +77,17 @@ type Header struct {
 // Sectors is the number of data sectors.
 func (h *Header) Sectors() int64 { return h.Size / SectorSize }
 
+// LogOffset is where the flush log starts.
+func (h *Header) LogOffset() int64 { return HeaderSize }
+
 // TagOffset is where the tag table starts.
-func (h *Header) TagOffset() int64 { return HeaderSize }
+func (h *Header) TagOffset() int64 { return HeaderSize + LogSize }
 
 // DataOffset is where sector 0's ciphertext starts: after the tag table,
 // rounded up to a sector.
 func (h *Header) DataOffset() int64 {
 	tags := h.Sectors() * EntrySize
-	return HeaderSize + (tags+SectorSize-1)/SectorSize*SectorSize
+	return h.TagOffset() + (tags+SectorSize-1)/SectorSize*SectorSize
 }
 
 // FileSize is the image file's full length.
@@ -119,10 +132,11 @@ func (h *Header) Marshal(macKey []byte) ([]byte, error) {
 	copy(b[24:40], h.ImageID[:])
 	le.PutUint32(b[40:], h.KeyVersion)
 	// b[44:48] flags, zero in version 1
-	le.PutUint64(b[48:], uint64(h.TagOffset()))
-	le.PutUint64(b[56:], uint64(h.DataOffset()))
-	le.PutUint16(b[64:], uint16(len(h.KeyID)))
-	copy(b[66:], h.KeyID)
+	le.PutUint64(b[48:], uint64(h.LogOffset()))
+	le.PutUint64(b[56:], uint64(h.TagOffset()))
+	le.PutUint64(b[64:], uint64(h.DataOffset()))
+	le.PutUint16(b[72:], uint16(len(h.KeyID)))
+	copy(b[keyIDOffset:], h.KeyID)
 	m := hmac.New(sha256.New, macKey)
 	m.Write(b[:macOffset])
 	copy(b[macOffset:], m.Sum(nil))
@@ -165,18 +179,21 @@ func ParseHeader(b []byte) (*Header, error) {
 	if f := le.Uint32(b[44:]); f != 0 {
 		return nil, fmt.Errorf("header: flags %#x unknown", f)
 	}
-	if o := le.Uint64(b[48:]); o != uint64(h.TagOffset()) {
+	if o := le.Uint64(b[48:]); o != uint64(h.LogOffset()) {
+		return nil, fmt.Errorf("header: flush log offset %d, want %d", o, h.LogOffset())
+	}
+	if o := le.Uint64(b[56:]); o != uint64(h.TagOffset()) {
 		return nil, fmt.Errorf("header: tag table offset %d, want %d", o, h.TagOffset())
 	}
-	if o := le.Uint64(b[56:]); o != uint64(h.DataOffset()) {
+	if o := le.Uint64(b[64:]); o != uint64(h.DataOffset()) {
 		return nil, fmt.Errorf("header: data offset %d, want %d", o, h.DataOffset())
 	}
-	n := int(le.Uint16(b[64:]))
+	n := int(le.Uint16(b[72:]))
 	if n == 0 || n > MaxKeyID {
 		return nil, fmt.Errorf("header: key id length %d, want 1 to %d", n, MaxKeyID)
 	}
-	h.KeyID = string(b[66 : 66+n])
-	if !allZero(b[66+n : macOffset]) {
+	h.KeyID = string(b[keyIDOffset : keyIDOffset+n])
+	if !allZero(b[keyIDOffset+n : macOffset]) {
 		return nil, errors.New("header: bytes after the key id are not zero")
 	}
 	if !allZero(b[macOffset+macSize:]) {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -54,6 +55,12 @@ const (
 // and rewritten) and are safe for concurrent use: requests touching the
 // same sectors are serialised, so a reader never sees a tag of one write
 // and data of another.
+//
+// Written sectors are held back in memory (sealed) until Sync, Close, or
+// MaxDirty of them: a flush then writes the new slots (and a log of the
+// sectors) first, makes them durable, and only then the data, so that after
+// a crash at any point each sector still verifies against one of its two
+// slots (docs/volumes-block.md, "Crashes").
 type Image struct {
 	f        *os.File
 	fd       int
@@ -62,8 +69,31 @@ type Image struct {
 	readOnly bool
 	locks    [stripes]sync.RWMutex
 	bufs     sync.Pool
-	closeMu  sync.Mutex
-	closed   bool
+
+	dirtyMu sync.Mutex
+	dirty   map[int64]*dirtySector
+
+	// store, if set (tests), takes the flush's writes and syncs instead of
+	// the file, to model what a crash leaves behind.
+	store storeHook
+
+	closeMu sync.Mutex
+	closed  bool
+}
+
+// dirtySector is a written sector not yet flushed: its entry as it will be
+// stored (the new slot filled in, the other as on the store) and its
+// ciphertext followed by the tag.
+type dirtySector struct {
+	entry [EntrySize]byte
+	slot  int // 0 or 1: the slot this write fills
+	ct    [stride]byte
+}
+
+// storeHook replaces the flush's writes and syncs in tests.
+type storeHook interface {
+	write(b []byte, off int64) error
+	sync() error
 }
 
 // Header returns the image's header.
@@ -196,15 +226,21 @@ func open(f *os.File, key proxies.DataKey, readOnly bool) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	im := &Image{f: f, fd: int(f.Fd()), hdr: *h, aead: aead, readOnly: readOnly}
+	im := &Image{f: f, fd: int(f.Fd()), hdr: *h, aead: aead, readOnly: readOnly, dirty: map[int64]*dirtySector{}}
 	im.bufs.New = func() any {
 		b := make([]byte, chunkSectors*stride+chunkSectors*EntrySize)
 		return &b
 	}
+	if !readOnly {
+		if err := im.recover(); err != nil {
+			return nil, err
+		}
+	}
 	return im, nil
 }
 
-// Close closes the store file. It is idempotent.
+// Close flushes what was written and closes the store file. It is
+// idempotent.
 func (im *Image) Close() error {
 	im.closeMu.Lock()
 	defer im.closeMu.Unlock()
@@ -212,15 +248,21 @@ func (im *Image) Close() error {
 		return nil
 	}
 	im.closed = true
-	return im.f.Close()
+	err := im.Sync()
+	if cerr := im.f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
-// Sync flushes written sectors and tags to stable storage.
+// Sync flushes written sectors and their tags to stable storage.
 func (im *Image) Sync() error {
 	if im.readOnly {
 		return nil
 	}
-	return unix.Fdatasync(im.fd)
+	unlock := im.lock(0, im.hdr.Sectors()-1, true)
+	defer unlock()
+	return im.flush()
 }
 
 // lock takes the stripes of sectors [first, last] in ascending order and
@@ -254,10 +296,16 @@ func (im *Image) lock(first, last int64, write bool) func() {
 	}
 }
 
-func aad(sector int64) []byte {
-	var b [8]byte
+// aad binds a sealed sector to its number and its slot's counter.
+func aad(sector int64, counter uint32) []byte {
+	var b [12]byte
 	binary.LittleEndian.PutUint64(b[:], uint64(sector))
+	binary.LittleEndian.PutUint32(b[8:], counter)
 	return b[:]
+}
+
+func slotCounter(slot []byte) uint32 {
+	return binary.LittleEndian.Uint32(slot[nonceSize+tagSize:])
 }
 
 // ReadAt reads len(p) bytes at off. It returns io.EOF at or past the end,
@@ -287,8 +335,9 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 	return int(end - off), err
 }
 
-// readSectors decrypts sectors [first, last] and copies the bytes of
-// [off, off+len(p)) into p. The caller holds the sectors' locks.
+// readSectors decrypts sectors [first, last] (those written and not yet
+// flushed from memory) and copies the bytes of [off, off+len(p)) into p.
+// The caller holds the sectors' locks.
 func (im *Image) readSectors(first, last, off int64, p []byte) error {
 	bp := im.bufs.Get().(*[]byte)
 	defer im.bufs.Put(bp)
@@ -306,6 +355,16 @@ func (im *Image) readSectors(first, last, off int64, p []byte) error {
 		if err := im.preadv(iov, im.hdr.DataOffset()+s*SectorSize, s); err != nil {
 			return err
 		}
+		im.dirtyMu.Lock()
+		if len(im.dirty) > 0 {
+			for i := range n {
+				if d := im.dirty[s+i]; d != nil {
+					copy(ents[i*EntrySize:], d.entry[:])
+					copy(buf[i*stride:], d.ct[:SectorSize])
+				}
+			}
+		}
+		im.dirtyMu.Unlock()
 		err := inParallel(n, func(lo, hi int64) error {
 			for i := lo; i < hi; i++ {
 				if err := im.openSector(s+i, ents[i*EntrySize:(i+1)*EntrySize], buf[i*stride:(i+1)*stride], off, p); err != nil {
@@ -321,14 +380,42 @@ func (im *Image) readSectors(first, last, off int64, p []byte) error {
 	return nil
 }
 
-// openSector verifies and decrypts sector sec (entry ent, ciphertext in
-// ct[:SectorSize], ct having room for the tag after it) and copies the
-// part of it inside [off, off+len(p)) into p.
-func (im *Image) openSector(sec int64, ent, ct []byte, off int64, p []byte) error {
+// slotOrder returns the order in which to try the entry's slots: the
+// non-empty ones, the higher counter first, then the empty ones. An empty
+// slot stands for the sector before its first write: all zeros.
+func slotOrder(entry []byte) []int {
+	a, b := entry[:SlotSize], entry[SlotSize:]
+	switch za, zb := allZero(a), allZero(b); {
+	case za && zb:
+		return nil
+	case zb:
+		return []int{0, 1}
+	case za:
+		return []int{1, 0}
+	case slotCounter(b) > slotCounter(a):
+		return []int{1, 0}
+	}
+	return []int{0, 1}
+}
+
+// verify opens ct (ciphertext, room for the tag after it) of sector sec
+// under one slot into dst (len SectorSize, not overlapping ct).
+func (im *Image) verify(sec int64, slot, ct, dst []byte) bool {
+	copy(ct[SectorSize:], slot[nonceSize:nonceSize+tagSize])
+	_, err := im.aead.Open(dst[:0], slot[:nonceSize], ct, aad(sec, slotCounter(slot)))
+	return err == nil
+}
+
+// openSector verifies and decrypts sector sec (entry, ciphertext in
+// ct[:SectorSize] with room for the tag after it) against the slot written
+// last, or else the other one, and copies the part of it inside [off,
+// off+len(p)) into p.
+func (im *Image) openSector(sec int64, entry, ct []byte, off int64, p []byte) error {
 	secOff := sec * SectorSize
 	lo, hi := max(secOff, off), min(secOff+SectorSize, off+int64(len(p)))
 	dst := p[lo-off : hi-off]
-	if allZero(ent) {
+	order := slotOrder(entry)
+	if order == nil {
 		// Never written: the data must be a hole too.
 		if !allZero(ct[:SectorSize]) {
 			return &DamagedError{Sector: sec, Reason: "data without a tag"}
@@ -336,23 +423,37 @@ func (im *Image) openSector(sec int64, ent, ct []byte, off int64, p []byte) erro
 		clear(dst)
 		return nil
 	}
-	if !allZero(ent[nonceSize+tagSize:]) {
-		return &DamagedError{Sector: sec, Reason: "tag entry's reserved bytes are not zero"}
+	whole := lo == secOff && hi == secOff+SectorSize
+	var tmp []byte
+	if !whole {
+		tmp = make([]byte, SectorSize)
 	}
-	copy(ct[SectorSize:], ent[nonceSize:nonceSize+tagSize])
-	if lo == secOff && hi == secOff+SectorSize {
-		if _, err := im.aead.Open(dst[:0], ent[:nonceSize], ct, aad(sec)); err != nil {
-			clear(dst)
-			return &DamagedError{Sector: sec, Reason: "tag does not verify"}
+	for _, k := range order {
+		slot := entry[k*SlotSize : (k+1)*SlotSize]
+		if allZero(slot) {
+			// The sector as it was before its first write, if its
+			// first flush did not get as far as the data.
+			if allZero(ct[:SectorSize]) {
+				clear(dst)
+				return nil
+			}
+			continue
 		}
-		return nil
+		if whole {
+			if im.verify(sec, slot, ct, dst) {
+				return nil
+			}
+			continue
+		}
+		if im.verify(sec, slot, ct, tmp) {
+			copy(dst, tmp[lo-secOff:hi-secOff])
+			return nil
+		}
 	}
-	pt, err := im.aead.Open(ct[:0], ent[:nonceSize], ct, aad(sec))
-	if err != nil {
-		return &DamagedError{Sector: sec, Reason: "tag does not verify"}
+	if whole {
+		clear(dst)
 	}
-	copy(dst, pt[lo-secOff:hi-secOff])
-	return nil
+	return &DamagedError{Sector: sec, Reason: "tag does not verify"}
 }
 
 // parallelMin is the batch size from which the sectors' crypto is split
@@ -387,7 +488,8 @@ func inParallel(n int64, fn func(lo, hi int64) error) error {
 }
 
 // WriteAt writes p at off; the range must lie inside the image. Partial
-// sectors at either end are read (verified), modified and resealed.
+// sectors at either end are read (verified), modified and resealed. The
+// sectors are held in memory until the next flush.
 func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if im.readOnly {
 		return 0, errors.New("image is read-only")
@@ -395,9 +497,30 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if off < 0 || off+int64(len(p)) > im.hdr.Size || off+int64(len(p)) < off {
 		return 0, fmt.Errorf("write of %d bytes at %d outside the image (%d bytes): %w", len(p), off, im.hdr.Size, unix.ENOSPC)
 	}
-	if len(p) == 0 {
-		return 0, nil
+	done := 0
+	for done < len(p) {
+		// Up to chunkSectors sectors at a time, so that the held-back
+		// sectors never outgrow the flush log.
+		at := off + int64(done)
+		n := min(len(p)-done, int((at/SectorSize+chunkSectors)*SectorSize-at))
+		if err := im.writeChunk(p[done:done+n], at); err != nil {
+			return done, err
+		}
+		done += n
+		im.dirtyMu.Lock()
+		full := len(im.dirty) > MaxDirty-chunkSectors
+		im.dirtyMu.Unlock()
+		if full {
+			if err := im.Sync(); err != nil {
+				return done, err
+			}
+		}
 	}
+	return done, nil
+}
+
+// writeChunk seals p (at most chunkSectors sectors) into the dirty set.
+func (im *Image) writeChunk(p []byte, off int64) error {
 	end := off + int64(len(p))
 	first, last := off/SectorSize, (end-1)/SectorSize
 	unlock := im.lock(first, last, true)
@@ -407,13 +530,13 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if off%SectorSize != 0 || (first == last && end%SectorSize != 0) {
 		head = make([]byte, SectorSize)
 		if err := im.readSectors(first, first, first*SectorSize, head); err != nil {
-			return 0, err
+			return err
 		}
 	}
 	if end%SectorSize != 0 && last != first {
 		tail = make([]byte, SectorSize)
 		if err := im.readSectors(last, last, last*SectorSize, tail); err != nil {
-			return 0, err
+			return err
 		}
 	}
 	if head != nil {
@@ -422,7 +545,6 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if tail != nil {
 		copy(tail, p[last*SectorSize-off:])
 	}
-	// plain returns sector sec's new plaintext.
 	plain := func(sec int64) []byte {
 		switch {
 		case sec == first && head != nil:
@@ -433,38 +555,242 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 		o := sec*SectorSize - off
 		return p[o : o+SectorSize]
 	}
-	bp := im.bufs.Get().(*[]byte)
-	defer im.bufs.Put(bp)
-	buf := *bp
-	for s := first; s <= last; s += chunkSectors {
-		n := min(int64(chunkSectors), last-s+1)
-		ents := buf[chunkSectors*stride : chunkSectors*stride+n*EntrySize]
-		clear(ents)
-		for i := range n {
-			if _, err := rand.Read(ents[i*EntrySize : i*EntrySize+nonceSize]); err != nil {
-				return 0, err
+	n := last - first + 1
+	recs := make([]*dirtySector, n)
+	var stored []byte // the store's entries, read once if a sector is new to the dirty set
+	im.dirtyMu.Lock()
+	for i := range n {
+		recs[i] = im.dirty[first+i]
+	}
+	im.dirtyMu.Unlock()
+	fresh := make([]bool, n)
+	for i := range n {
+		if recs[i] != nil {
+			continue
+		}
+		if stored == nil {
+			stored = make([]byte, n*EntrySize)
+			if err := im.preadFull(stored, im.hdr.TagOffset()+first*EntrySize, first); err != nil {
+				return err
 			}
 		}
-		iov := make([][]byte, n)
-		_ = inParallel(n, func(lo, hi int64) error {
-			for i := lo; i < hi; i++ {
-				ent := ents[i*EntrySize : (i+1)*EntrySize]
-				out := im.aead.Seal(buf[i*stride:i*stride], ent[:nonceSize], plain(s+i), aad(s+i))
-				copy(ent[nonceSize:nonceSize+tagSize], out[SectorSize:])
-				iov[i] = out[:SectorSize]
-			}
-			return nil
-		})
-		// Data first, then tags: until both are written the sector reads
-		// as damaged (see docs/volumes-block.md on crashes).
-		if err := im.pwritev(iov, im.hdr.DataOffset()+s*SectorSize); err != nil {
-			return 0, err
+		d := &dirtySector{}
+		copy(d.entry[:], stored[i*EntrySize:(i+1)*EntrySize])
+		// Overwrite the slot written earlier (lower counter, or empty);
+		// the other one still matches the data on the store until the
+		// flush has made the new slot durable.
+		a, b := d.entry[:SlotSize], d.entry[SlotSize:]
+		ca, cb := slotCounter(a), slotCounter(b)
+		if allZero(a) {
+			ca = 0
 		}
-		if err := pwriteFull(im.fd, ents, im.hdr.TagOffset()+s*EntrySize); err != nil {
-			return 0, err
+		if allZero(b) {
+			cb = 0
+		}
+		if cb < ca {
+			d.slot = 1
+		}
+		c := max(ca, cb) + 1
+		if c == 0 {
+			c = 1
+		}
+		slot := d.entry[d.slot*SlotSize : (d.slot+1)*SlotSize]
+		clear(slot)
+		binary.LittleEndian.PutUint32(slot[nonceSize+tagSize:], c)
+		recs[i], fresh[i] = d, true
+	}
+	nonces := make([]byte, n*nonceSize)
+	if _, err := rand.Read(nonces); err != nil {
+		return err
+	}
+	_ = inParallel(n, func(lo, hi int64) error {
+		for i := lo; i < hi; i++ {
+			d := recs[i]
+			slot := d.entry[d.slot*SlotSize : (d.slot+1)*SlotSize]
+			copy(slot[:nonceSize], nonces[i*nonceSize:])
+			out := im.aead.Seal(d.ct[:0], slot[:nonceSize], plain(first+i), aad(first+i, slotCounter(slot)))
+			copy(slot[nonceSize:nonceSize+tagSize], out[SectorSize:])
+		}
+		return nil
+	})
+	im.dirtyMu.Lock()
+	for i := range n {
+		if fresh[i] {
+			im.dirty[first+i] = recs[i]
 		}
 	}
-	return len(p), nil
+	im.dirtyMu.Unlock()
+	return nil
+}
+
+// flush makes the dirty sectors durable, in an order that a crash at any
+// point cannot turn into a sector that verifies against neither slot:
+//
+//  1. the flush log (which sectors), then fdatasync;
+//  2. the new entries, then fdatasync;
+//  3. the data, then fdatasync;
+//  4. the log cleared (made durable by the next flush; a stale log only
+//     makes the next open check those sectors again).
+//
+// Each entry keeps the slot that matches the data on the disk and gets the
+// new one in its other slot, so until step 3 is durable the old data still
+// verifies, and after it the new data does.
+//
+// The caller holds every stripe.
+func (im *Image) flush() error {
+	im.dirtyMu.Lock()
+	secs := make([]int64, 0, len(im.dirty))
+	for s := range im.dirty {
+		secs = append(secs, s)
+	}
+	im.dirtyMu.Unlock()
+	if len(secs) == 0 {
+		return nil
+	}
+	slices.Sort(secs)
+	log := make([]byte, 8+8*len(secs))
+	binary.LittleEndian.PutUint64(log, uint64(len(secs)))
+	for i, s := range secs {
+		binary.LittleEndian.PutUint64(log[8+8*i:], uint64(s))
+	}
+	if err := im.write(log, im.hdr.LogOffset()); err != nil {
+		return err
+	}
+	// The log must be durable before any entry is: an entry on the disk
+	// that the log does not list would escape recovery.
+	if err := im.datasync(); err != nil {
+		return err
+	}
+	// Runs of consecutive sectors: one write of entries, one of data.
+	runs := func(fn func(run []int64) error) error {
+		for i := 0; i < len(secs); {
+			j := i + 1
+			for j < len(secs) && secs[j] == secs[j-1]+1 && j-i < chunkSectors {
+				j++
+			}
+			if err := fn(secs[i:j]); err != nil {
+				return err
+			}
+			i = j
+		}
+		return nil
+	}
+	ents := make([]byte, chunkSectors*EntrySize)
+	err := runs(func(run []int64) error {
+		for i, s := range run {
+			copy(ents[i*EntrySize:], im.dirty[s].entry[:])
+		}
+		return im.write(ents[:len(run)*EntrySize], im.hdr.TagOffset()+run[0]*EntrySize)
+	})
+	if err != nil {
+		return err
+	}
+	if err := im.datasync(); err != nil {
+		return err
+	}
+	err = runs(func(run []int64) error {
+		iov := make([][]byte, len(run))
+		for i, s := range run {
+			iov[i] = im.dirty[s].ct[:SectorSize]
+		}
+		return im.writev(iov, im.hdr.DataOffset()+run[0]*SectorSize)
+	})
+	if err != nil {
+		return err
+	}
+	if err := im.datasync(); err != nil {
+		return err
+	}
+	if err := im.write(make([]byte, 8), im.hdr.LogOffset()); err != nil {
+		return err
+	}
+	im.dirtyMu.Lock()
+	clear(im.dirty)
+	im.dirtyMu.Unlock()
+	return nil
+}
+
+// recover finishes a flush that a crash interrupted: for each sector in the
+// flush log, the slot that matches the stored data is kept and the other
+// one cleared, so that the next write of the sector overwrites the stale
+// slot, not the one its data needs. A sector that matches neither is left
+// as it is (it reads as damaged).
+func (im *Image) recover() error {
+	var cnt [8]byte
+	if err := im.preadFull(cnt[:], im.hdr.LogOffset(), 0); err != nil {
+		return err
+	}
+	n := binary.LittleEndian.Uint64(cnt[:])
+	if n == 0 {
+		return nil
+	}
+	if n > MaxDirty {
+		return fmt.Errorf("flush log lists %d sectors, at most %d fit: damaged", n, MaxDirty)
+	}
+	log := make([]byte, 8*n)
+	if err := im.preadFull(log, im.hdr.LogOffset()+8, 0); err != nil {
+		return err
+	}
+	entry := make([]byte, EntrySize)
+	ct := make([]byte, stride)
+	pt := make([]byte, SectorSize)
+	for i := range n {
+		s := int64(binary.LittleEndian.Uint64(log[8*i:]))
+		if s < 0 || s >= im.hdr.Sectors() {
+			return fmt.Errorf("flush log lists sector %d of %d: damaged", s, im.hdr.Sectors())
+		}
+		if err := im.preadFull(entry, im.hdr.TagOffset()+s*EntrySize, s); err != nil {
+			return err
+		}
+		if err := im.preadFull(ct[:SectorSize], im.hdr.DataOffset()+s*SectorSize, s); err != nil {
+			return err
+		}
+		for _, k := range slotOrder(entry) {
+			slot := entry[k*SlotSize : (k+1)*SlotSize]
+			if allZero(slot) && allZero(ct[:SectorSize]) || !allZero(slot) && im.verify(s, slot, ct, pt) {
+				other := entry[(1-k)*SlotSize : (2-k)*SlotSize]
+				if !allZero(other) {
+					clear(other)
+					if err := pwriteFull(im.fd, entry, im.hdr.TagOffset()+s*EntrySize); err != nil {
+						return err
+					}
+				}
+				break
+			}
+		}
+	}
+	if err := pwriteFull(im.fd, make([]byte, 8), im.hdr.LogOffset()); err != nil {
+		return err
+	}
+	return unix.Fdatasync(im.fd)
+}
+
+// write, writev and datasync are the flush's I/O (or a test's model of it).
+func (im *Image) write(b []byte, off int64) error {
+	if im.store != nil {
+		return im.store.write(b, off)
+	}
+	return pwriteFull(im.fd, b, off)
+}
+
+func (im *Image) writev(iov [][]byte, off int64) error {
+	if im.store != nil {
+		for _, b := range iov {
+			if err := im.store.write(b, off); err != nil {
+				return err
+			}
+			off += int64(len(b))
+		}
+		return nil
+	}
+	return im.pwritev(iov, off)
+}
+
+func (im *Image) datasync() error {
+	if im.store != nil {
+		return im.store.sync()
+	}
+	return unix.Fdatasync(im.fd)
 }
 
 func (im *Image) preadFull(b []byte, off int64, sector int64) error {
