@@ -63,7 +63,7 @@ type Cache struct {
 	// now is the clock (tests).
 	now func() time.Time
 
-	mu      sync.Mutex
+	mu      sync.RWMutex
 	entries map[Key]*entry
 }
 
@@ -92,6 +92,10 @@ func NewCache(ctx context.Context, a Asker) *Cache {
 // A ctx that ends first is a deny (cause timeout).
 func (c *Cache) Check(ctx context.Context, req Request) Decision {
 	k := KeyOf(req)
+	if d, ok := c.Peek(k); ok { // the flow path: shared lock only
+		c.observe(req, d, SourceCached)
+		return d
+	}
 	c.mu.Lock()
 	e := c.entries[k]
 	if e != nil && e.dec != nil && c.now().Before(e.expires) {
@@ -125,8 +129,8 @@ func (c *Cache) Check(ctx context.Context, req Request) Decision {
 
 // Peek returns the live answer of k without asking (ok false: none).
 func (c *Cache) Peek(k Key) (Decision, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	if e := c.entries[k]; e != nil && e.dec != nil && c.now().Before(e.expires) {
 		return *e.dec, true
 	}
@@ -275,8 +279,8 @@ func (c *Cache) ForgetWhere(drop func(Key) bool) {
 
 // Keys lists the cached questions (tests, status).
 func (c *Cache) Keys() []Key {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	out := make([]Key, 0, len(c.entries))
 	for k := range c.entries {
 		out = append(out, k)
