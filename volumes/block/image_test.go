@@ -331,9 +331,9 @@ func TestImageRefused(t *testing.T) {
 	}
 }
 
-// TestImageConcurrent: writers and readers on overlapping sectors never
-// see a torn sector (a tag of one write with the data of another reads
-// as damaged); every read is one of the values written.
+// TestImageConcurrent: writers, readers and flushes on overlapping sectors
+// never produce a torn sector (a tag of one write with the data of another
+// reads as damaged); every read is one of the values written.
 func TestImageConcurrent(t *testing.T) {
 	im, _ := newImage(t, 256*SectorSize)
 	var wg sync.WaitGroup
@@ -365,7 +365,30 @@ func TestImageConcurrent(t *testing.T) {
 			}
 		}(w)
 	}
+	// Flushes in between, as fsyncs from above would come.
+	stop := make(chan struct{})
+	flushed := make(chan int)
+	go func() {
+		n := 0
+		defer func() { flushed <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := im.Sync(); err != nil {
+				errs <- err
+				return
+			}
+			n++
+		}
+	}()
 	wg.Wait()
+	close(stop)
+	if n := <-flushed; n == 0 {
+		t.Fatal("no flush ran during the writes")
+	}
 	close(errs)
 	for err := range errs {
 		t.Fatal(err)
