@@ -1,14 +1,22 @@
 package main
 
 import (
+	"context"
 	"crypto/ed25519"
+	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
+	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cleanwall/cleanwall/governance/audit"
@@ -16,7 +24,8 @@ import (
 )
 
 const auditUsage = `usage: cleanwall audit verify [--node-key KEY|FILE] FILE...|DIR
-       cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]`
+       cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
+       cleanwall audit sink --listen ADDR --cert FILE --key FILE --dir DIR`
 
 // cmdAudit verifies or shows a hash-chained audit log.
 func cmdAudit(args []string) error {
@@ -28,6 +37,8 @@ func cmdAudit(args []string) error {
 		return cmdAuditVerify(args[1:], os.Stdout, os.Stderr)
 	case "show":
 		return cmdAuditShow(args[1:], os.Stdout, os.Stderr, time.Now())
+	case "sink":
+		return cmdAuditSink(args[1:])
 	default:
 		return fail("%s", auditUsage)
 	}
@@ -241,4 +252,59 @@ func formatFields(f map[string]any) string {
 		}
 	}
 	return b.String()
+}
+
+// cmdAuditSink runs the reference audit sink (docs/audit.md): HTTPS on
+// --listen, each node's records stored in DIR/<node key>.jsonl once they
+// verify, until SIGINT or SIGTERM.
+func cmdAuditSink(args []string) error {
+	flags, pos, err := splitArgs(args, nil)
+	if err == nil {
+		err = checkFlags(flags, "listen", "cert", "key", "dir")
+	}
+	if err == nil && len(pos) > 0 {
+		err = fmt.Errorf("unexpected argument %q", pos[0])
+	}
+	if err == nil {
+		for _, f := range []string{"listen", "cert", "key", "dir"} {
+			if flags[f] == "" {
+				err = fmt.Errorf("--%s is required", f)
+				break
+			}
+		}
+	}
+	if err != nil {
+		return fail("%v\n%s", err, auditUsage)
+	}
+	cert, err := tls.LoadX509KeyPair(flags["cert"], flags["key"])
+	if err != nil {
+		return fail("--cert/--key: %v", err)
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	rc, err := audit.NewReceiver(flags["dir"], logger)
+	if err != nil {
+		return fail("--dir: %v", err)
+	}
+	defer rc.Close()
+	l, err := net.Listen("tcp", flags["listen"])
+	if err != nil {
+		return fail("--listen: %v", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/", rc)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	logger.Info("audit sink listening", "addr", l.Addr().String(), "dir", flags["dir"])
+	if err := srv.ServeTLS(l, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }

@@ -2,22 +2,17 @@ package e2e
 
 import (
 	"bytes"
-	"crypto/tls"
-	"encoding/json"
-	"io"
-	"log"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/cleanwall/cleanwall/governance/audit"
+	"github.com/cleanwall/cleanwall/internal/netns"
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
 
@@ -73,45 +68,6 @@ func TestAuditTrail(t *testing.T) {
 	}
 }
 
-// auditSink is a sink as docs/audit.md describes: it stores each record
-// once, in order, checks the chain, and acknowledges what it stored.
-type auditSink struct {
-	mu       sync.Mutex
-	lines    []string
-	lastHash string
-	dupes    int
-}
-
-func (s *auditSink) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	body, err := io.ReadAll(r.Body)
-	if err != nil || r.Header.Get("Content-Type") != audit.SinkContentType {
-		http.Error(w, "bad batch", http.StatusBadRequest)
-		return
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, line := range strings.SplitAfter(string(body), "\n") {
-		if line == "" {
-			continue
-		}
-		var rec audit.Record
-		if err := json.Unmarshal([]byte(line), &rec); err != nil {
-			break
-		}
-		have := uint64(len(s.lines))
-		if rec.Seq <= have {
-			s.dupes++
-			continue
-		}
-		if rec.Seq != have+1 || (have > 0 && rec.PrevHash != s.lastHash) {
-			break
-		}
-		s.lines = append(s.lines, line)
-		s.lastHash = rec.Hash
-	}
-	json.NewEncoder(w).Encode(audit.SinkAck{Through: uint64(len(s.lines))})
-}
-
 // auditMetric reads one unlabelled sample from the daemon's metrics (-1: absent).
 func auditMetric(d *harness.Daemon, name string) float64 {
 	text, err := d.Metrics()
@@ -137,7 +93,7 @@ func auditMetric(d *harness.Daemon, name string) float64 {
 func TestAuditRotationSinkAndCrash(t *testing.T) {
 	env := harness.New(t)
 	pki := env.NewPKI("audit-sink")
-	cert := pki.Issue("audit-sink", []string{harness.RemoteIP.String()}, false, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour))
+	certFile, keyFile := pki.WriteKeyPair("audit-sink", pki.Issue("audit-sink", []string{harness.RemoteIP.String()}, false, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)))
 	sinkAddr := net.JoinHostPort(harness.RemoteIP.String(), "9443")
 	d := env.StartDaemon("--audit-max-size", "4KiB", "--audit-checkpoint-interval", "200ms",
 		"--audit-sink", "https://"+sinkAddr+"/v1/audit", "--audit-sink-ca", pki.CAFile)
@@ -154,14 +110,21 @@ func TestAuditRotationSinkAndCrash(t *testing.T) {
 	if b := auditMetric(d, "cleanwall_audit_sink_backlog_records"); b < 7 {
 		t.Fatalf("backlog %v with the sink down", b)
 	}
-	sink := &auditSink{}
-	var l net.Listener
-	if err := env.InRemote(func() (err error) { l, err = net.Listen("tcp", sinkAddr); return err }); err != nil {
+	// The reference sink, cleanwall audit sink, in the remote namespace.
+	sinkDir := filepath.Join(env.Dir, "sink")
+	var sinkLog bytes.Buffer
+	sink := exec.Command(filepath.Join(env.Bin, "cleanwall"), "audit", "sink", "--listen", sinkAddr, "--cert", certFile, "--key", keyFile, "--dir", sinkDir)
+	sink.Stdout, sink.Stderr = &sinkLog, &sinkLog
+	if err := netns.Do(env.Remote, sink.Start); err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: sink, TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}, ErrorLog: log.New(io.Discard, "", 0)}
-	go srv.ServeTLS(l, "", "")
-	defer srv.Close()
+	defer func() {
+		sink.Process.Kill()
+		sink.Wait()
+		if t.Failed() {
+			t.Logf("sink log:\n%s", sinkLog.String())
+		}
+	}()
 	if !harness.Eventually(20*time.Second, func() bool { return auditMetric(d, "cleanwall_audit_sink_backlog_records") == 0 }) {
 		t.Fatalf("backlog not delivered: %v", auditMetric(d, "cleanwall_audit_sink_backlog_records"))
 	}
@@ -169,11 +132,10 @@ func TestAuditRotationSinkAndCrash(t *testing.T) {
 	// SIGKILL right after an acknowledged ADD: the ADD is in the log.
 	sb2 := env.MustAddSandbox("acked", harness.SandboxOptions{Policy: policyOpen, NoIPv6: true})
 	d.Kill()
-	_ = sb2
 	logPath := filepath.Join(d.StateDir, "audit.jsonl")
-	files, err := audit.Files(logPath)
-	if err != nil || len(files) < 2 {
-		t.Fatalf("files %v (%v): no rotation at 4KiB", files, err)
+	files := mustAuditFiles(t, logPath)
+	if len(files) < 2 {
+		t.Fatalf("files %v: no rotation at 4KiB", files)
 	}
 	var adds []string
 	sum, err := audit.VerifyFiles(files, audit.VerifyOptions{Visit: func(_ string, _ int, r audit.Record) {
@@ -190,58 +152,43 @@ func TestAuditRotationSinkAndCrash(t *testing.T) {
 	if sum.Checkpoints < len(files)-1 {
 		t.Fatalf("%d checkpoints for %d files", sum.Checkpoints, len(files))
 	}
-	// Every record the sink acknowledged is the log's, once, in order.
-	sink.mu.Lock()
-	got := append([]string(nil), sink.lines...)
-	dupes := sink.dupes
-	sink.mu.Unlock()
-	var local []string
-	for _, f := range files {
-		b, _ := os.ReadFile(f)
-		local = append(local, strings.SplitAfter(strings.TrimSuffix(string(b), "\n"), "\n")...)
-	}
-	for i := range local {
-		if !strings.HasSuffix(local[i], "\n") {
-			local[i] += "\n"
-		}
-	}
-	if len(got) == 0 || len(got) > len(local) || dupes != 0 {
-		t.Fatalf("sink has %d records (%d duplicates), the log %d", len(got), dupes, len(local))
-	}
-	for i := range got {
-		if got[i] != local[i] {
-			t.Fatalf("sink record %d differs from the log:\n%s%s", i+1, got[i], local[i])
-		}
-	}
 
-	// A restart continues the chain, signs with the same key, and sends the
-	// rest; cleanwall audit verify checks it all against the node key file.
+	// A restart continues the chain, signs with the same key and sends the
+	// rest; at a clean stop the sink gets the last checkpoint too.
 	d.Start()
 	if !harness.Eventually(20*time.Second, func() bool { return auditMetric(d, "cleanwall_audit_sink_backlog_records") == 0 }) {
 		t.Fatal("backlog after restart not delivered")
 	}
 	d.Stop()
-	out, err := exec.Command(filepath.Join(env.Bin, "cleanwall"), "audit", "verify", "--node-key", filepath.Join(d.StateDir, "node.key"), d.StateDir).CombinedOutput()
+	keyFlag := []string{"--node-key", filepath.Join(d.StateDir, "node.key")}
+	out, err := exec.Command(filepath.Join(env.Bin, "cleanwall"), append(append([]string{"audit", "verify"}, keyFlag...), d.StateDir)...).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "chain intact") || !strings.Contains(string(out), "signed checkpoints by node key") {
 		t.Fatalf("cleanwall audit verify: %v\n%s", err, out)
 	}
-	sink.mu.Lock()
-	defer sink.mu.Unlock()
-	// The SIGKILL may have come between the sink's acknowledgement and the
-	// cursor's write: the batch is sent again, and the sink's dedup by seq
-	// keeps one copy. After a clean stop the sink has every record.
-	if err := audit.Verify(strings.NewReader(strings.Join(sink.lines, ""))); err != nil {
-		t.Fatalf("the sink's copy: %v", err)
+	// The sink's copy: one file for this node, every record once, in order,
+	// byte for byte the log's, signed by the node key.
+	stored, _ := filepath.Glob(filepath.Join(sinkDir, "*.jsonl"))
+	if len(stored) != 1 {
+		t.Fatalf("sink files %v", stored)
 	}
-	final, err := audit.VerifyFiles(mustAuditFiles(t, logPath), audit.VerifyOptions{})
-	if err != nil || uint64(len(sink.lines)) != final.LastSeq {
-		t.Fatalf("the sink holds %d records, the log %d (%v)", len(sink.lines), final.LastSeq, err)
+	out, err = exec.Command(filepath.Join(env.Bin, "cleanwall"), append(append([]string{"audit", "verify"}, keyFlag...), stored[0])...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("the sink's copy does not verify: %v\n%s", err, out)
+	}
+	var local []byte
+	for _, f := range mustAuditFiles(t, logPath) {
+		b, _ := os.ReadFile(f)
+		local = append(local, b...)
+	}
+	got, _ := os.ReadFile(stored[0])
+	if !bytes.Equal(got, local) {
+		t.Fatalf("the sink holds %d bytes, the log %d: not the same records", len(got), len(local))
 	}
 	out, err = exec.Command(filepath.Join(env.Bin, "cleanwall"), "audit", "show", "--kind", "sandbox", "--sandbox", sb2.ContainerID, d.StateDir).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "sandbox.add") {
 		t.Fatalf("cleanwall audit show: %v\n%s", err, out)
 	}
-	t.Logf("%d files, %d records, %d checkpoints; sink holds %d\n%s", len(files), sum.Records, sum.Checkpoints, len(sink.lines), out)
+	t.Logf("%d files, %d records, %d checkpoints; the sink's copy is identical\n%s", len(files), sum.Records, sum.Checkpoints, out)
 }
 
 func mustAuditFiles(t *testing.T, path string) []string {
