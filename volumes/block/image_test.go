@@ -299,6 +299,10 @@ func TestImageRefused(t *testing.T) {
 		{"truncated", testKey("vol-dek", 7), func(f *os.File) { _ = f.Truncate(HeaderSize + 4096 + 8*SectorSize) }, "truncated or extended"},
 		{"extended", testKey("vol-dek", 7), func(f *os.File) { _, _ = f.WriteAt([]byte{0}, 1<<20) }, "truncated or extended"},
 		{"not an image", testKey("vol-dek", 7), func(f *os.File) { _, _ = f.WriteAt([]byte("XXXXXXXX"), 0) }, "bad magic"},
+		{"flush log count", testKey("vol-dek", 7), func(f *os.File) { _, _ = f.WriteAt([]byte{0xff, 0xff, 0xff}, HeaderSize) }, "flush log lists 16777215 sectors"},
+		{"flush log sector", testKey("vol-dek", 7), func(f *os.File) {
+			_, _ = f.WriteAt([]byte{1, 0, 0, 0, 0, 0, 0, 0, 16}, HeaderSize)
+		}, "flush log lists sector 16 of 16"},
 	}
 	for _, c := range cases {
 		p := copyTo(strings.ReplaceAll(c.name, " ", "-"), c.edit)
