@@ -91,9 +91,6 @@ func parseRunFlags(args []string) (*runOptions, error) {
 	fs.StringVar(&o.otlp.Endpoint, "otlp-endpoint", "", "export the embedded runtime's metrics to an OpenTelemetry collector, OTLP/HTTP over TLS (as cleanwalld's; docs/telemetry.md)")
 	fs.StringVar(&o.otlp.CAFile, "otlp-ca", "", "PEM file of the CA(s) the collector's TLS certificate chains to (default: system roots)")
 	fs.DurationVar(&o.otlp.Interval, "otlp-interval", telemetry.DefaultInterval, "how often the metrics are exported to --otlp-endpoint")
-	fs.StringVar(&o.consentURL, "consent-url", "", "consent service for the embedded runtime (as cleanwalld's, docs/consent.md): asked before COMMAND starts when the policy requires consent")
-	fs.StringVar(&o.consentCA, "consent-ca", "", "PEM file of the CA(s) the consent service's TLS certificate chains to (default: system roots)")
-	fs.DurationVar(&o.consentTimeout, "consent-timeout", 2*time.Second, "bound of each consent request; no answer in time is a deny")
 	fs.Func("extension", "an out-of-process privacy proxy for the embedded runtime, NAME=unix:/path (repeatable; docs/extensions.md)", func(v string) error {
 		o.extensions = append(o.extensions, v)
 		return nil
