@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -152,4 +153,65 @@ func listenOn(t *testing.T, addr string) net.Listener {
 		t.Fatal(err)
 	}
 	return l
+}
+
+// Everything at once: 8 writers, checkpoints every millisecond, rotation
+// every 4 KiB, retention keeping 2 files, and a forwarder to the reference
+// sink. The sink ends with the whole chain, signed, once and in order.
+func TestConcurrentWritersCheckpointsRotationSink(t *testing.T) {
+	sinkDir := t.TempDir()
+	rc, err := NewReceiver(sinkDir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	srv := httptest.NewTLSServer(rc)
+	defer srv.Close()
+	roots := x509.NewCertPool()
+	roots.AddCert(srv.Certificate())
+	key := newKey(t)
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(path, Options{Signer: key, CheckpointInterval: time.Millisecond, MaxSize: 4 << 10, Keep: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw, err := l.Forward(SinkOptions{URL: srv.URL, Roots: roots, MinBackoff: 5 * time.Millisecond, MaxBackoff: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 40 {
+				if _, err := l.Append("op", map[string]any{"g": g, "i": i}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	l.Checkpoint()
+	waitFor(t, "delivery", func() bool { return fw.Backlog() == 0 })
+	fw.Close()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	files := mustFiles(t, path)
+	local, err := VerifyFiles(files, VerifyOptions{NodeKey: key.Public().(ed25519.PublicKey)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) > 3 || local.PrunedThrough == 0 {
+		t.Fatalf("retention: %d files, %+v", len(files), local)
+	}
+	stored := filepath.Join(sinkDir, base64.RawURLEncoding.EncodeToString(key.Public().(ed25519.PublicKey))+".jsonl")
+	sum, err := VerifyFiles([]string{stored}, VerifyOptions{NodeKey: key.Public().(ed25519.PublicKey)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum.FirstSeq != 1 || sum.Kinds["op"] != 320 || sum.Checkpoints < 2 {
+		t.Fatalf("sink copy: %+v", sum)
+	}
+	t.Logf("%d records, %d checkpoints, %d rotations kept %d files", sum.Records, sum.Checkpoints, sum.Kinds[KindPruned], len(files))
 }
