@@ -162,3 +162,79 @@ func TestCrashDuringFlush(t *testing.T) {
 
 // crashSeed seeds TestCrashDuringFlush's writes and crash points.
 var crashSeed uint64 = 7
+
+// TestFlushPastMaxDirty: concurrent writers can hold more than MaxDirty
+// sectors before one of them flushes; the flush then goes in batches and
+// the log never runs into the tag table.
+func TestFlushPastMaxDirty(t *testing.T) {
+	const sectors = MaxDirty + 2*chunkSectors
+	path := filepath.Join(t.TempDir(), "big.img")
+	key := testKey("k", 6)
+	im, err := Create(path, key, sectors*SectorSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, chunkSectors*SectorSize)
+	for s := int64(0); s < sectors; s += chunkSectors {
+		for i := range chunk {
+			chunk[i] = byte(s/chunkSectors) ^ byte(i>>12)
+		}
+		// writeChunk, not WriteAt: WriteAt would flush at MaxDirty.
+		if err := im.writeChunk(chunk, s*SectorSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(im.dirty); n != sectors {
+		t.Fatalf("%d sectors held, want %d", n, sectors)
+	}
+	h := im.Header()
+	ps := &passStore{fd: im.fd, check: func(b []byte, off int64) {
+		if off < h.TagOffset() && off+int64(len(b)) > h.TagOffset() {
+			t.Errorf("a write of %d bytes at %d runs from the log into the tag table (at %d)", len(b), off, h.TagOffset())
+		}
+	}}
+	im.store = ps
+	if err := im.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if ps.syncs != 6 {
+		t.Fatalf("%d syncs, want 6 (two batches of three)", ps.syncs)
+	}
+	im.store = nil
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	im, err = Open(path, key, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	got := make([]byte, chunkSectors*SectorSize)
+	for s := int64(0); s < sectors; s += chunkSectors {
+		if _, err := im.ReadAt(got, s*SectorSize); err != nil {
+			t.Fatalf("sector %d: %v", s, err)
+		}
+		for i := range got {
+			if got[i] != byte(s/chunkSectors)^byte(i>>12) {
+				t.Fatalf("sector %d reads wrong bytes", s+int64(i)/SectorSize)
+			}
+		}
+	}
+}
+
+// passStore writes through, checking each write.
+type passStore struct {
+	fd    int
+	check func(b []byte, off int64)
+	syncs int
+}
+
+func (p *passStore) write(b []byte, off int64) error {
+	p.check(b, off)
+	return pwriteFull(p.fd, b, off)
+}
+
+func (p *passStore) sync() error {
+	p.syncs++
+	return unix.Fdatasync(p.fd)
+}

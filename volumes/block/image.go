@@ -648,6 +648,27 @@ func (im *Image) flush() error {
 		return nil
 	}
 	slices.Sort(secs)
+	// Concurrent writers can push the set a little past MaxDirty before
+	// one of them flushes: the log has room for MaxDirty, so flush in
+	// batches of at most that.
+	for len(secs) > 0 {
+		batch := secs[:min(len(secs), MaxDirty)]
+		if err := im.flushBatch(batch); err != nil {
+			return err
+		}
+		im.dirtyMu.Lock()
+		for _, s := range batch {
+			delete(im.dirty, s)
+		}
+		im.dirtyMu.Unlock()
+		secs = secs[len(batch):]
+	}
+	return nil
+}
+
+// flushBatch runs the flush protocol for secs (sorted, at most MaxDirty).
+// The caller holds every stripe.
+func (im *Image) flushBatch(secs []int64) error {
 	log := make([]byte, 8+8*len(secs))
 	binary.LittleEndian.PutUint64(log, uint64(len(secs)))
 	for i, s := range secs {
@@ -701,13 +722,7 @@ func (im *Image) flush() error {
 	if err := im.datasync(); err != nil {
 		return err
 	}
-	if err := im.write(make([]byte, 8), im.hdr.LogOffset()); err != nil {
-		return err
-	}
-	im.dirtyMu.Lock()
-	clear(im.dirty)
-	im.dirtyMu.Unlock()
-	return nil
+	return im.write(make([]byte, 8), im.hdr.LogOffset())
 }
 
 // recover finishes a flush that a crash interrupted: for each sector in the
