@@ -23,7 +23,7 @@ import (
 	"github.com/cleanwall/cleanwall/runtime/daemon"
 )
 
-const auditUsage = `usage: cleanwall audit verify [--node-key KEY|FILE] FILE...|DIR
+const auditUsage = `usage: cleanwall audit verify [--node-key KEY|FILE] [--partial] FILE...|DIR
        cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
        cleanwall audit sink --listen ADDR --cert FILE --key FILE --dir DIR`
 
@@ -112,14 +112,14 @@ func parseNodeKeyArg(s string) (ed25519.PublicKey, error) {
 }
 
 func cmdAuditVerify(args []string, stdout, stderr io.Writer) error {
-	flags, pos, err := splitArgs(args, nil)
+	flags, pos, err := splitArgs(args, map[string]bool{"partial": true})
 	if err == nil {
-		err = checkFlags(flags, "node-key")
+		err = checkFlags(flags, "node-key", "partial")
 	}
 	if err != nil || len(pos) == 0 {
 		return fail("%s", auditUsage)
 	}
-	var opts audit.VerifyOptions
+	opts := audit.VerifyOptions{Partial: flags["partial"] == "true"}
 	if s, ok := flags["node-key"]; ok {
 		if opts.NodeKey, err = parseNodeKeyArg(s); err != nil {
 			return fail("%v", err)
@@ -149,8 +149,11 @@ func cmdAuditVerify(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, " (seq %d-%d)", sum.FirstSeq, sum.LastSeq)
 	}
 	fmt.Fprintln(stdout)
-	if sum.PrunedThrough > 0 {
+	switch {
+	case sum.PrunedThrough > 0:
 		fmt.Fprintf(stdout, "  records 1-%d removed by retention (an audit.pruned record says so)\n", sum.PrunedThrough)
+	case sum.FirstSeq > 1:
+		fmt.Fprintf(stdout, "  --partial: records 1-%d are not here and were not checked\n", sum.FirstSeq-1)
 	}
 	if sum.Checkpoints == 0 {
 		fmt.Fprintln(stdout, "  no signed checkpoints")

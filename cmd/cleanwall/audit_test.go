@@ -96,6 +96,18 @@ func TestAuditVerifyCommand(t *testing.T) {
 	if code != 1 || !strings.Contains(errOut, filepath.Base(files[2])+":1)") || !strings.Contains(errOut, "follows") {
 		t.Fatalf("dropped file: %d %s", code, errOut)
 	}
+	// A copy that starts late (a sink added later): refused, unless
+	// --partial, which says what it did not check.
+	_, errOut, code = runAudit(t, func(o, e *bytes.Buffer) error { return cmdAuditVerify(files[2:], o, e) })
+	if code != 1 || !strings.Contains(errOut, "are missing") {
+		t.Fatalf("late copy: %d %s", code, errOut)
+	}
+	out, errOut, code := runAudit(t, func(o, e *bytes.Buffer) error {
+		return cmdAuditVerify(append([]string{"--partial"}, files[2:]...), o, e)
+	})
+	if code != 0 || !strings.Contains(out, "were not checked") {
+		t.Fatalf("--partial: %d %s%s", code, out, errOut)
+	}
 	if _, _, code := runAudit(t, func(o, e *bytes.Buffer) error { return cmdAuditVerify(nil, o, e) }); code != 2 {
 		t.Fatal("verify without files was not a usage error")
 	}

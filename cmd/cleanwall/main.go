@@ -23,7 +23,7 @@ Usage:
   cleanwall observe [--sandbox ID] [--verdict V] [--reason R] [--rule NAME] [--proto P] [--output table|json] [--pcap FILE] [--count N]
   cleanwall cni install|uninstall [--bin-dir DIR] [--conf-dir DIR] [--name FILE] [--socket PATH]
   cleanwall attest status
-  cleanwall audit verify [--node-key KEY|FILE] FILE...|DIR
+  cleanwall audit verify [--node-key KEY|FILE] [--partial] FILE...|DIR
   cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
   cleanwall audit sink --listen ADDR --cert FILE --key FILE --dir DIR
   cleanwall consent refresh [--sandbox ID]

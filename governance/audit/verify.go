@@ -20,6 +20,10 @@ type VerifyOptions struct {
 	// Visit, when set, is called with each record once it verified, with
 	// its file and line.
 	Visit func(file string, line int, rec Record)
+	// Partial accepts a log that starts after seq 1 without an audit.pruned
+	// record for what is before (a sink's copy begun late); those records
+	// are not checked, and Summary.FirstSeq says where the check began.
+	Partial bool
 }
 
 // Summary is what VerifyFiles read.
@@ -115,7 +119,7 @@ func VerifyFiles(files []string, opts VerifyOptions) (Summary, error) {
 	if anchor != nil {
 		if h, ok := pruned[anchor.Seq-1]; ok && h == anchor.PrevHash {
 			sum.PrunedThrough = anchor.Seq - 1
-		} else {
+		} else if !opts.Partial {
 			return sum, &BrokenError{File: anchorFile, Line: 1, Seq: anchor.Seq,
 				Reason: fmt.Sprintf("records 1-%d are missing (a removed file?) and no audit.pruned record accounts for them", anchor.Seq-1)}
 		}
