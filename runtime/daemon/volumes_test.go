@@ -13,6 +13,7 @@ import (
 
 	"github.com/cleanwall/cleanwall/attest/broker/client"
 	"github.com/cleanwall/cleanwall/attest/simulated"
+	"github.com/cleanwall/cleanwall/governance/audit"
 	"github.com/cleanwall/cleanwall/internal/testutil"
 	"github.com/cleanwall/cleanwall/runtime/api"
 	"github.com/cleanwall/cleanwall/runtime/keys"
@@ -259,5 +260,53 @@ func TestVolumesAfterRestart(t *testing.T) {
 	d.GC(nil)
 	if n := o.served(); n != 0 {
 		t.Fatalf("%d volumes served after GC", n)
+	}
+}
+
+// A re-adopted sandbox whose volume key is not released again keeps
+// running without its volumes: the view and the audit say why.
+func TestVolumesAfterRestartWithoutKey(t *testing.T) {
+	o := useTestOpener(t)
+	td := startTest(t, Config{VolumeDir: filepath.Join(t.TempDir(), "volumes")})
+	withKeys(t, td, "")
+	if _, err := td.client.Add(ctx(), td.request("r", 6, volumesPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	td.Close()
+	cfg := td.cfg
+	cfg.Logger = testutil.Logger(t)
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.audit = &auditor{log: d.log}
+	if d.audit.chain, err = audit.Open(d.cfg.AuditLog, audit.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	att, _ := simulated.New(simulated.DefaultConfig())
+	d.keys = keys.NewWith("https://broker.test", att, refusingReleaser{"vk2"}, d.log, nil)
+	if err := d.wire(td.dp, td.links, td.wall); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.reconcile(); err != nil {
+		t.Fatal(err)
+	}
+	if d.sandboxes.Lookup("c-r/eth0") == nil {
+		t.Fatal("the sandbox was not re-adopted")
+	}
+	if n := o.served(); n != 0 {
+		t.Fatalf("%d volumes served without their key", n)
+	}
+	v := d.volumeViews("c-r/eth0")
+	if len(v) != 2 || v[0].HostPath != "" || !strings.Contains(v[1].Error, "spec.volumes[1].keyID") || !strings.Contains(v[1].Error, "key-not-allowed") {
+		t.Fatalf("views: %+v", v)
+	}
+	d.audit.close()
+	d.audit.chain = nil
+	data, err := os.ReadFile(cfg.AuditLog)
+	if err != nil || !strings.Contains(string(data), `"`+auditVolumeRefuse+`"`) {
+		t.Fatalf("no %s record (%v)", auditVolumeRefuse, err)
 	}
 }

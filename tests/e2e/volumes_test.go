@@ -470,6 +470,14 @@ func TestRunVolumesKilledThenGC(t *testing.T) {
 	if !harness.Eventually(30*time.Second, func() bool { _, err := os.Stat(ready); return err == nil }) {
 		t.Fatalf("the command did not start:\n%s", stderr.String())
 	}
+	// The host's view is unchanged: the command's mounts are its own (the
+	// mountpoints the run made are empty here).
+	if entries, err := os.ReadDir(docs); err != nil || len(entries) != 0 {
+		t.Fatalf("the host sees %v (%v) at %s, where the command wrote a file", entries, err, docs)
+	}
+	if st, err := os.Lstat(dev); err != nil || !st.Mode().IsRegular() || st.Size() != 0 || st.Mode().Perm() != 0 {
+		t.Fatalf("the host sees %v (%v) at %s, want the run's empty mountpoint", st.Mode(), err, dev)
+	}
 	volDir := filepath.Join("/run/cleanwall/volumes", "cleanwall-"+name+"@eth0")
 	_ = cmd.Process.Kill()
 	<-done
