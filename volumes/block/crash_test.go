@@ -132,6 +132,14 @@ func TestCrashDuringFlush(t *testing.T) {
 			t.Fatal(err)
 		}
 		crashes++
+		// A flush that failed half-way leaves the image refusing I/O
+		// until it is opened again.
+		if _, err := im.ReadAt(make([]byte, 10), 0); err == nil {
+			t.Fatal("read after a failed flush succeeded")
+		}
+		if _, err := im.WriteAt(make([]byte, 10), 0); err == nil {
+			t.Fatal("write after a failed flush succeeded")
+		}
 		im.abandon()
 		im, err = Open(path, key, false)
 		if err != nil {

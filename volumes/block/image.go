@@ -72,6 +72,11 @@ type Image struct {
 
 	dirtyMu sync.Mutex
 	dirty   map[int64]*dirtySector
+	// failed is set when a flush failed half-way: what is on the disk is
+	// then not what the held sectors' slots assume, so every later read,
+	// write and flush fails until the image is opened again (and
+	// recovered from its flush log).
+	failed error
 
 	// store, if set (tests), takes the flush's writes and syncs instead of
 	// the file, to model what a crash leaves behind.
@@ -262,7 +267,23 @@ func (im *Image) Sync() error {
 	}
 	unlock := im.lock(0, im.hdr.Sectors()-1, true)
 	defer unlock()
-	return im.flush()
+	if err := im.failure(); err != nil {
+		return err
+	}
+	if err := im.flush(); err != nil {
+		im.dirtyMu.Lock()
+		im.failed = fmt.Errorf("an earlier flush failed (%w): reopen the image", err)
+		im.dirtyMu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// failure is the error of a flush that failed half-way, if any.
+func (im *Image) failure() error {
+	im.dirtyMu.Lock()
+	defer im.dirtyMu.Unlock()
+	return im.failed
 }
 
 // lock takes the stripes of sectors [first, last] in ascending order and
@@ -329,6 +350,9 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 	first, last := off/SectorSize, (end-1)/SectorSize
 	unlock := im.lock(first, last, false)
 	defer unlock()
+	if ferr := im.failure(); ferr != nil {
+		return 0, ferr
+	}
 	if rerr := im.readSectors(first, last, off, p[:end-off]); rerr != nil {
 		return 0, rerr
 	}
@@ -525,6 +549,9 @@ func (im *Image) writeChunk(p []byte, off int64) error {
 	first, last := off/SectorSize, (end-1)/SectorSize
 	unlock := im.lock(first, last, true)
 	defer unlock()
+	if err := im.failure(); err != nil {
+		return err
+	}
 	// Partial head or tail: build whole sectors first.
 	var head, tail []byte
 	if off%SectorSize != 0 || (first == last && end%SectorSize != 0) {
