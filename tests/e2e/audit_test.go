@@ -199,3 +199,54 @@ func mustAuditFiles(t *testing.T, path string) []string {
 	}
 	return files
 }
+
+// The node's audit log is tied to the attested node: the key broker's
+// release record names the node key the evidence bound, the daemon's own
+// release record names the same key and REPORT_DATA, and the node's log
+// verifies against exactly that key.
+func TestAuditLogTiedToAttestedNode(t *testing.T) {
+	env := harness.New(t)
+	kb := env.StartKeyBroker(harness.KeyBrokerOptions{AllowSimulated: true})
+	d := env.StartDaemon("--keybroker", kb.URL, "--broker-ca", kb.CAFile, "--attestation", "simulated")
+	env.MustAddSandbox("secure", harness.SandboxOptions{Policy: secureWithKey("egress-dek"), NoIPv6: true})
+	d.Stop()
+
+	brokerLogs, _ := filepath.Glob(filepath.Join(kb.Dir, "*", "audit.jsonl"))
+	if len(brokerLogs) != 1 {
+		t.Fatalf("broker audit logs: %v", brokerLogs)
+	}
+	var brokerKey, brokerRD string
+	if _, err := audit.VerifyFiles(brokerLogs, audit.VerifyOptions{Visit: func(_ string, _ int, r audit.Record) {
+		if r.Kind == "keybroker.release" && r.Fields["decision"] == "granted" {
+			brokerKey, _ = r.Fields["nodeKey"].(string)
+			brokerRD, _ = r.Fields["reportData"].(string)
+		}
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if brokerKey == "" {
+		t.Fatal("the broker's release record names no node key")
+	}
+	var nodeKey, nodeRD string
+	if _, err := audit.VerifyFiles(mustAuditFiles(t, filepath.Join(d.StateDir, "audit.jsonl")), audit.VerifyOptions{Visit: func(_ string, _ int, r audit.Record) {
+		if r.Kind == "key.release" {
+			nodeKey, _ = r.Fields["nodeKey"].(string)
+			nodeRD, _ = r.Fields["reportData"].(string)
+		}
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	if nodeKey != brokerKey || nodeRD != brokerRD {
+		t.Fatalf("node's release record (key %s, REPORT_DATA %s) and the broker's (%s, %s) differ", nodeKey, nodeRD, brokerKey, brokerRD)
+	}
+	cleanwall := filepath.Join(env.Bin, "cleanwall")
+	out, err := exec.Command(cleanwall, "audit", "verify", "--node-key", brokerKey, d.StateDir).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "signed checkpoints by node key "+brokerKey) {
+		t.Fatalf("the node's log against the key the broker recorded: %v\n%s", err, out)
+	}
+	// Against any other key it does not verify.
+	other := "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+	if out, err := exec.Command(cleanwall, "audit", "verify", "--node-key", other, d.StateDir).CombinedOutput(); err == nil {
+		t.Fatalf("the node's log verified against another key:\n%s", out)
+	}
+}
