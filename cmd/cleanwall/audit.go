@@ -25,7 +25,7 @@ import (
 
 const auditUsage = `usage: cleanwall audit verify [--node-key KEY|FILE] [--partial] FILE...|DIR
        cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
-       cleanwall audit sink --listen ADDR --cert FILE --key FILE --dir DIR`
+       cleanwall audit sink --listen ADDR --cert FILE --key FILE --dir DIR [--node-keys FILE]`
 
 // cmdAudit verifies or shows a hash-chained audit log.
 func cmdAudit(args []string) error {
@@ -263,7 +263,7 @@ func formatFields(f map[string]any) string {
 func cmdAuditSink(args []string) error {
 	flags, pos, err := splitArgs(args, nil)
 	if err == nil {
-		err = checkFlags(flags, "listen", "cert", "key", "dir")
+		err = checkFlags(flags, "listen", "cert", "key", "dir", "node-keys")
 	}
 	if err == nil && len(pos) > 0 {
 		err = fmt.Errorf("unexpected argument %q", pos[0])
@@ -289,6 +289,26 @@ func cmdAuditSink(args []string) error {
 		return fail("--dir: %v", err)
 	}
 	defer rc.Close()
+	if file := flags["node-keys"]; file != "" {
+		// One node key a line (base64 or hex; # comments): only their
+		// records are stored.
+		data, err := os.ReadFile(file)
+		if err != nil {
+			return fail("--node-keys: %v", err)
+		}
+		rc.Allowed = map[string]bool{}
+		for i, line := range strings.Split(string(data), "\n") {
+			line, _, _ = strings.Cut(line, "#")
+			if line = strings.TrimSpace(line); line == "" {
+				continue
+			}
+			k, err := audit.ParseNodeKey(line)
+			if err != nil {
+				return fail("--node-keys %s:%d: %v", file, i+1, err)
+			}
+			rc.Allowed[audit.EncodeNodeKey(k)] = true
+		}
+	}
 	l, err := net.Listen("tcp", flags["listen"])
 	if err != nil {
 		return fail("--listen: %v", err)

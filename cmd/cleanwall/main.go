@@ -25,7 +25,7 @@ Usage:
   cleanwall attest status
   cleanwall audit verify [--node-key KEY|FILE] [--partial] FILE...|DIR
   cleanwall audit show [--sandbox ID] [--kind K] [--since DURATION|RFC3339] [--json] [FILE...|DIR]
-  cleanwall audit sink --listen ADDR --cert FILE --key FILE --dir DIR
+  cleanwall audit sink --listen ADDR --cert FILE --key FILE --dir DIR [--node-keys FILE]
   cleanwall consent refresh [--sandbox ID]
   cleanwall seal seal --key-file FILE --key-id ID [--key-version N] [--context S] [-o OUT] [IN]
   cleanwall seal open --key-file FILE [-v] [--context S] [-o OUT] [IN]

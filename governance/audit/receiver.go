@@ -30,6 +30,11 @@ type Receiver struct {
 	dir string
 	log *slog.Logger
 
+	// Allowed, when set (before serving), lists the node keys whose
+	// records are stored (EncodeNodeKey text); a batch of another node, or
+	// of none, is refused with 403.
+	Allowed map[string]bool
+
 	mu    sync.Mutex
 	nodes map[string]*received
 }
@@ -108,6 +113,13 @@ func (rc *Receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil || r.Header.Get("Content-Type") != SinkContentType {
 		http.Error(w, "want "+SinkContentType+" with "+HeaderFirstSeq, http.StatusBadRequest)
 		return
+	}
+	if rc.Allowed != nil {
+		k, err := ParseNodeKey(r.Header.Get(HeaderNodeKey))
+		if err != nil || !rc.Allowed[EncodeNodeKey(k)] {
+			http.Error(w, "node key not allowed", http.StatusForbidden)
+			return
+		}
 	}
 	rc.mu.Lock()
 	defer rc.mu.Unlock()

@@ -144,6 +144,17 @@ func TestReceiverRefusesWhatDoesNotVerify(t *testing.T) {
 	if code, body := post(16, strings.Join(lines[15:], ""), pub); code != 200 || body != `{"through":31}` {
 		t.Fatalf("the rest: %d %s", code, body)
 	}
+	// An allow-list of node keys: others, and none, are refused.
+	rc.Allowed = map[string]bool{pub: true}
+	if code, _ := post(1, lines[0], other); code != http.StatusForbidden {
+		t.Fatalf("a node key not allowed: %d", code)
+	}
+	if code, _ := post(1, lines[0], ""); code != http.StatusForbidden {
+		t.Fatalf("no node key with an allow-list: %d", code)
+	}
+	if code, body := post(31, lines[30], pub); code != 200 || body != `{"through":31}` {
+		t.Fatalf("an allowed key: %d %s", code, body)
+	}
 }
 
 func listenOn(t *testing.T, addr string) net.Listener {

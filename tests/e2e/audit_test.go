@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"crypto/ed25519"
 	"net"
 	"os"
 	"os/exec"
@@ -111,9 +112,16 @@ func TestAuditRotationSinkAndCrash(t *testing.T) {
 		t.Fatalf("backlog %v with the sink down", b)
 	}
 	// The reference sink, cleanwall audit sink, in the remote namespace.
+	// It stores only this node's records: its key, from the node key file.
 	sinkDir := filepath.Join(env.Dir, "sink")
+	nodeKey, err := audit.ReadNodeKey(filepath.Join(d.StateDir, "node.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowed := filepath.Join(env.Dir, "node-keys")
+	os.WriteFile(allowed, []byte("# this node\n"+audit.EncodeNodeKey(nodeKey.Public().(ed25519.PublicKey))+"\n"), 0o600)
 	var sinkLog bytes.Buffer
-	sink := exec.Command(filepath.Join(env.Bin, "cleanwall"), "audit", "sink", "--listen", sinkAddr, "--cert", certFile, "--key", keyFile, "--dir", sinkDir)
+	sink := exec.Command(filepath.Join(env.Bin, "cleanwall"), "audit", "sink", "--listen", sinkAddr, "--cert", certFile, "--key", keyFile, "--dir", sinkDir, "--node-keys", allowed)
 	sink.Stdout, sink.Stderr = &sinkLog, &sinkLog
 	if err := netns.Do(env.Remote, sink.Start); err != nil {
 		t.Fatal(err)
