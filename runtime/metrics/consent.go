@@ -27,6 +27,19 @@ func NewConsent(reg prometheus.Registerer) (*Consent, error) {
 			return nil, err
 		}
 	}
+	// Every series exists from the start at 0: increase() and rate() (and
+	// so the alerts of deploy/prometheus) see a series' first count only
+	// after a sample before it.
+	for _, kind := range []string{"execute", "egress"} {
+		for _, decision := range []string{"allow", "deny"} {
+			for _, source := range []string{"fresh", "cached"} {
+				c.decisions.WithLabelValues(kind, decision, source)
+			}
+		}
+	}
+	for _, cause := range []string{"unreachable", "timeout", "tls", "status", "malformed"} {
+		c.failures.WithLabelValues(cause)
+	}
 	return c, nil
 }
 

@@ -86,6 +86,14 @@ func New(src DatapathSource) *Metrics {
 	}
 	m.Registry.MustRegister(m.Sandboxes, m.flows, m.activeFlows, m.bytes, m.DenyEvents, m.Repairs, m.Admission, m.KeyReleases,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// Series alerts count with increase() exist from the start at 0: a
+	// series whose first sample is already 1 shows no increase.
+	for _, what := range []string{"attachment", "bridge-attachment", "wall", "node-wall", "port-isolation", "map-pin"} {
+		m.Repairs.WithLabelValues(what)
+	}
+	for _, result := range []string{"released", "refused"} {
+		m.KeyReleases.WithLabelValues(result)
+	}
 	if src != nil {
 		m.Registry.MustRegister(&datapathCollector{src: src})
 	}
