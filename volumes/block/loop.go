@@ -14,12 +14,14 @@ import (
 // loopDev is an attached loop device. We keep its node open until detach:
 // the device is configured with LO_FLAGS_AUTOCLEAR, so if this process dies
 // the kernel detaches it as soon as its last opener (a mount, the sandbox)
-// lets go.
+// lets go. The node is a raw descriptor, not an *os.File, whose finalizer
+// would close it (and so detach the device) if the volume were dropped
+// without Close.
 type loopDev struct {
 	n            int
 	path         string
 	backing      string // the backing file's path as sysfs shows it
-	f            *os.File
+	fd           int    // -1 once closed
 	major, minor uint32
 }
 
@@ -50,13 +52,13 @@ func attachLoop(backing *os.File, name string, o loopOptions) (*loopDev, error) 
 				return nil, fmt.Errorf("loop: mknod %s: %w", path, err)
 			}
 		}
-		flags := os.O_RDWR
+		flags := unix.O_RDWR
 		if o.readOnly {
-			flags = os.O_RDONLY
+			flags = unix.O_RDONLY
 		}
-		dev, err := os.OpenFile(path, flags|unix.O_CLOEXEC, 0)
+		dev, err := unix.Open(path, flags|unix.O_CLOEXEC, 0)
 		if err != nil {
-			return nil, fmt.Errorf("loop: %w", err)
+			return nil, fmt.Errorf("loop: open %s: %w", path, err)
 		}
 		cfg := unix.LoopConfig{Fd: uint32(backing.Fd()), Size: SectorSize}
 		cfg.Info.Flags = unix.LO_FLAGS_AUTOCLEAR
@@ -67,24 +69,24 @@ func attachLoop(backing *os.File, name string, o loopOptions) (*loopDev, error) 
 			cfg.Info.Flags |= unix.LO_FLAGS_DIRECT_IO
 		}
 		copy(cfg.Info.File_name[:len(cfg.Info.File_name)-1], name)
-		err = unix.IoctlLoopConfigure(int(dev.Fd()), &cfg)
+		err = unix.IoctlLoopConfigure(dev, &cfg)
 		if errors.Is(err, unix.EBUSY) {
 			// Another process took it between GET_FREE and CONFIGURE.
-			dev.Close()
+			unix.Close(dev)
 			lastErr = err
 			continue
 		}
 		if err != nil {
-			dev.Close()
+			unix.Close(dev)
 			return nil, fmt.Errorf("loop: LOOP_CONFIGURE %s: %w", path, err)
 		}
 		var st unix.Stat_t
-		if err := unix.Fstat(int(dev.Fd()), &st); err != nil {
-			l := &loopDev{n: n, path: path, f: dev, backing: backingFile(n)}
+		if err := unix.Fstat(dev, &st); err != nil {
+			l := &loopDev{n: n, path: path, fd: dev, backing: backingFile(n)}
 			_ = l.detach(5 * time.Second)
 			return nil, fmt.Errorf("loop: %w", err)
 		}
-		return &loopDev{n: n, path: path, f: dev, backing: backingFile(n), major: unix.Major(st.Rdev), minor: unix.Minor(st.Rdev)}, nil
+		return &loopDev{n: n, path: path, fd: dev, backing: backingFile(n), major: unix.Major(st.Rdev), minor: unix.Minor(st.Rdev)}, nil
 	}
 	return nil, fmt.Errorf("loop: no free device after 20 tries: %w", lastErr)
 }
@@ -110,16 +112,14 @@ func loopDirectIO(n int) bool {
 // mount), LOOP_CLR_FD only marks it for autoclear; detach then reports that
 // it is still attached.
 func (l *loopDev) detach(timeout time.Duration) error {
-	if l.f != nil {
-		err := unix.IoctlSetInt(int(l.f.Fd()), unix.LOOP_CLR_FD, 0)
+	if l.fd >= 0 {
+		err := unix.IoctlSetInt(l.fd, unix.LOOP_CLR_FD, 0)
+		unix.Close(l.fd)
+		l.fd = -1
 		if err != nil && !errors.Is(err, unix.ENXIO) {
 			// ENXIO: already detached.
-			l.f.Close()
-			l.f = nil
 			return fmt.Errorf("loop: LOOP_CLR_FD %s: %w", l.path, err)
 		}
-		l.f.Close()
-		l.f = nil
 	}
 	deadline := time.Now().Add(timeout)
 	for b := backingFile(l.n); b != "" && b == l.backing; b = backingFile(l.n) {
