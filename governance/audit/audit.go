@@ -262,6 +262,9 @@ func Open(path string, opts Options) (*Log, error) {
 	if err != nil {
 		return fail(err)
 	}
+	if keyInLog == nil {
+		keyInLog = start.NodeKey // the newest rotated file's
+	}
 	if opts.Signer != nil && keyInLog != nil && !keyInLog.Equal(opts.Signer.Public()) {
 		return fail(fmt.Errorf("audit log %s: its checkpoints are signed by node key %s, this node's key is %s: restore the node key or move the log away",
 			path, EncodeNodeKey(keyInLog), EncodeNodeKey(opts.Signer.Public().(ed25519.PublicKey))))

@@ -134,7 +134,14 @@ func lastOfNewestRotated(path string) (Chain, error) {
 	if last == nil {
 		return Chain{}, fmt.Errorf("audit log %s: rotated file %s is empty", path, rs[len(rs)-1].path)
 	}
-	return Chain{Seq: last.Seq, Hash: last.Hash}, nil
+	c := Chain{Seq: last.Seq, Hash: last.Hash}
+	if last.Kind == KindCheckpoint {
+		// A rotated file ends with a checkpoint when the log has a node key.
+		if key, err := checkCheckpoint(last); err == nil {
+			c.NodeKey = key
+		}
+	}
+	return c, nil
 }
 
 // rotateLocked ends the active file with a checkpoint, renames it to the

@@ -301,6 +301,17 @@ func TestNodeKeyFile(t *testing.T) {
 	if _, err := Open(logPath, Options{Signer: newKey(t)}); err == nil || !strings.Contains(err.Error(), "signed by node key") {
 		t.Fatalf("Open with another node key = %v", err)
 	}
+	// Also when only the rotated files are signed (the active file is new).
+	rotPath := rotatedLog(t, k1, 40, 1<<10, 0)
+	os.Rename(rotPath, RotatedName(rotPath, 999))
+	if _, err := Open(rotPath, Options{Signer: newKey(t)}); err == nil || !strings.Contains(err.Error(), "signed by node key") {
+		t.Fatalf("Open with another node key than the rotated files' = %v", err)
+	}
+	if l, err := Open(rotPath, Options{Signer: k1}); err != nil {
+		t.Fatalf("Open with the rotated files' key: %v", err)
+	} else {
+		l.Close()
+	}
 	pub := k1.Public().(ed25519.PublicKey)
 	for _, s := range []string{EncodeNodeKey(pub), fmt.Sprintf("%x", []byte(pub))} {
 		if got, err := ParseNodeKey(s); err != nil || !got.Equal(pub) {

@@ -259,6 +259,8 @@ func (d *Daemon) openAudit() error {
 			}
 		}
 	}
+	d.log.Info("audit trail", "log", d.cfg.AuditLog, "node_key", audit.EncodeNodeKey(pub), "checkpoint_interval", interval,
+		"max_size", maxSize, "keep", d.cfg.AuditKeep, "sink", open["sink"])
 	return d.audit.recordErr(auditOpen, open)
 }
 
