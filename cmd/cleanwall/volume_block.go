@@ -81,16 +81,22 @@ func volumeBlockSeal(args []string, stdout, stderr io.Writer) (err error) {
 			clear(buf[n:])
 			n = int(min(int64(len(buf)), size-off))
 		}
-		// Skip all-zero sectors: unwritten sectors read as zeros.
-		for s := 0; s < n; s += block.SectorSize {
-			sec := buf[s : s+block.SectorSize]
-			if blockIsZero(sec) {
+		// Skip all-zero sectors (unwritten sectors read as zeros); write
+		// each run of the others at once.
+		for s := 0; s < n; {
+			if blockIsZero(buf[s : s+block.SectorSize]) {
+				s += block.SectorSize
 				continue
 			}
-			if _, err := im.WriteAt(sec, off+int64(s)); err != nil {
+			e := s + block.SectorSize
+			for e < n && !blockIsZero(buf[e:e+block.SectorSize]) {
+				e += block.SectorSize
+			}
+			if _, err := im.WriteAt(buf[s:e], off+int64(s)); err != nil {
 				return err
 			}
-			written += block.SectorSize
+			written += int64(e - s)
+			s = e
 		}
 	}
 	if err := im.Sync(); err != nil {
