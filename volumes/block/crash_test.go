@@ -246,3 +246,83 @@ func (p *passStore) sync() error {
 	p.syncs++
 	return unix.Fdatasync(p.fd)
 }
+
+// blockingStore writes through and holds the flush's first sync until
+// released.
+type blockingStore struct {
+	fd       int
+	inFlush  chan struct{}
+	release  chan struct{}
+	once     bool
+}
+
+func (b *blockingStore) write(p []byte, off int64) error {
+	return pwriteFull(b.fd, p, off)
+}
+
+func (b *blockingStore) sync() error {
+	if !b.once {
+		b.once = true
+		close(b.inFlush)
+		<-b.release
+	}
+	return unix.Fdatasync(b.fd)
+}
+
+// TestWriteDuringFlush: reads and writes go on while a flush syncs; a
+// sector rewritten during its own flush reads its newest content at once,
+// and after the next flush and a reopen.
+func TestWriteDuringFlush(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "during.img")
+	key := testKey("k", 8)
+	im, err := Create(path, key, 16*SectorSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sector := func(v byte) []byte { return bytes.Repeat([]byte{v}, SectorSize) }
+	for s := int64(0); s < 4; s++ {
+		if _, err := im.WriteAt(sector(1), s*SectorSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bs := &blockingStore{fd: im.fd, inFlush: make(chan struct{}), release: make(chan struct{})}
+	im.store = bs
+	done := make(chan error)
+	go func() { done <- im.Sync() }()
+	<-bs.inFlush
+	// The flush is stuck in its first fdatasync: sector 1 (being flushed)
+	// and sector 9 (not) are written and read meanwhile.
+	if _, err := im.WriteAt(sector(2), 1*SectorSize); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := im.WriteAt(sector(3), 9*SectorSize); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 10*SectorSize)
+	if _, err := im.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Join([][]byte{sector(1), sector(2), sector(1), sector(1), sector(0), sector(0), sector(0), sector(0), sector(0), sector(3)}, nil)
+	if !bytes.Equal(got, want) {
+		t.Fatal("reads during a flush do not see the newest writes")
+	}
+	close(bs.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	im.store = nil
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	im, err = Open(path, key, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	if _, err := im.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("after reopening, the image does not hold the newest writes")
+	}
+}

@@ -70,8 +70,15 @@ type Image struct {
 	locks    [stripes]sync.RWMutex
 	bufs     sync.Pool
 
-	dirtyMu sync.Mutex
-	dirty   map[int64]*dirtySector
+	// dirty holds the sectors written since the last flush began;
+	// flushing, those a flush is writing out (read-only while it runs).
+	// Both maps are read and replaced under dirtyMu; a record in dirty is
+	// changed only under its sector's stripe.
+	dirtyMu  sync.Mutex
+	dirty    map[int64]*dirtySector
+	flushing map[int64]*dirtySector
+	// flushMu serialises flushes.
+	flushMu sync.Mutex
 	// failed is set when a flush failed half-way: what is on the disk is
 	// then not what the held sectors' slots assume, so every later read,
 	// write and flush fails until the image is opened again (and
@@ -260,23 +267,33 @@ func (im *Image) Close() error {
 	return err
 }
 
-// Sync flushes written sectors and their tags to stable storage.
+// Sync flushes written sectors and their tags to stable storage: every
+// write that returned before Sync was called is durable when it returns.
+// Reads and writes go on while it writes and syncs.
 func (im *Image) Sync() error {
 	if im.readOnly {
 		return nil
 	}
-	unlock := im.lock(0, im.hdr.Sectors()-1, true)
-	defer unlock()
+	im.flushMu.Lock()
+	defer im.flushMu.Unlock()
 	if err := im.failure(); err != nil {
 		return err
 	}
-	if err := im.flush(); err != nil {
-		im.dirtyMu.Lock()
+	// Take the dirty set over while no write is half-way through it.
+	unlock := im.lock(0, im.hdr.Sectors()-1, true)
+	im.dirtyMu.Lock()
+	fl := im.dirty
+	im.dirty, im.flushing = map[int64]*dirtySector{}, fl
+	im.dirtyMu.Unlock()
+	unlock()
+	err := im.flush(fl)
+	im.dirtyMu.Lock()
+	im.flushing = nil
+	if err != nil {
 		im.failed = fmt.Errorf("an earlier flush failed (%w): reopen the image", err)
-		im.dirtyMu.Unlock()
-		return err
 	}
-	return nil
+	im.dirtyMu.Unlock()
+	return err
 }
 
 // failure is the error of a flush that failed half-way, if any.
@@ -380,9 +397,13 @@ func (im *Image) readSectors(first, last, off int64, p []byte) error {
 			return err
 		}
 		im.dirtyMu.Lock()
-		if len(im.dirty) > 0 {
+		if len(im.dirty) > 0 || len(im.flushing) > 0 {
 			for i := range n {
-				if d := im.dirty[s+i]; d != nil {
+				d := im.dirty[s+i]
+				if d == nil {
+					d = im.flushing[s+i]
+				}
+				if d != nil {
 					copy(ents[i*EntrySize:], d.entry[:])
 					copy(buf[i*stride:], d.ct[:SectorSize])
 				}
@@ -584,10 +605,12 @@ func (im *Image) writeChunk(p []byte, off int64) error {
 	}
 	n := last - first + 1
 	recs := make([]*dirtySector, n)
+	flushing := make([]*dirtySector, n)
 	var stored []byte // the store's entries, read once if a sector is new to the dirty set
 	im.dirtyMu.Lock()
 	for i := range n {
 		recs[i] = im.dirty[first+i]
+		flushing[i] = im.flushing[first+i]
 	}
 	im.dirtyMu.Unlock()
 	fresh := make([]bool, n)
@@ -595,14 +618,20 @@ func (im *Image) writeChunk(p []byte, off int64) error {
 		if recs[i] != nil {
 			continue
 		}
-		if stored == nil {
-			stored = make([]byte, n*EntrySize)
-			if err := im.preadFull(stored, im.hdr.TagOffset()+first*EntrySize, first); err != nil {
-				return err
-			}
-		}
 		d := &dirtySector{}
-		copy(d.entry[:], stored[i*EntrySize:(i+1)*EntrySize])
+		switch {
+		case flushing[i] != nil:
+			// Being flushed: its entry is what the store will hold.
+			copy(d.entry[:], flushing[i].entry[:])
+		default:
+			if stored == nil {
+				stored = make([]byte, n*EntrySize)
+				if err := im.preadFull(stored, im.hdr.TagOffset()+first*EntrySize, first); err != nil {
+					return err
+				}
+			}
+			copy(d.entry[:], stored[i*EntrySize:(i+1)*EntrySize])
+		}
 		// Overwrite the slot written earlier (lower counter, or empty);
 		// the other one still matches the data on the store until the
 		// flush has made the new slot durable.
@@ -663,14 +692,12 @@ func (im *Image) writeChunk(p []byte, off int64) error {
 // new one in its other slot, so until step 3 is durable the old data still
 // verifies, and after it the new data does.
 //
-// The caller holds every stripe.
-func (im *Image) flush() error {
-	im.dirtyMu.Lock()
-	secs := make([]int64, 0, len(im.dirty))
-	for s := range im.dirty {
+// fl is the taken-over dirty set; the caller holds flushMu.
+func (im *Image) flush(fl map[int64]*dirtySector) error {
+	secs := make([]int64, 0, len(fl))
+	for s := range fl {
 		secs = append(secs, s)
 	}
-	im.dirtyMu.Unlock()
 	if len(secs) == 0 {
 		return nil
 	}
@@ -680,22 +707,17 @@ func (im *Image) flush() error {
 	// batches of at most that.
 	for len(secs) > 0 {
 		batch := secs[:min(len(secs), MaxDirty)]
-		if err := im.flushBatch(batch); err != nil {
+		if err := im.flushBatch(fl, batch); err != nil {
 			return err
 		}
-		im.dirtyMu.Lock()
-		for _, s := range batch {
-			delete(im.dirty, s)
-		}
-		im.dirtyMu.Unlock()
 		secs = secs[len(batch):]
 	}
 	return nil
 }
 
-// flushBatch runs the flush protocol for secs (sorted, at most MaxDirty).
-// The caller holds every stripe.
-func (im *Image) flushBatch(secs []int64) error {
+// flushBatch runs the flush protocol for secs (sorted, at most MaxDirty)
+// of fl.
+func (im *Image) flushBatch(fl map[int64]*dirtySector, secs []int64) error {
 	log := make([]byte, 8+8*len(secs))
 	binary.LittleEndian.PutUint64(log, uint64(len(secs)))
 	for i, s := range secs {
@@ -726,7 +748,7 @@ func (im *Image) flushBatch(secs []int64) error {
 	ents := make([]byte, chunkSectors*EntrySize)
 	err := runs(func(run []int64) error {
 		for i, s := range run {
-			copy(ents[i*EntrySize:], im.dirty[s].entry[:])
+			copy(ents[i*EntrySize:], fl[s].entry[:])
 		}
 		return im.write(ents[:len(run)*EntrySize], im.hdr.TagOffset()+run[0]*EntrySize)
 	})
@@ -739,7 +761,7 @@ func (im *Image) flushBatch(secs []int64) error {
 	err = runs(func(run []int64) error {
 		iov := make([][]byte, len(run))
 		for i, s := range run {
-			iov[i] = im.dirty[s].ct[:SectorSize]
+			iov[i] = fl[s].ct[:SectorSize]
 		}
 		return im.writev(iov, im.hdr.DataOffset()+run[0]*SectorSize)
 	})
