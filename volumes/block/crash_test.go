@@ -250,10 +250,10 @@ func (p *passStore) sync() error {
 // blockingStore writes through and holds the flush's first sync until
 // released.
 type blockingStore struct {
-	fd       int
-	inFlush  chan struct{}
-	release  chan struct{}
-	once     bool
+	fd      int
+	inFlush chan struct{}
+	release chan struct{}
+	once    bool
 }
 
 func (b *blockingStore) write(p []byte, off int64) error {
