@@ -159,8 +159,16 @@ func TestAPILifecycle(t *testing.T) {
 	if st, _ := td.client.Status(ctx()); st.Sandboxes != 0 {
 		t.Fatalf("%d sandboxes left", st.Sandboxes)
 	}
+	// The wall chains stay while the interfaces live (CNI DEL reaches us
+	// before the reference plugin removes them) and go with them.
+	if n := td.wall.Chains(); n != 2 {
+		t.Fatalf("%d wall chains kept for the 2 live interfaces, want 2", n)
+	}
+	td.links.Remove("veth-a")
+	td.links.Remove("veth-b")
+	td.enforcer.Repair(func(what, sandbox string, found, err error) {})
 	if n := td.wall.Chains(); n != 0 {
-		t.Fatalf("%d wall chains left", n)
+		t.Fatalf("%d wall chains left after their interfaces went", n)
 	}
 	if ids := td.dp.RuleSandboxIDs(); len(ids) != 0 {
 		t.Fatalf("rules left for %v", ids)
