@@ -1,7 +1,12 @@
-// Package governance is the home of the clean room's governance hooks. What
-// is built is the hash-chained, append-only audit log and its verifier
-// (subpackage audit; `cleanwall audit verify`), which the key broker and the
-// daemon write to. Consent checks and confidential telemetry are not built
-// yet: they come with the governance issue (issue 17), and nothing here
-// checks consent or filters telemetry today.
+// Package governance is the home of the clean room's governance hooks:
+//
+//   - audit: the hash-chained, append-only audit log with signed
+//     checkpoints (an Ed25519 node key bound into key release), rotation,
+//     forwarding to an HTTPS sink, and its verifier (`cleanwall audit
+//     verify|show|sink`; docs/audit.md);
+//   - consent: the consent protocol's client and answer cache
+//     (shared/GOVERNANCE.md; wired in runtime/daemon/consent.go and
+//     runtime/dispatch; docs/consent.md);
+//   - telemetry: the optional OTLP/HTTP export of the daemon's metrics
+//     (docs/telemetry.md says what every signal carries and never carries).
 package governance
