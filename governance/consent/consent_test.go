@@ -375,7 +375,9 @@ func TestCacheFirstAnswerBoundedByTimeout(t *testing.T) {
 func TestCacheReasksBeforeExpiry(t *testing.T) {
 	s := newService(t)
 	s.set(reply(200, `{"decision":"allow","ttlSeconds":1}`))
-	cache, cnt := newCache(t, s, 200*time.Millisecond)
+	// A 500 ms timeout: the re-ask starts at 0.5 s, leaving half a second
+	// of margin before the 1 s expiry on a loaded machine.
+	cache, cnt := newCache(t, s, 500*time.Millisecond)
 	if d := cache.Check(context.Background(), egressReq("api")); !d.Allow {
 		t.Fatalf("got %+v", d)
 	}
