@@ -2,17 +2,12 @@ package e2e
 
 import (
 	"encoding/json"
-	"fmt"
-	"net/http"
 	"net/url"
-	"os"
 	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/cleanwall/cleanwall/internal/netns"
 	"github.com/cleanwall/cleanwall/internal/testutil"
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
@@ -38,19 +33,7 @@ func TestAlertRulesFireOnADetachedDatapath(t *testing.T) {
 	sb := env.MustAddSandbox("alerts", harness.SandboxOptions{Policy: policyOpen, NoIPv6: true})
 	d.RoundTrip(t, sb)
 
-	dir := t.TempDir()
-	cfg := fmt.Sprintf("global: {scrape_interval: 1s, evaluation_interval: 1s}\nrule_files: [%q]\nscrape_configs:\n  - job_name: cleanwall\n    static_configs: [{targets: [%q]}]\n", rules, d.MetricsAddr)
-	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(prom, "--config.file="+filepath.Join(dir, "prometheus.yml"), "--storage.tsdb.path="+filepath.Join(dir, "data"),
-		"--web.listen-address=127.0.0.1:9090", "--log.level=warn")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := netns.Do(env.Node, cmd.Start); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
-	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: env.NodeDialer()}}
+	hc := startPrometheus(t, env, prom, d.MetricsAddr, rules)
 	get := func(path string, v any) error {
 		resp, err := hc.Get("http://127.0.0.1:9090" + path)
 		if err != nil {

@@ -3,18 +3,15 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
 
-	"github.com/cleanwall/cleanwall/internal/netns"
 	"github.com/cleanwall/cleanwall/internal/testutil"
 	"github.com/cleanwall/cleanwall/tests/harness"
 )
@@ -33,16 +30,7 @@ func TestPrometheusScrapesAndDashboardQueriesWork(t *testing.T) {
 	env.HTTPServer("198.51.100.10:8080", nil)
 	sb := env.MustAddSandbox("prom", harness.SandboxOptions{Policy: policyDNS, NoIPv6: true})
 
-	dir := t.TempDir()
-	cfg := fmt.Sprintf("global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n  - job_name: cleanwall\n    static_configs: [{targets: [%q]}]\n", d.MetricsAddr)
-	os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644)
-	cmd := exec.Command(prom, "--config.file="+filepath.Join(dir, "prometheus.yml"), "--storage.tsdb.path="+filepath.Join(dir, "data"),
-		"--web.listen-address=127.0.0.1:9090", "--log.level=warn")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := netns.Do(env.Node, cmd.Start); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	hc := startPrometheus(t, env, prom, d.MetricsAddr, "")
 
 	// Traffic for the panels: allowed and denied flows, DNS both ways.
 	traffic := func() {
@@ -57,7 +45,6 @@ func TestPrometheusScrapesAndDashboardQueriesWork(t *testing.T) {
 			c.Close()
 		}
 	}
-	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: env.NodeDialer()}}
 	query := func(q string) (string, int, error) {
 		resp, err := hc.Get("http://127.0.0.1:9090/api/v1/query?query=" + url.QueryEscape(q))
 		if err != nil {
